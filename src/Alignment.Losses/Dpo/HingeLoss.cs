@@ -1,0 +1,36 @@
+using Alignment.Losses.Internal;
+using static TorchSharp.torch;
+
+namespace Alignment.Losses;
+
+/// <summary>Options of <see cref="HingeLoss"/>.</summary>
+public sealed record HingeOptions : PreferenceLossOptions
+{
+    /// <summary>beta &gt; 0; the margin is 1 / beta in log-ratio units. Default 0.1.</summary>
+    public double Beta { get; init => field = Guard.Positive(value, nameof(Beta)); } = 0.1;
+}
+
+/// <summary>
+/// Hinge preference loss (SLiC, Zhao et al. 2023, arXiv 2305.10425; RSO, Liu et al. 2023, arXiv 2309.06657); TRL loss_type "hinge".
+/// </summary>
+/// <remarks>
+/// <para>Per pair: L = max(0, 1 - beta * h).</para>
+/// <para>Gradient: chosen up and rejected down while beta * h &lt; 1, exactly zero once beta * h &gt;= 1. Loss at initialisation: 1.</para>
+/// </remarks>
+public sealed class HingeLoss : PreferenceLoss<HingeOptions>
+{
+    /// <summary>Creates the loss; default beta 0.1.</summary>
+    public HingeLoss(HingeOptions? options = null) : base(options ?? new HingeOptions()) { }
+
+    /// <inheritdoc />
+    public override string Name => "hinge";
+
+    private protected override double RewardScale => Options.Beta;
+
+    private protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch) =>
+        new(nn.functional.relu(1 - terms.Margin * Options.Beta));
+
+    /// <summary>Hinge loss with default (or given) options.</summary>
+    public static PreferenceLossResult Compute(PreferenceLogps policy, PreferenceLogps? reference = null, HingeOptions? options = null) =>
+        new HingeLoss(options).Compute(new PreferenceBatch(policy, reference));
+}

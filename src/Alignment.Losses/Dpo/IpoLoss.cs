@@ -1,0 +1,61 @@
+using Alignment.Losses.Internal;
+
+namespace Alignment.Losses;
+
+/// <summary>How IPO forms its log-ratios.</summary>
+public enum IpoLogRatio
+{
+    /// <summary>Summed sequence log-probs, as in the IPO paper and the reference implementations of its authors.</summary>
+    Sum,
+
+    /// <summary>Per-token mean log-probs (sum / token count), as TRL's loss_type "ipo" does. Needs token counts.</summary>
+    PerTokenMean,
+}
+
+/// <summary>Options of <see cref="IpoLoss"/>.</summary>
+public sealed record IpoOptions : PreferenceLossOptions
+{
+    /// <summary>beta &gt; 0 (the paper's tau); the target margin is 1 / (2 beta). Default 0.1.</summary>
+    public double Beta { get; init => field = Guard.Positive(value, nameof(Beta)); } = 0.1;
+
+    /// <summary>Sum (default, the paper) or per-token mean (TRL) log-probs.</summary>
+    public IpoLogRatio LogRatio { get; init; } = IpoLogRatio.Sum;
+}
+
+/// <summary>
+/// IPO, Identity Preference Optimisation (Azar et al., AISTATS 2024, arXiv 2310.12036); TRL loss_type "ipo".
+/// </summary>
+/// <remarks>
+/// <para>Per pair: L = (h~ - 1 / (2 beta))^2, where h~ = h with summed log-probs (default) or
+/// h~ = u_w / n_w - u_l / n_l with per-token means (TRL's choice; needs token counts).</para>
+/// <para>Gradient: regresses the margin onto 1 / (2 beta); past it the sign reverses (chosen pushed down).
+/// Loss at initialisation: 1 / (4 beta^2).</para>
+/// </remarks>
+public sealed class IpoLoss : PreferenceLoss<IpoOptions>
+{
+    /// <summary>Creates the loss; default beta 0.1, summed log-probs.</summary>
+    public IpoLoss(IpoOptions? options = null) : base(options ?? new IpoOptions()) { }
+
+    /// <inheritdoc />
+    public override string Name => "ipo";
+
+    private protected override double RewardScale => Options.Beta;
+
+    /// <summary>The margin 1 / (2 beta) that IPO regresses h~ onto.</summary>
+    public double TargetMargin => 1 / (2 * Options.Beta);
+
+    private protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch)
+    {
+        var margin = terms.Margin;
+        if (Options.LogRatio == IpoLogRatio.PerTokenMean)
+        {
+            var (nw, nl) = TokenCounts.Require(batch.Policy, terms.DType, Name, needRejected: true);
+            margin = terms.ChosenLogRatio / nw - terms.RejectedLogRatio / nl;
+        }
+        return new((margin - TargetMargin).square());
+    }
+
+    /// <summary>IPO with default (or given) options.</summary>
+    public static PreferenceLossResult Compute(PreferenceLogps policy, PreferenceLogps? reference = null, IpoOptions? options = null) =>
+        new IpoLoss(options).Compute(new PreferenceBatch(policy, reference));
+}

@@ -1,0 +1,35 @@
+namespace Alignment.Losses;
+
+/// <summary>Names of the metrics in <see cref="PreferenceLossResult.Metrics"/> (TRL's names where TRL has one).</summary>
+public static class MetricNames
+{
+    /// <summary>mean(beta * u_w), u_w = policy minus reference log-prob of the chosen response.</summary>
+    public const string RewardsChosen = "rewards/chosen";
+    /// <summary>mean(beta * u_l), u_l = policy minus reference log-prob of the rejected response.</summary>
+    public const string RewardsRejected = "rewards/rejected";
+    /// <summary>rewards/chosen - rewards/rejected (paired: mean(beta * (u_w - u_l))).</summary>
+    public const string RewardsMargins = "rewards/margins";
+    /// <summary>Fraction of pairs with u_w &gt; u_l (strict, so 0 at initialisation); unpaired: over all (chosen, rejected) pairs.</summary>
+    public const string RewardsAccuracies = "rewards/accuracies";
+    /// <summary>Batch mean of the summed policy log-probs of the chosen responses.</summary>
+    public const string LogpsChosen = "logps/chosen";
+    /// <summary>Batch mean of the summed policy log-probs of the rejected responses.</summary>
+    public const string LogpsRejected = "logps/rejected";
+
+    /// <summary>DPO+NLL: the mean length-normalised negative log-likelihood of the chosen responses.</summary>
+    public const string NllLoss = "nll_loss";
+    /// <summary>RPO: mean of the diagonal of the weight matrix (paired batches): how much each chosen row attends to its own rejected.</summary>
+    public const string RpoDiagonalWeight = "rpo/diagonal_weight";
+    /// <summary>RPO: mean Shannon entropy (nats) of the weight matrix's rows; ln N means uniform weights (the weighting does nothing).</summary>
+    public const string RpoRowEntropy = "rpo/row_entropy";
+    /// <summary>SPO: the mean (weighted) preference term.</summary>
+    public const string SpoPreference = "spo/preference";
+    /// <summary>SPO: the KL(policy || reference) estimate the regulariser uses (0 when none was given).</summary>
+    public const string SpoKl = "spo/kl";
+    /// <summary>ODPO: the mean offset alpha * ln(score gap).</summary>
+    public const string OdpoOffset = "odpo/offset";
+    /// <summary>SPPO: mean target of the chosen log-ratio, eta * (p_w - 1/2).</summary>
+    public const string SppoTargetChosen = "sppo/target_chosen";
+    /// <summary>SPPO: mean target of the rejected log-ratio.</summary>
+    public const string SppoTargetRejected = "sppo/target_rejected";
+}

@@ -1,0 +1,71 @@
+using static TorchSharp.torch;
+
+namespace Alignment.Losses;
+
+/// <summary>
+/// One batch of preference data for <see cref="IPreferenceLoss.Compute"/>: policy log-probs, optional reference
+/// log-probs, and the side inputs that particular losses need.
+/// </summary>
+/// <remarks>
+/// Each loss reads only what it needs and says clearly when something it needs is missing; inputs it does not use
+/// are ignored. The record does not own the tensors.
+/// </remarks>
+/// <param name="Policy">Log-probs under the policy being trained (with grad).</param>
+/// <param name="Reference">Log-probs under the reference model (treated as constants: no gradient flows into them).
+/// <see langword="null"/> means reference-free: l_ref = 0.</param>
+public sealed record PreferenceBatch(PreferenceLogps Policy, PreferenceLogps? Reference = null)
+{
+    /// <summary>RPO: prompt embeddings that define the similarity weights (paired [N, D] or unpaired [M, D] / [N, D]).</summary>
+    public PromptEmbeddings? PromptEmbeddings { get; init; }
+
+    /// <summary>RPO: a caller-supplied weight matrix [M, N] (non-negative, finite) used instead of embedding similarity.</summary>
+    public Tensor? RpoWeights { get; init; }
+
+    /// <summary>ODPO: quality scores of the chosen and rejected responses.</summary>
+    public ResponseScores? Scores { get; init; }
+
+    /// <summary>SPPO: estimated win-rates (or a pairwise preference probability) of the responses against the current policy.</summary>
+    public SppoWinRates? WinRates { get; init; }
+
+    /// <summary>SPO: optional detached non-negative per-pair weights mu [B] (default 1).</summary>
+    public Tensor? ExampleWeights { get; init; }
+
+    /// <summary>
+    /// SPO: the KL(policy || reference) estimate for the global regulariser, a scalar or per-sample [S] tensor
+    /// (averaged), usually from <see cref="TokenKl.Compute"/> on sequences sampled from the policy.
+    /// </summary>
+    public Tensor? KlDivergence { get; init; }
+}
+
+/// <summary>ODPO: scalar quality scores s_w, s_l of each chosen and rejected response (e.g. reward-model outputs).</summary>
+/// <param name="Chosen">[B] scores of the chosen responses.</param>
+/// <param name="Rejected">[B] scores of the rejected responses.</param>
+public sealed record ResponseScores(Tensor Chosen, Tensor Rejected);
+
+/// <summary>SPPO: the probabilities the SPPO targets are built from.</summary>
+public sealed record SppoWinRates
+{
+    private SppoWinRates(Tensor? chosen, Tensor? rejected, Tensor? pairwise)
+    {
+        Chosen = chosen;
+        Rejected = rejected;
+        Pairwise = pairwise;
+    }
+
+    /// <summary>p_w [B]: estimated probability that each chosen response beats the current policy.</summary>
+    public Tensor? Chosen { get; }
+
+    /// <summary>p_l [B]: estimated probability that each rejected response beats the current policy.</summary>
+    public Tensor? Rejected { get; }
+
+    /// <summary>p_wl [B]: a direct probability that the chosen response beats the rejected one (the sppo_single form).</summary>
+    public Tensor? Pairwise { get; }
+
+    /// <summary>Win-rates of each response against the current policy (the authors' default, <c>sppo</c>).</summary>
+    public static SppoWinRates Individual(Tensor chosen, Tensor rejected) =>
+        new(chosen ?? throw new ArgumentNullException(nameof(chosen)), rejected ?? throw new ArgumentNullException(nameof(rejected)), null);
+
+    /// <summary>A direct pairwise probability P(y_w beats y_l) (the <c>sppo_single</c> form).</summary>
+    public static SppoWinRates FromPairwise(Tensor chosenBeatsRejected) =>
+        new(null, null, chosenBeatsRejected ?? throw new ArgumentNullException(nameof(chosenBeatsRejected)));
+}

@@ -1,0 +1,184 @@
+using Alignment.Losses.Internal;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace Alignment.Losses;
+
+/// <summary>Where RPO's weight enters the per-entry loss.</summary>
+public enum RpoWeightPlacement
+{
+    /// <summary>softplus(-beta * W_ij * A_ij): the weight scales the logit inside the sigmoid (the authors' code; the default).</summary>
+    InsideSigmoid,
+
+    /// <summary>W_ij * softplus(-beta * A_ij), summed over j: a weighted average of DPO losses (a variant, not the authors' default).</summary>
+    OutsideSigmoid,
+}
+
+/// <summary>Which RPO contrast is computed.</summary>
+public enum RpoVariant
+{
+    /// <summary>Every chosen against every rejected, weighted by prompt similarity (or a given matrix, or all ones without embeddings).</summary>
+    Contrast,
+
+    /// <summary>The authors' "diagonal" variant for paired data without embeddings:
+    /// L_i = lambda * softplus(-beta * A_ii) + (1 - lambda) * mean over j != i of softplus(-beta * A_ij). Needs N &gt;= 2.</summary>
+    Diagonal,
+}
+
+/// <summary>Options of <see cref="RpoLoss"/>.</summary>
+public sealed record RpoOptions : PreferenceLossOptions
+{
+    /// <summary>beta &gt; 0. Default 0.1 (the authors'). Because softmax rows sum to 1, the effective beta per contrast entry is about beta / N.</summary>
+    public double Beta { get; init => field = Guard.Positive(value, nameof(Beta)); } = 0.1;
+
+    /// <summary>tau &gt; 0 of the cosine-softmax weighting. Default 0.5 (the authors sweep 0.25 / 0.5 / 0.75). Ignored when <see cref="Weighting"/> is set.</summary>
+    public double Temperature { get; init => field = Guard.Positive(value, nameof(Temperature)); } = 0.5;
+
+    /// <summary>Where the weight enters. Default <see cref="RpoWeightPlacement.InsideSigmoid"/> (the authors').</summary>
+    public RpoWeightPlacement WeightPlacement { get; init; } = RpoWeightPlacement.InsideSigmoid;
+
+    /// <summary>The contrast. Default <see cref="RpoVariant.Contrast"/>.</summary>
+    public RpoVariant Variant { get; init; } = RpoVariant.Contrast;
+
+    /// <summary>lambda in (0, 1] of the diagonal variant. Default 0.8 (the authors').</summary>
+    public double DiagonalWeight { get; init => field = Guard.InClosedRange(value, double.Epsilon, 1, nameof(DiagonalWeight)); } = 0.8;
+
+    /// <summary>The similarity-to-weights step; <see langword="null"/> (default) means <see cref="CosineSoftmaxWeighting"/> with <see cref="Temperature"/>.</summary>
+    public IRpoWeighting? Weighting { get; init; }
+}
+
+/// <summary>
+/// RPO, Relative Preference Optimization (Yin et al. 2024, arXiv 2402.10958), following the authors' code
+/// (yinyueqin/relative-preference-optimization) where it differs from the paper.
+/// </summary>
+/// <remarks>
+/// <para>With u = l_pol - l_ref for each of M chosen and N rejected examples, the contrast matrix is
+/// A_ij = u_w,i - u_l,j (every chosen against every rejected, the diagonal included). Weights W [M, N] come from
+/// prompt similarity (<see cref="CosineSoftmaxWeighting"/>: softmax over j of -(1 - cos(e_i, e_j)) / tau), from a
+/// caller-supplied matrix (<see cref="PreferenceBatch.RpoWeights"/>), or are all 1 without embeddings ("all-pairs DPO").</para>
+/// <para>Default (weight inside the sigmoid): L = (1 / MN) * sum_ij softplus(-beta * W_ij * A_ij).
+/// Weight outside: L = (1 / M) * sum_i sum_j W_ij * softplus(-beta * A_ij).
+/// Per-example losses are per chosen row i; the loss is their mean.</para>
+/// <para>Gradient: always chosen up, rejected down (W &gt; 0). Loss at initialisation: ln 2. With distinct prompts and
+/// tau → 0, W → I and L → (1/N) * mean DPO + ((N - 1)/N) * ln 2; with identical prompts W = 1/N.</para>
+/// <para>Unpaired data (M ≠ N allowed): <see cref="PreferenceLogps.Unpaired"/> with <see cref="PromptEmbeddings.Unpaired"/>.
+/// A batch with zero chosen or zero rejected rows is an error: there is no contrast to compute (the authors' trainer
+/// skips such steps; skip them in your loop too).</para>
+/// <para>Memory: O(M N + (M + N) D).</para>
+/// </remarks>
+public sealed class RpoLoss : PreferenceLoss<RpoOptions>
+{
+    /// <summary>Creates the loss; default beta 0.1, tau 0.5, weight inside the sigmoid.</summary>
+    public RpoLoss(RpoOptions? options = null) : base(options ?? new RpoOptions()) { }
+
+    /// <inheritdoc />
+    public override string Name => "rpo";
+
+    private protected override double RewardScale => Options.Beta;
+
+    private protected override bool SupportsUnpaired => true;
+
+    /// <summary>The weighting in use (the configured one, or cosine-softmax with <see cref="RpoOptions.Temperature"/>).</summary>
+    public IRpoWeighting Weighting => Options.Weighting ?? new CosineSoftmaxWeighting(Options.Temperature);
+
+    private protected override IEnumerable<(Tensor? Tensor, string Name)> Validate(PreferenceBatch batch)
+    {
+        var policy = batch.Policy;
+        var embeddings = batch.PromptEmbeddings;
+        if (embeddings is not null && batch.RpoWeights is not null)
+            throw new ArgumentException("Give RPO either prompt embeddings or a weight matrix, not both.", "batch.RpoWeights");
+        if (Options.Variant == RpoVariant.Diagonal)
+        {
+            if (embeddings is not null || batch.RpoWeights is not null)
+                throw new ArgumentException("The diagonal RPO variant uses no embeddings or weights (its weights are lambda on the diagonal).", "batch.PromptEmbeddings");
+            if (!policy.IsPaired)
+                throw new ArgumentException("The diagonal RPO variant needs paired log-probs.", "policy");
+            if (policy.ChosenCount < 2)
+                throw new ArgumentException($"The diagonal RPO variant needs N >= 2 pairs (it averages over j != i); got {policy.ChosenCount}.", "policy");
+        }
+        if (embeddings is not null)
+        {
+            if (embeddings.IsPaired != policy.IsPaired)
+                throw new ArgumentException(
+                    policy.IsPaired
+                        ? "Paired log-probs need PromptEmbeddings.Paired([N, D]); got unpaired embeddings."
+                        : "Unpaired log-probs need PromptEmbeddings.Unpaired([M, D], [N, D]); got paired embeddings.",
+                    "batch.PromptEmbeddings");
+            Guard.SameLength(policy.Chosen, "policy.Chosen", embeddings.Chosen, embeddings.IsPaired ? "promptEmbeddings" : "promptEmbeddings.Chosen");
+            Guard.SameLength(policy.Rejected, "policy.Rejected", embeddings.Rejected, embeddings.IsPaired ? "promptEmbeddings" : "promptEmbeddings.Rejected");
+            policy.CheckSameDevice(embeddings.Chosen, "promptEmbeddings");
+            return new (Tensor?, string)[] { (embeddings.Chosen, "promptEmbeddings.Chosen"), (embeddings.IsPaired ? null : embeddings.Rejected, "promptEmbeddings.Rejected") };
+        }
+        if (batch.RpoWeights is { } w)
+        {
+            Guard.NotDisposed(w, "batch.RpoWeights");
+            Guard.Rank(w, 2, "batch.RpoWeights", "of contrast weights [M, N]");
+            Guard.Floating(w, "batch.RpoWeights");
+            if (w.shape[0] != policy.ChosenCount || w.shape[1] != policy.RejectedCount)
+                throw new ArgumentException(
+                    $"batch.RpoWeights must have shape [{policy.ChosenCount}, {policy.RejectedCount}] (chosen x rejected); got {Guard.Shape(w)}.", "batch.RpoWeights");
+            policy.CheckSameDevice(w, "batch.RpoWeights");
+            using (no_grad())
+            {
+                if ((w < 0).any().cpu().item<bool>())
+                    throw new ArgumentException("batch.RpoWeights must be non-negative: a negative weight reverses the preference.", "batch.RpoWeights");
+            }
+            return new (Tensor?, string)[] { (w, "batch.RpoWeights") };
+        }
+        return Array.Empty<(Tensor?, string)>();
+    }
+
+    private protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch)
+    {
+        var contrast = terms.ChosenLogRatio.unsqueeze(1) - terms.RejectedLogRatio.unsqueeze(0);   // A [M, N]
+        var weights = Weights(terms, batch);                                                        // W [M, N], no grad
+        var placement = Options.Variant == RpoVariant.Diagonal ? RpoWeightPlacement.OutsideSigmoid : Options.WeightPlacement;
+        var perRow = placement == RpoWeightPlacement.InsideSigmoid
+            ? Numerics.NegLogSigmoid(contrast * weights * Options.Beta).mean(new long[] { 1 })
+            : (Numerics.NegLogSigmoid(contrast * Options.Beta) * weights).sum(1);
+        return new(perRow, WeightMetrics(weights, terms.IsPaired));
+    }
+
+    private Tensor Weights(PreferenceTerms terms, PreferenceBatch batch)
+    {
+        long m = terms.ChosenLogRatio.shape[0], n = terms.RejectedLogRatio.shape[0];
+        var device = terms.ChosenLogRatio.device;
+        if (Options.Variant == RpoVariant.Diagonal)
+        {
+            double lambda = Options.DiagonalWeight, off = (1 - lambda) / (n - 1);
+            var eye = torch.eye(n, dtype: terms.DType, device: device);
+            return eye * (lambda - off) + off;
+        }
+        if (batch.PromptEmbeddings is { } e) return Weighting.ComputeWeights(e.Chosen, e.Rejected, terms.DType).detach();
+        if (batch.RpoWeights is { } w) return Numerics.As(w.detach(), terms.DType);
+        return torch.ones(m, n, dtype: terms.DType, device: device);
+    }
+
+    private static IReadOnlyList<(string, Tensor)> WeightMetrics(Tensor weights, bool paired)
+    {
+        using var _ = no_grad();
+        var p = weights / weights.sum(1, keepdim: true).clamp_min(1e-30);
+        var entropy = -(p * p.clamp_min(1e-30).log()).sum(1).mean();
+        var metrics = new List<(string, Tensor)> { (MetricNames.RpoRowEntropy, entropy) };
+        if (paired) metrics.Insert(0, (MetricNames.RpoDiagonalWeight, weights.diagonal().mean()));
+        return metrics;
+    }
+
+    /// <summary>
+    /// Paired RPO with prompt embeddings: <c>RpoLoss.Compute(policyLogps, refLogps, promptEmbeddings)</c>.
+    /// </summary>
+    /// <param name="policy">Paired policy log-probs [N] (with grad).</param>
+    /// <param name="reference">Paired reference log-probs, or <see langword="null"/> for reference-free.</param>
+    /// <param name="promptEmbeddings">[N, D] embedding of each pair's prompt.</param>
+    /// <param name="options">Options; default beta 0.1, tau 0.5.</param>
+    public static PreferenceLossResult Compute(PreferenceLogps policy, PreferenceLogps? reference, Tensor promptEmbeddings, RpoOptions? options = null) =>
+        Compute(policy, reference, PromptEmbeddings.Paired(promptEmbeddings), options);
+
+    /// <summary>RPO with paired or unpaired prompt embeddings.</summary>
+    public static PreferenceLossResult Compute(PreferenceLogps policy, PreferenceLogps? reference, PromptEmbeddings promptEmbeddings, RpoOptions? options = null) =>
+        new RpoLoss(options).Compute(new PreferenceBatch(policy, reference) { PromptEmbeddings = promptEmbeddings ?? throw new ArgumentNullException(nameof(promptEmbeddings)) });
+
+    /// <summary>RPO without embeddings: all-pairs (W = 1) or, with <see cref="RpoVariant.Diagonal"/>, the diagonal variant.</summary>
+    public static PreferenceLossResult Compute(PreferenceLogps policy, PreferenceLogps? reference = null, RpoOptions? options = null) =>
+        new RpoLoss(options).Compute(new PreferenceBatch(policy, reference));
+}
