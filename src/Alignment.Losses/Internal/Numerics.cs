@@ -13,6 +13,11 @@ internal static class Numerics
     /// <summary>Upcasts to the compute dtype; a no-op alias when the dtype already matches.</summary>
     internal static Tensor As(Tensor t, ScalarType dtype) => t.dtype == dtype ? t.alias() : t.to_type(dtype);
 
-    /// <summary>-log sigmoid(z) = softplus(-z), evaluated without forming sigmoid(z).</summary>
-    internal static Tensor NegLogSigmoid(Tensor z) => nn.functional.softplus(-z);
+    /// <summary>
+    /// -log sigmoid(z) = softplus(-z), evaluated without forming sigmoid(z). libtorch's softplus returns x itself above its
+    /// threshold (default 20), an error of log1p(e^-20) ≈ 2e-9 that is below float32 resolution but not float64's, so the
+    /// threshold is raised to 40 for float64 (e^-40 ≈ 4e-18 is below double precision at that magnitude).
+    /// </summary>
+    internal static Tensor NegLogSigmoid(Tensor z) =>
+        nn.functional.softplus(-z, beta: 1, threshold: z.dtype == ScalarType.Float64 ? 40 : 20);
 }

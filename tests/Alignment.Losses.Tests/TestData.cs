@@ -1,0 +1,196 @@
+using System.Globalization;
+using Alignment.Losses;
+using FsCheck;
+using FsCheck.Fluent;
+
+namespace Alignment.Losses.Tests;
+
+/// <summary>One random preference batch, in doubles, with every side input any loss needs.</summary>
+public sealed record Inputs(
+    double[] Pc, double[] Pr, double[] Rc, double[] Rr,
+    double[] Nw, double[] Nl, double[] Sw, double[] Sl, double[] Pw, double[] Pl, double[] Mu,
+    double[][] Emb, double Beta, double Eps, double Tau, double Alpha, double Kl)
+{
+    public int B => Pc.Length;
+
+    static string F(double[] xs) => "[" + string.Join(", ", xs.Select(x => x.ToString("G6", CultureInfo.InvariantCulture))) + "]";
+
+    public override string ToString() =>
+        $"B={B} beta={Beta:G4} eps={Eps:G4} tau={Tau:G4} alpha={Alpha:G4} kl={Kl:G4}\n  policy chosen={F(Pc)}\n  policy rejected={F(Pr)}\n  ref chosen={F(Rc)}\n  ref rejected={F(Rr)}\n" +
+        $"  scores w={F(Sw)} l={F(Sl)}\n  winrates w={F(Pw)} l={F(Pl)}\n  emb dim={Emb[0].Length}";
+
+    /// <summary>Values rounded the way a tensor of <paramref name="dtype"/> stores them (so the oracle sees what the library sees).</summary>
+    public Inputs RoundedTo(ScalarType dtype)
+    {
+        double[] R(double[] x) => TensorUtil.Values(TensorUtil.Const(x, dtype));
+        return this with
+        {
+            Pc = R(Pc), Pr = R(Pr), Rc = R(Rc), Rr = R(Rr), Sw = R(Sw), Sl = R(Sl), Pw = R(Pw), Pl = R(Pl), Mu = R(Mu),
+            Nw = R(Nw), Nl = R(Nl), Kl = R(new[] { Kl })[0],
+            Emb = Emb.Select(R).ToArray(),
+        };
+    }
+}
+
+public static class Generators
+{
+    static Gen<double> Uniform(double lo, double hi) => Gen.Choose(0, 1_000_000).Select(i => lo + (hi - lo) * i / 1_000_000.0);
+
+    static Gen<double[]> Array(Gen<double> g, int n) => g.ArrayOf(n);
+
+    public static Gen<Inputs> InputsGen(int minB = 1, int maxB = 24) =>
+        from b in Gen.Choose(minB, maxB)
+        from pc in Array(Uniform(-200, -1), b)
+        from pr in Array(Uniform(-200, -1), b)
+        from dc in Array(Uniform(-8, 8), b)
+        from dr in Array(Uniform(-8, 8), b)
+        from nw in Array(Gen.Choose(1, 300).Select(i => (double)i), b)
+        from nl in Array(Gen.Choose(1, 300).Select(i => (double)i), b)
+        from sl in Array(Uniform(0.05, 1.5), b)
+        from gap in Array(Uniform(0.01, 2), b)
+        from pw in Array(Uniform(0, 1), b)
+        from pl in Array(Uniform(0, 1), b)
+        from mu in Array(Uniform(0, 2), b)
+        from d in Gen.Choose(2, 12)
+        from emb in Array(Uniform(-1, 1), d).ArrayOf(b)
+        from beta in Uniform(0.02, 1.5)
+        from eps in Uniform(0.01, 0.45)
+        from tau in Uniform(0.1, 2)
+        from alpha in Uniform(0.2, 2)
+        from kl in Uniform(0, 3)
+        select new Inputs(pc, pr, pc.Select((v, i) => v + dc[i]).ToArray(), pr.Select((v, i) => v + dr[i]).ToArray(),
+            nw, nl, sl.Select((v, i) => v + gap[i]).ToArray(), sl, pw, pl, mu,
+            emb.Select(e => e.All(v => v == 0) ? e.Select(_ => 1.0).ToArray() : e).ToArray(), beta, eps, tau, alpha, kl);
+
+    /// <summary>Shrinks by dropping rows and rounding values, keeping every array in step.</summary>
+    public static IEnumerable<Inputs> Shrink(Inputs x, int minB = 1)
+    {
+        if (x.B > minB)
+        {
+            for (int drop = x.B - 1; drop >= 0; drop--)
+            {
+                double[] D(double[] a) => a.Where((_, i) => i != drop).ToArray();
+                yield return x with
+                {
+                    Pc = D(x.Pc), Pr = D(x.Pr), Rc = D(x.Rc), Rr = D(x.Rr), Nw = D(x.Nw), Nl = D(x.Nl), Sw = D(x.Sw), Sl = D(x.Sl),
+                    Pw = D(x.Pw), Pl = D(x.Pl), Mu = D(x.Mu), Emb = x.Emb.Where((_, i) => i != drop).ToArray(),
+                };
+            }
+        }
+        double[] Round(double[] a) => a.Select(v => Math.Round(v, 1)).ToArray();
+        var rounded = x with { Pc = Round(x.Pc), Pr = Round(x.Pr), Rc = Round(x.Rc), Rr = Round(x.Rr) };
+        if (!rounded.Pc.SequenceEqual(x.Pc) || !rounded.Rc.SequenceEqual(x.Rc)) yield return rounded;
+    }
+
+    public static Arbitrary<Inputs> Arb(int minB = 1, int maxB = 24) => FsCheck.Fluent.Arb.From(InputsGen(minB, maxB), x => Shrink(x, minB));
+}
+
+/// <summary>Tensor helpers for tests.</summary>
+public static class TensorUtil
+{
+    public static Tensor Const(double[] x, ScalarType dtype) => tensor(x, dtype: ScalarType.Float64).to_type(dtype);
+
+    public static Tensor Leaf(double[] x, ScalarType dtype) => Const(x, dtype).detach().requires_grad_(true);
+
+    public static double[] Values(Tensor t) => t.detach().to_type(ScalarType.Float64).cpu().data<double>().ToArray();
+
+    public static Tensor Matrix(double[][] rows, ScalarType dtype)
+    {
+        var flat = rows.SelectMany(r => r).ToArray();
+        return Const(flat, dtype).reshape(rows.Length, rows[0].Length);
+    }
+}
+
+/// <summary>The tensors of one batch: policy leaves (with grad) plus constants.</summary>
+public sealed class BatchTensors
+{
+    public BatchTensors(Inputs x, ScalarType dtype, Device? device = null)
+    {
+        device ??= CPU;
+        Tensor C(double[] v) => TensorUtil.Const(v, dtype).to(device);
+        PolicyChosen = TensorUtil.Const(x.Pc, dtype).to(device).detach().requires_grad_(true);
+        PolicyRejected = TensorUtil.Const(x.Pr, dtype).to(device).detach().requires_grad_(true);
+        RefChosen = C(x.Rc); RefRejected = C(x.Rr);
+        Nw = C(x.Nw); Nl = C(x.Nl); Sw = C(x.Sw); Sl = C(x.Sl); Pw = C(x.Pw); Pl = C(x.Pl); Mu = C(x.Mu);
+        Kl = TensorUtil.Const(new[] { x.Kl }, dtype).to(device).squeeze();
+        Emb = TensorUtil.Matrix(x.Emb, dtype).to(device);
+    }
+
+    public Tensor PolicyChosen, PolicyRejected, RefChosen, RefRejected, Nw, Nl, Sw, Sl, Pw, Pl, Mu, Kl, Emb;
+
+    /// <summary>A batch with every side input set; each loss reads what it needs.</summary>
+    public PreferenceBatch Full(bool withReference = true) =>
+        new(new PreferenceLogps(PolicyChosen, PolicyRejected, Nw, Nl), withReference ? new PreferenceLogps(RefChosen, RefRejected) : null)
+        {
+            Scores = new ResponseScores(Sw, Sl),
+            WinRates = SppoWinRates.Individual(Pw, Pl),
+            ExampleWeights = Mu,
+            KlDivergence = Kl,
+        };
+}
+
+/// <summary>A loss under test with its oracle.</summary>
+public sealed record LossCase(
+    string Name,
+    Func<Inputs, IPreferenceLoss> Make,
+    Func<BatchTensors, PreferenceBatch> Batch,
+    Func<Inputs, Oracle.Result> Expected)
+{
+    public override string ToString() => Name;
+}
+
+public static class LossCatalog
+{
+    static PreferenceBatch Full(BatchTensors t) => t.Full();
+
+    public static readonly LossCase[] All =
+    {
+        new("dpo", x => new DpoLoss(new() { Beta = x.Beta }), Full, x => Oracle.Dpo(x.Pc, x.Pr, x.Rc, x.Rr, x.Beta)),
+        new("dpo_reference_free", x => new DpoLoss(new() { Beta = x.Beta }), t => t.Full(withReference: false), x => Oracle.Dpo(x.Pc, x.Pr, null, null, x.Beta)),
+        new("cdpo", x => new ConservativeDpoLoss(new() { Beta = x.Beta, LabelSmoothing = x.Eps }), Full, x => Oracle.Cdpo(x.Pc, x.Pr, x.Rc, x.Rr, x.Beta, x.Eps)),
+        new("robust_dpo", x => new RobustDpoLoss(new() { Beta = x.Beta, LabelSmoothing = x.Eps }), Full, x => Oracle.Robust(x.Pc, x.Pr, x.Rc, x.Rr, x.Beta, x.Eps)),
+        new("hinge", x => new HingeLoss(new() { Beta = x.Beta }), Full, x => Oracle.Hinge(x.Pc, x.Pr, x.Rc, x.Rr, x.Beta)),
+        new("ipo", x => new IpoLoss(new() { Beta = x.Beta }), Full, x => Oracle.Ipo(x.Pc, x.Pr, x.Rc, x.Rr, x.Beta)),
+        new("ipo_per_token", x => new IpoLoss(new() { Beta = x.Beta, LogRatio = IpoLogRatio.PerTokenMean }), Full, x => Oracle.IpoPerToken(x.Pc, x.Pr, x.Rc, x.Rr, x.Nw, x.Nl, x.Beta)),
+        new("dpo_nll", x => new DpoNllLoss(new() { Beta = x.Beta, NllWeight = x.Alpha }), Full, x => Oracle.DpoNll(x.Pc, x.Pr, x.Rc, x.Rr, x.Nw, x.Beta, x.Alpha)),
+        new("odpo", x => new OdpoLoss(new() { Beta = x.Beta, Alpha = x.Alpha }), Full, x => Oracle.Odpo(x.Pc, x.Pr, x.Rc, x.Rr, x.Sw, x.Sl, x.Beta, x.Alpha, ratio: false)),
+        new("odpo_ratio", x => new OdpoLoss(new() { Beta = x.Beta, Alpha = x.Alpha, OffsetForm = OdpoOffsetForm.Ratio }), Full, x => Oracle.Odpo(x.Pc, x.Pr, x.Rc, x.Rr, x.Sw, x.Sl, x.Beta, x.Alpha, ratio: true)),
+        new("spo", x => new SpoLoss(new() { Alpha = x.Alpha, KlWeight = x.Beta }), Full, x => Oracle.Spo(x.Pc, x.Pr, x.Mu, x.Alpha, x.Beta, x.Kl)),
+        new("sppo", x => new SppoLoss(new() { Beta = x.Beta }), Full, x => Oracle.Sppo(x.Pc, x.Pr, x.Rc, x.Rr, x.Pw, x.Pl, x.Beta)),
+        new("sppo_single", x => new SppoLoss(new() { Beta = x.Beta, Form = SppoForm.Single }),
+            t => t.Full() with { WinRates = SppoWinRates.FromPairwise(t.Pw) },
+            x => Oracle.SppoTargets(x.Pc, x.Pr, x.Rc, x.Rr, x.Pw.Select(p => (p - 0.5) / x.Beta).ToArray(), x.Pw.Select(p => -(p - 0.5) / x.Beta).ToArray(), 0.5)),
+        new("sppo_hard", x => new SppoLoss(new() { Beta = x.Beta, Form = SppoForm.Hard }), Full,
+            x => Oracle.SppoTargets(x.Pc, x.Pr, x.Rc, x.Rr, x.Pc.Select(_ => 1 / (2 * x.Beta)).ToArray(), x.Pc.Select(_ => -1 / (2 * x.Beta)).ToArray(), 1.0)),
+        new("rpo", x => new RpoLoss(new() { Beta = x.Beta, Temperature = x.Tau }),
+            t => t.Full() with { PromptEmbeddings = PromptEmbeddings.Paired(t.Emb) },
+            x => Oracle.Rpo(x.Pc, x.Pr, x.Rc, x.Rr, Oracle.RpoWeights(x.Emb, x.Emb, x.Tau), x.Beta, inside: true)),
+        new("rpo_weight_outside", x => new RpoLoss(new() { Beta = x.Beta, Temperature = x.Tau, WeightPlacement = RpoWeightPlacement.OutsideSigmoid }),
+            t => t.Full() with { PromptEmbeddings = PromptEmbeddings.Paired(t.Emb) },
+            x => Oracle.Rpo(x.Pc, x.Pr, x.Rc, x.Rr, Oracle.RpoWeights(x.Emb, x.Emb, x.Tau), x.Beta, inside: false)),
+        new("rpo_all_pairs", x => new RpoLoss(new() { Beta = x.Beta }), Full,
+            x => Oracle.Rpo(x.Pc, x.Pr, x.Rc, x.Rr, Oracle.Ones(x.B, x.B), x.Beta, inside: true)),
+        new("rpo_diagonal", x => new RpoLoss(new() { Beta = x.Beta, Variant = RpoVariant.Diagonal, DiagonalWeight = 1 - x.Eps }), Full,
+            x => Oracle.Rpo(x.Pc, x.Pr, x.Rc, x.Rr, Oracle.Diagonal(x.B, 1 - x.Eps), x.Beta, inside: false)),
+        new("rpo_unpaired", x => new RpoLoss(new() { Beta = x.Beta, Temperature = x.Tau }),
+            // chosen: all B rows; rejected: the first ceil(B/2) rows, with their own prompts (rows reversed)
+            t =>
+            {
+                long n = (t.PolicyRejected.shape[0] + 1) / 2;
+                var rejEmb = t.Emb.flip(0).narrow(0, 0, n);
+                return new PreferenceBatch(PreferenceLogps.Unpaired(t.PolicyChosen, t.PolicyRejected.narrow(0, 0, n)),
+                    PreferenceLogps.Unpaired(t.RefChosen, t.RefRejected.narrow(0, 0, n)))
+                { PromptEmbeddings = PromptEmbeddings.Unpaired(t.Emb, rejEmb) };
+            },
+            x =>
+            {
+                int n = (x.B + 1) / 2;
+                var rejEmb = x.Emb.Reverse().Take(n).ToArray();
+                return Oracle.Rpo(x.Pc, x.Pr.Take(n).ToArray(), x.Rc, x.Rr.Take(n).ToArray(), Oracle.RpoWeights(x.Emb, rejEmb, x.Tau), x.Beta, inside: true);
+            }),
+    };
+
+    public static IEnumerable<object[]> Names => All.Select(c => new object[] { c.Name });
+
+    public static LossCase Get(string name) => All.Single(c => c.Name == name);
+}
