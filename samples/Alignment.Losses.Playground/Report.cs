@@ -1,0 +1,44 @@
+using System.Globalization;
+using System.Text;
+
+namespace Alignment.Losses.Playground;
+
+internal static class Report
+{
+    public static string Table(IReadOnlyList<RunResult> results)
+    {
+        var sb = new StringBuilder();
+        sb.AppendLine($"{"loss",-14} {"setting",-30} {"loss 0",9} {"loss end",9} {"reward",7} {"ref rew",7} {"win vs ref",10} {"KL",6} {"TV to opt",9} {"time s",7}");
+        sb.AppendLine(new string('-', 120));
+        foreach (var r in results)
+        {
+            string dist = r.DistanceToOptimum is { } d ? d.ToString("F4", CultureInfo.InvariantCulture) : "-";
+            sb.AppendLine(string.Create(CultureInfo.InvariantCulture,
+                $"{r.Name,-14} {r.Setting,-30} {r.InitialLoss,9:G4} {r.FinalLoss,9:G4} {r.Reward,7:F3} {r.ReferenceReward,7:F3} {r.WinRate,10:F3} {r.Kl,6:F3} {dist,9} {r.Seconds,7:F2}"));
+        }
+        return sb.ToString();
+    }
+
+    public const string Legend = """
+        reward: E over prompts of E_{y~pi}[r(y)]; ref rew: the same for the reference (initial) policy.
+        win vs ref: P(y ~ pi beats y' ~ pi_ref) under the hidden Bradley-Terry rewards (0.5 = no better than the reference).
+        KL: mean KL(pi || pi_ref) over prompts. TV to opt: mean total-variation distance to the optimum the paper proves
+        (DPO and robust DPO: pi_ref * exp(r / beta); SPO's preference term: softmax(r / alpha)); '-' where no closed form exists.
+        """;
+
+    public static void WriteCsv(IReadOnlyList<RunResult> results, string dir)
+    {
+        var table = new StringBuilder("loss,setting,initial_loss,final_loss,reward,reference_reward,win_rate,kl,tv_to_optimum,seconds\n");
+        foreach (var r in results)
+            table.AppendLine(string.Create(CultureInfo.InvariantCulture,
+                $"{r.Name},\"{r.Setting}\",{r.InitialLoss:R},{r.FinalLoss:R},{r.Reward:R},{r.ReferenceReward:R},{r.WinRate:R},{r.Kl:R},{(r.DistanceToOptimum is { } d ? d.ToString("R", CultureInfo.InvariantCulture) : "")},{r.Seconds:R}"));
+        File.WriteAllText(Path.Combine(dir, "results.csv"), table.ToString());
+
+        var curves = new StringBuilder("loss,step,expected_reward,training_loss\n");
+        foreach (var r in results)
+            for (int s = 0; s < r.RewardCurve.Length; s++)
+                curves.AppendLine(string.Create(CultureInfo.InvariantCulture,
+                    $"{r.Name},{s},{r.RewardCurve[s]:R},{(s > 0 ? r.LossCurve[s - 1].ToString("R", CultureInfo.InvariantCulture) : "")}"));
+        File.WriteAllText(Path.Combine(dir, "curves.csv"), curves.ToString());
+    }
+}
