@@ -1,0 +1,177 @@
+using System.IO.Compression;
+using System.Text.Json;
+using System.Text.RegularExpressions;
+using System.Xml.Linq;
+
+namespace Alignment.Losses.Tests;
+
+/// <summary>
+/// How users meet the library: the packed NuGet package, consumed from a local folder feed by projects and scripts
+/// outside the repository's build settings, on this Debian 12 machine (where TorchSharp alone fails to load).
+/// </summary>
+[Collection("Processes")]
+public class PackageTests
+{
+    readonly PackageFixture _pkg;
+    static readonly TimeSpan Build = TimeSpan.FromMinutes(6);
+
+    public PackageTests(PackageFixture pkg) => _pkg = pkg;
+
+    [Fact]
+    public void Package_contains_docs_license_targets_and_depends_on_managed_torchsharp_only()
+    {
+        _pkg.EnsurePacked();
+        using var zip = ZipFile.OpenRead(_pkg.Package);
+        var names = zip.Entries.Select(e => e.FullName).ToHashSet();
+        foreach (var required in new[]
+                 {
+                     "README.md", "LICENSE", "buildTransitive/Alignment.Losses.targets", "build/Alignment.Losses.targets",
+                     "lib/net8.0/Alignment.Losses.dll", "lib/net8.0/Alignment.Losses.xml", "lib/net10.0/Alignment.Losses.dll", "lib/net10.0/Alignment.Losses.xml",
+                 })
+            Assert.Contains(required, names);
+        Assert.True(File.Exists(Path.ChangeExtension(_pkg.Package, ".snupkg")), "symbols package (.snupkg) missing");
+
+        var nuspec = XDocument.Load(zip.Entries.Single(e => e.FullName.EndsWith(".nuspec", StringComparison.Ordinal)).Open());
+        var deps = nuspec.Descendants().Where(e => e.Name.LocalName == "dependency").Select(e => (string)e.Attribute("id")!).Distinct().ToList();
+        Assert.Equal(new[] { "TorchSharp" }, deps);
+        Assert.Equal("MIT", nuspec.Descendants().Single(e => e.Name.LocalName == "license").Value);
+    }
+
+    [Fact]
+    public void A_fresh_consumer_project_restores_builds_and_runs_the_rpo_one_liner()
+    {
+        _pkg.EnsurePacked();
+        var dir = _pkg.NewConsumerFolder("consumer");
+        File.WriteAllText(Path.Combine(dir, "Consumer.csproj"), $"""
+            <Project Sdk="Microsoft.NET.Sdk">
+              <PropertyGroup>
+                <OutputType>Exe</OutputType>
+                <TargetFramework>net10.0</TargetFramework>
+                <Nullable>enable</Nullable>
+                <ImplicitUsings>enable</ImplicitUsings>
+              </PropertyGroup>
+              <ItemGroup>
+                <PackageReference Include="Alignment.Losses" Version="{_pkg.Version}" />
+                <PackageReference Include="TorchSharp-cpu" Version="0.107.0" />
+              </ItemGroup>
+            </Project>
+            """);
+        File.WriteAllText(Path.Combine(dir, "Program.cs"), """
+            using Alignment.Losses;
+            using TorchSharp;
+            using static TorchSharp.torch;
+
+            var policyLogps = new PreferenceLogps(tensor(new[] { -10f, -12f, -9f }, requires_grad: true), tensor(new[] { -11f, -10f, -14f }, requires_grad: true));
+            var refLogps = new PreferenceLogps(tensor(new[] { -10f, -12f, -9f }), tensor(new[] { -11f, -10f, -14f }));
+            var promptEmbeddings = randn(3, 384);
+            using var result = RpoLoss.Compute(policyLogps, refLogps, promptEmbeddings);
+            result.Loss.backward();
+            Console.WriteLine($"RPO={result.Loss.ToDouble():F6} grad_sign_ok={policyLogps.Chosen.grad!.le(0).all().item<bool>()}");
+            """);
+        var output = ProcessRunner.Ok(ProcessRunner.Dotnet(dir, Build, "run"), "consumer project");
+        var m = Regex.Match(output, @"RPO=([0-9.]+) grad_sign_ok=True");
+        Assert.True(m.Success, output);
+        Assert.Equal(Math.Log(2), double.Parse(m.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture), 5);   // policy == reference
+    }
+
+    /// <summary>Copies a file-based script next to a NuGet.config for the local feed, pins the packed version, and runs it.</summary>
+    string RunScript(string name, string source)
+    {
+        _pkg.EnsurePacked();
+        var dir = _pkg.NewConsumerFolder("script-" + Path.GetFileNameWithoutExtension(name));
+        source = Regex.Replace(source, @"#:package Alignment\.Losses@\S+", $"#:package Alignment.Losses@{_pkg.Version}");
+        // one platform's native files instead of every platform's: faster on CI, same loader path
+        source = "#:property RuntimeIdentifier=linux-x64\n" + source;
+        File.WriteAllText(Path.Combine(dir, name), source);
+        return ProcessRunner.Ok(ProcessRunner.Dotnet(dir, Build, "run", name), name);
+    }
+
+    public static IEnumerable<object[]> Scripts =>
+        Directory.GetFiles(Path.Combine(ProcessRunner.RepoRoot, "samples", "scripts"), "*.cs").Select(f => new object[] { Path.GetFileName(f) });
+
+    [Theory, MemberData(nameof(Scripts))]
+    public void Sample_scripts_run_against_the_packed_package(string script)
+    {
+        var output = RunScript(script, File.ReadAllText(Path.Combine(ProcessRunner.RepoRoot, "samples", "scripts", script)));
+        Assert.DoesNotContain("NaN", output, StringComparison.Ordinal);
+        Assert.True(output.Trim().Length > 0);
+    }
+
+    [Fact]
+    public void Readme_usage_snippet_compiles_and_runs()
+    {
+        var readme = File.ReadAllText(Path.Combine(ProcessRunner.RepoRoot, "README.md"));
+        var snippet = Regex.Match(readme, "```csharp\n(?<code>.*?)```", RegexOptions.Singleline).Groups["code"].Value;
+        Assert.Contains("RpoLoss.Compute(policyLogps, refLogps, promptEmbeddings)", snippet);
+        var output = RunScript("readme.cs", "#:package Alignment.Losses@x\n#:package TorchSharp-cpu@0.107.0\n#:property PublishAot=false\n" + snippet);
+        Assert.Matches(@"loss \d\.\d{4}, accuracy", output);
+    }
+
+    [Fact]
+    public void Notebook_cells_run_in_order_as_a_script()
+    {
+        var nb = JsonDocument.Parse(File.ReadAllText(Path.Combine(ProcessRunner.RepoRoot, "samples", "notebooks", "alignment-losses.ipynb")));
+        var cells = nb.RootElement.GetProperty("cells").EnumerateArray()
+            .Where(c => c.GetProperty("cell_type").GetString() == "code")
+            .Select(c => string.Concat(c.GetProperty("source").EnumerateArray().Select(l => l.GetString())))
+            .ToList();
+        var directives = new List<string> { "#:property PublishAot=false" };
+        var usings = new List<string>();
+        var body = new List<string>();
+        foreach (var line in cells.SelectMany(c => c.Split('\n')))
+        {
+            var nuget = Regex.Match(line, "^#r \"nuget: *([^,\"]+), *([^\"]+)\"");
+            if (nuget.Success) directives.Add($"#:package {nuget.Groups[1].Value.Trim()}@{nuget.Groups[2].Value.Trim()}");
+            else if (Regex.IsMatch(line, @"^using [A-Za-z0-9_.= ]+;\s*$") || Regex.IsMatch(line, @"^using static [A-Za-z0-9_.]+;\s*$")) usings.Add(line);
+            else body.Add(line);
+        }
+        Assert.Contains(directives, d => d.StartsWith("#:package Alignment.Losses@", StringComparison.Ordinal));
+        var output = RunScript("notebook.cs", string.Join('\n', directives.Concat(usings).Concat(body)));
+        Assert.Contains("RPO:", output);
+        Assert.Contains("tau", output);
+    }
+}
+
+/// <summary>The README's first command, in quick mode.</summary>
+[Collection("Processes")]
+public class PlaygroundTests
+{
+    [Fact]
+    public void Playground_quick_run_writes_its_outputs_and_every_loss_beats_the_reference()
+    {
+        var outDir = Directory.CreateTempSubdirectory("playground-").FullName;
+        try
+        {
+            var output = ProcessRunner.Ok(ProcessRunner.Dotnet(ProcessRunner.RepoRoot, TimeSpan.FromMinutes(5),
+                "run", "--project", "samples/Alignment.Losses.Playground", "--", "--quick", "--out", outDir), "playground");
+            var csv = File.ReadAllLines(Path.Combine(outDir, "results.csv"));
+            Assert.True(File.Exists(Path.Combine(outDir, "curves.csv")));
+            var header = csv[0].Split(',');
+            int reward = Array.IndexOf(header, "reward"), refReward = Array.IndexOf(header, "reference_reward"), win = Array.IndexOf(header, "win_rate");
+            Assert.Equal(13, csv.Length);                           // header + 12 runs
+            foreach (var row in csv.Skip(1))
+            {
+                var f = Regex.Split(row, ",(?=(?:[^\"]*\"[^\"]*\")*[^\"]*$)");
+                double r = double.Parse(f[reward], System.Globalization.CultureInfo.InvariantCulture);
+                double r0 = double.Parse(f[refReward], System.Globalization.CultureInfo.InvariantCulture);
+                double w = double.Parse(f[win], System.Globalization.CultureInfo.InvariantCulture);
+                Assert.True(r > r0 + 0.05, $"{f[0]}: reward {r} does not improve on the reference {r0}");
+                Assert.True(w > 0.5, $"{f[0]}: win-rate vs reference {w}");
+            }
+            Assert.Contains("win vs ref", output);
+        }
+        finally { Directory.Delete(outDir, recursive: true); }
+    }
+
+    [Fact]
+    public void Playground_help_explains_the_options_and_bad_options_fail_clearly()
+    {
+        var help = ProcessRunner.Ok(ProcessRunner.Dotnet(ProcessRunner.RepoRoot, TimeSpan.FromMinutes(5),
+            "run", "--project", "samples/Alignment.Losses.Playground", "--", "--help"), "playground --help");
+        foreach (var option in new[] { "--loss", "--steps", "--seed", "--device", "--out", "--quick" }) Assert.Contains(option, help);
+        var bad = ProcessRunner.Dotnet(ProcessRunner.RepoRoot, TimeSpan.FromMinutes(5),
+            "run", "--project", "samples/Alignment.Losses.Playground", "--", "--loss", "nope");
+        Assert.Equal(2, bad.ExitCode);
+        Assert.Contains("unknown loss", bad.Output);
+    }
+}

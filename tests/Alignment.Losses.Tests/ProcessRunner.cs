@@ -1,0 +1,102 @@
+using System.Diagnostics;
+using System.Text;
+
+namespace Alignment.Losses.Tests;
+
+/// <summary>Runs dotnet CLI commands from tests (the package consumer, scripts, the playground).</summary>
+public static class ProcessRunner
+{
+    public static string RepoRoot { get; } = FindRoot();
+
+    static string FindRoot()
+    {
+        var dir = new DirectoryInfo(AppContext.BaseDirectory);
+        while (dir is not null && !File.Exists(Path.Combine(dir.FullName, "Alignment.Losses.sln"))) dir = dir.Parent;
+        return dir?.FullName ?? throw new InvalidOperationException("Alignment.Losses.sln not found above " + AppContext.BaseDirectory);
+    }
+
+    public sealed record Result(int ExitCode, string Output);
+
+    public static Result Dotnet(string workingDirectory, TimeSpan timeout, params string[] args)
+    {
+        var psi = new ProcessStartInfo("dotnet") { WorkingDirectory = workingDirectory, RedirectStandardOutput = true, RedirectStandardError = true };
+        foreach (var a in args) psi.ArgumentList.Add(a);
+        // the test host runs under `dotnet test`; its MSBuild variables must not leak into a nested build
+        foreach (var key in psi.Environment.Keys.Where(k => k.StartsWith("MSBUILD", StringComparison.OrdinalIgnoreCase)).ToList())
+            psi.Environment.Remove(key);
+        psi.Environment["DOTNET_CLI_TELEMETRY_OPTOUT"] = "1";
+        psi.Environment["DOTNET_NOLOGO"] = "1";
+        var output = new StringBuilder();
+        using var p = new Process { StartInfo = psi };
+        p.OutputDataReceived += (_, e) => { if (e.Data is not null) lock (output) output.AppendLine(e.Data); };
+        p.ErrorDataReceived += (_, e) => { if (e.Data is not null) lock (output) output.AppendLine(e.Data); };
+        p.Start();
+        p.BeginOutputReadLine();
+        p.BeginErrorReadLine();
+        if (!p.WaitForExit(timeout))
+        {
+            p.Kill(entireProcessTree: true);
+            return new Result(-1, $"timed out after {timeout}: dotnet {string.Join(' ', args)}\n{output}");
+        }
+        p.WaitForExit();
+        return new Result(p.ExitCode, output.ToString());
+    }
+
+    public static string Ok(Result r, string what)
+    {
+        Assert.True(r.ExitCode == 0, $"{what} failed with exit code {r.ExitCode}:\n{Tail(r.Output)}");
+        return r.Output;
+    }
+
+    static string Tail(string s) => s.Length > 6000 ? "..." + s[^6000..] : s;
+}
+
+[CollectionDefinition("Processes", DisableParallelization = true)]
+public sealed class ProcessesCollection : ICollectionFixture<PackageFixture> { }
+
+/// <summary>Packs Alignment.Losses once, with a unique version, into a local folder feed.</summary>
+public sealed class PackageFixture : IDisposable
+{
+    public PackageFixture()
+    {
+        Version = $"0.1.0-test.{DateTime.UtcNow:yyyyMMddHHmmss}{Environment.ProcessId}";
+        Root = Directory.CreateTempSubdirectory("alignment-losses-pkg-").FullName;
+        Feed = Path.Combine(Root, "feed");
+        var r = ProcessRunner.Dotnet(ProcessRunner.RepoRoot, TimeSpan.FromMinutes(5),
+            "pack", "src/Alignment.Losses/Alignment.Losses.csproj", "-c", "Release", "-o", Feed, $"-p:Version={Version}");
+        PackOutput = r.Output;
+        PackExitCode = r.ExitCode;
+    }
+
+    public string Version { get; }
+    public string Root { get; }
+    public string Feed { get; }
+    public string PackOutput { get; }
+    public int PackExitCode { get; }
+    public string Package => Path.Combine(Feed, $"Alignment.Losses.{Version}.nupkg");
+
+    public void EnsurePacked() => Assert.True(PackExitCode == 0, "dotnet pack failed:\n" + PackOutput);
+
+    /// <summary>A fresh folder outside the repository, with a NuGet.config that adds the local feed.</summary>
+    public string NewConsumerFolder(string name)
+    {
+        var dir = Path.Combine(Root, name);
+        Directory.CreateDirectory(dir);
+        File.WriteAllText(Path.Combine(dir, "NuGet.config"), $"""
+            <?xml version="1.0" encoding="utf-8"?>
+            <configuration>
+              <packageSources>
+                <clear />
+                <add key="local" value="{Feed}" />
+                <add key="nuget.org" value="https://api.nuget.org/v3/index.json" />
+              </packageSources>
+            </configuration>
+            """);
+        return dir;
+    }
+
+    public void Dispose()
+    {
+        try { Directory.Delete(Root, recursive: true); } catch (IOException) { } catch (UnauthorizedAccessException) { }
+    }
+}
