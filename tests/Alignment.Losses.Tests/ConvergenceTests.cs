@@ -151,10 +151,8 @@ public class ConvergenceTests
         var pi = Train(3, logp => Weighted(RpoLoss.Compute(new PreferenceLogps(logp[tensor(i)], logp[tensor(j)]), null, embeddings,
             new RpoOptions { Beta = 0.5, Temperature = 0.5 }), w), steps: 3000);
         Assert.True(pi[0] > pi[1] && pi[1] > pi[2], string.Join(", ", pi));
-        SharedPromptOptimum = pi;
+        Assert.True(pi[0] > DpoOptimum[0] + 0.1, $"expected a sharper policy than DPO's {DpoOptimum[0]:F4}: {string.Join(", ", pi)}");   // measured: 0.9889
     }
-
-    internal static double[]? SharedPromptOptimum;
 
     [Fact]
     public void Sppo_self_play_concentrates_on_the_best_response_under_bradley_terry()
