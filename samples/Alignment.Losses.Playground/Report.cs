@@ -23,7 +23,8 @@ internal static class Report
         reward: E over prompts of E_{y~pi}[r(y)]; ref rew: the same for the reference (initial) policy.
         win vs ref: P(y ~ pi beats y' ~ pi_ref) under the hidden Bradley-Terry rewards (0.5 = no better than the reference).
         KL: mean KL(pi || pi_ref) over prompts. TV to opt: mean total-variation distance to the optimum the paper proves
-        (DPO and robust DPO: pi_ref * exp(r / beta); SPO's preference term: softmax(r / alpha)); '-' where no closed form exists.
+        where its assumptions hold (clean labels: DPO -> pi_ref exp(r / beta), SPO's preference term -> softmax(r / alpha);
+        labels flipped at rate eps: robust DPO with that eps -> the clean DPO optimum); '-' where none applies.
         """;
 
     public static void WriteCsv(IReadOnlyList<RunResult> results, string dir)

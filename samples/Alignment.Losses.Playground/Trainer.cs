@@ -23,9 +23,13 @@ internal static class Trainer
         // DPO's optimum under Bradley-Terry: pi* ∝ pi_ref exp(r / beta); robust DPO is unbiased, so it shares it.
         Tensor DpoOptimum(Tensor refLogits, Tensor r) => nn.functional.softmax(nn.functional.log_softmax(refLogits, 1) + r / Beta, 1);
         const double alpha = 0.7;
-        yield return new("dpo", new DpoLoss(new() { Beta = Beta }), $"beta {Beta}", DpoOptimum);
+        // The theorems hold for the population they assume: DPO's for clean labels, robust DPO's (the clean optimum)
+        // when labels are flipped at exactly its eps. So robust DPO uses eps = the label-noise rate when there is noise.
+        bool clean = o.LabelNoise == 0;
+        double robustEps = clean ? 0.1 : o.LabelNoise;
+        yield return new("dpo", new DpoLoss(new() { Beta = Beta }), $"beta {Beta}", clean ? DpoOptimum : null);
         yield return new("cdpo", new ConservativeDpoLoss(new() { Beta = Beta, LabelSmoothing = 0.1 }), $"beta {Beta}, eps 0.1");
-        yield return new("robust_dpo", new RobustDpoLoss(new() { Beta = Beta, LabelSmoothing = 0.1 }), $"beta {Beta}, eps 0.1", DpoOptimum);
+        yield return new("robust_dpo", new RobustDpoLoss(new() { Beta = Beta, LabelSmoothing = robustEps }), $"beta {Beta}, eps {robustEps}", clean ? null : DpoOptimum);
         yield return new("ipo", new IpoLoss(new() { Beta = Beta }), $"beta {Beta}");
         yield return new("hinge", new HingeLoss(new() { Beta = Beta }), $"beta {Beta}");
         yield return new("dpo_nll", new DpoNllLoss(new() { Beta = Beta, NllWeight = 1 }), $"beta {Beta}, alpha 1");
@@ -33,7 +37,7 @@ internal static class Trainer
         yield return new("rpo_diagonal", new RpoLoss(new() { Beta = Beta, Variant = RpoVariant.Diagonal }), $"beta {Beta}, lambda 0.8");
         yield return new("spo", new SpoLoss(new() { Alpha = alpha, KlWeight = 0.05 }), $"alpha {alpha}, beta_r 0.05", NeedsKl: true);
         yield return new("spo_pref_only", new SpoLoss(new() { Alpha = alpha, KlWeight = 0 }), $"alpha {alpha}, no KL",
-            (_, r) => nn.functional.softmax(r / alpha, 1));
+            clean ? (_, r) => nn.functional.softmax(r / alpha, 1) : null);
         yield return new("odpo", new OdpoLoss(new() { Beta = Beta, Alpha = 0.5, MinimumScoreGap = 0.01 }), $"beta {Beta}, alpha 0.5");
         yield return new("sppo", new SppoLoss(new() { Beta = 1.0 }), "beta 1 (eta 1), 5 iterations", SelfPlayIterations: 5);
     }

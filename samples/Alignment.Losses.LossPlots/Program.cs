@@ -1,0 +1,74 @@
+using Alignment.Losses;
+using ScottPlot;
+using TorchSharp;
+using static TorchSharp.torch;
+
+// Plots each loss and its derivative against the pair margin h (reference-free, l_w = h, l_l = 0), computed by the
+// library itself through autograd, at default hyperparameters. Usage: dotnet run --project samples/Alignment.Losses.LossPlots -- [output folder]
+var dir = args.Length > 0 ? args[0] : Path.Combine("docs", "plots");
+Directory.CreateDirectory(dir);
+const int n = 801;
+double[] h = Enumerable.Range(0, n).Select(i => -40.0 + 80.0 * i / (n - 1)).ToArray();
+
+var cases = new (string File, string Title, Func<PreferenceLogps, PreferenceLossResult> Loss)[]
+{
+    ("dpo", "DPO (beta 0.1)", p => DpoLoss.Compute(p)),
+    ("cdpo", "cDPO (beta 0.1, eps 0.1)", p => ConservativeDpoLoss.Compute(p)),
+    ("robust_dpo", "Robust DPO (beta 0.1, eps 0.1)", p => RobustDpoLoss.Compute(p)),
+    ("ipo", "IPO (beta 0.1, summed log-probs)", p => IpoLoss.Compute(p)),
+    ("hinge", "Hinge (beta 0.1)", p => HingeLoss.Compute(p)),
+    ("spo", "SPO preference term (alpha 1)", p => SpoLoss.Compute(p)),
+    ("odpo", "ODPO (beta 0.1, alpha 1, score gap e: offset 1)", p => OdpoLoss.Compute(p, null,
+        new ResponseScores(full(n, Math.E + 1, dtype: ScalarType.Float64), ones(n, dtype: ScalarType.Float64)))),
+    ("sppo", "SPPO (beta 0.1, p_w 0.8, p_l 0.2, u_l = 0)", p => SppoLoss.Compute(p, null,
+        SppoWinRates.Individual(full(n, 0.8, dtype: ScalarType.Float64), full(n, 0.2, dtype: ScalarType.Float64)), new SppoOptions { Beta = 0.1 })),
+};
+
+foreach (var (file, title, compute) in cases)
+{
+    using var scope = NewDisposeScope();
+    var chosen = tensor(h, dtype: ScalarType.Float64).requires_grad_(true);
+    var rejected = zeros(n, dtype: ScalarType.Float64);
+    using var result = compute(new PreferenceLogps(chosen, rejected));
+    // per-example losses; d(sum of per-example losses)/d l_w,i = dL_i/dh_i since the other rows do not depend on h_i
+    result.PerExample.sum().backward();
+    var loss = result.PerExample.detach().data<double>().ToArray();
+    var grad = chosen.grad!.data<double>().ToArray();
+
+    Draw(file, title, loss, grad);
+}
+
+// RPO couples the rows of a batch, so each margin gets its own batch: 4 pairs with identical prompts (W = 1/4), every
+// chosen at l_w = h and every rejected at 0. The derivative is that of the loss when all four margins move together.
+{
+    var loss = new double[n];
+    var grad = new double[n];
+    for (int i = 0; i < n; i++)
+    {
+        using var scope = NewDisposeScope();
+        var chosen = full(4, h[i], dtype: ScalarType.Float64).requires_grad_(true);
+        using var result = RpoLoss.Compute(new PreferenceLogps(chosen, zeros(4, dtype: ScalarType.Float64)), null, ones(4, 8));
+        result.Loss.backward();
+        loss[i] = result.Loss.ToDouble();
+        grad[i] = chosen.grad!.sum().ToDouble();
+    }
+    Draw("rpo_identical_prompts", "RPO, 4 pairs with identical prompts (beta 0.1, W = 1/4)", loss, grad);
+}
+
+void Draw(string file, string title, double[] loss, double[] grad)
+{
+    var plot = new Plot();
+    var l = plot.Add.Scatter(h, loss);
+    l.LegendText = "loss";
+    l.MarkerSize = 0;
+    var g = plot.Add.Scatter(h, grad);
+    g.LegendText = "d loss / d h";
+    g.MarkerSize = 0;
+    g.LinePattern = LinePattern.Dashed;
+    plot.Add.HorizontalLine(0, 1, Colors.Gray);
+    plot.Title(title);
+    plot.XLabel("margin h = u_w - u_l");
+    plot.ShowLegend(ScottPlot.Alignment.UpperRight);
+    plot.SavePng(Path.Combine(dir, file + ".png"), 640, 400);
+    Console.WriteLine($"wrote {Path.Combine(dir, file + ".png")}");
+}
