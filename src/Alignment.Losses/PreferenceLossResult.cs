@@ -1,3 +1,4 @@
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace Alignment.Losses;
@@ -16,6 +17,26 @@ public sealed class PreferenceLossResult : IDisposable
     private readonly string[] _metricNames;
     private IReadOnlyDictionary<string, double>? _metrics;
     private bool _disposed;
+
+    /// <summary>
+    /// Builds a result for a loss of your own (an <see cref="IPreferenceLoss"/> implemented outside this library).
+    /// The result takes ownership of <paramref name="loss"/> and <paramref name="perExample"/>.
+    /// </summary>
+    /// <param name="loss">The scalar loss (with grad).</param>
+    /// <param name="perExample">The unreduced per-example losses.</param>
+    /// <param name="metrics">Metrics as plain values (may be empty).</param>
+    public PreferenceLossResult(Tensor loss, Tensor perExample, IEnumerable<KeyValuePair<string, double>> metrics)
+    {
+        ArgumentNullException.ThrowIfNull(loss);
+        ArgumentNullException.ThrowIfNull(perExample);
+        ArgumentNullException.ThrowIfNull(metrics);
+        var list = metrics.ToList();
+        Loss = loss;
+        PerExample = perExample;
+        _metricNames = list.Select(m => m.Key).ToArray();
+        _metricValues = tensor(list.Select(m => m.Value).ToArray(), dtype: ScalarType.Float64);
+        _metricValues.DetachFromDisposeScope();
+    }
 
     internal PreferenceLossResult(Tensor loss, Tensor perExample, Tensor metricValues, string[] metricNames)
     {
@@ -58,6 +79,9 @@ public sealed class PreferenceLossResult : IDisposable
     public double this[string metric] => Metrics.TryGetValue(metric, out var v)
         ? v
         : throw new KeyNotFoundException($"No metric named '{metric}'. Available: {string.Join(", ", _metricNames)}.");
+
+    /// <summary>Moves the result's tensors out of <paramref name="scope"/> (to the enclosing scope, or to no scope).</summary>
+    internal void MoveToOuter(DisposeScope scope) => scope.MoveToOuter(Loss, PerExample, _metricValues);
 
     /// <summary>Releases the native memory of the loss, the per-example losses and the metrics.</summary>
     public void Dispose()

@@ -1,0 +1,66 @@
+using Alignment.Losses;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace Alignment.Losses.Benchmarks;
+
+/// <summary>Random batches with every side input, on a device and in a dtype; the same recipe as benchmarks/pytorch/reference_losses.py.</summary>
+internal sealed class BenchInputs : IDisposable
+{
+    private readonly DisposeScope _scope;
+
+    public BenchInputs(int b, ScalarType dtype, Device device, int embeddingDim = 768)
+    {
+        _scope = NewDisposeScope();
+        manual_seed(0);
+        Tensor Logps() => (rand(b) * -200 - 1).to(dtype).to(device);
+        PolicyChosen = Logps().requires_grad_(true);
+        PolicyRejected = Logps().requires_grad_(true);
+        RefChosen = Logps();
+        RefRejected = Logps();
+        Counts = randint(1, 300, new long[] { b }).to(ScalarType.Float32).to(device);
+        Embeddings = randn(b, embeddingDim).to(dtype).to(device);
+        ScoreRejected = (rand(b) + 0.05).to(device);
+        ScoreChosen = (ScoreRejected + rand(b) + 0.01).to(device);
+        WinChosen = rand(b).to(device);
+        WinRejected = rand(b).to(device);
+        Batch = new PreferenceBatch(
+            new PreferenceLogps(PolicyChosen, PolicyRejected, Counts, Counts), new PreferenceLogps(RefChosen, RefRejected))
+        {
+            PromptEmbeddings = PromptEmbeddings.Paired(Embeddings),
+            Scores = new ResponseScores(ScoreChosen, ScoreRejected),
+            WinRates = SppoWinRates.Individual(WinChosen, WinRejected),
+        };
+        _scope.Detach(new[] { PolicyChosen, PolicyRejected, RefChosen, RefRejected, Counts, Embeddings, ScoreChosen, ScoreRejected, WinChosen, WinRejected });
+    }
+
+    public Tensor PolicyChosen, PolicyRejected, RefChosen, RefRejected, Counts, Embeddings, ScoreChosen, ScoreRejected, WinChosen, WinRejected;
+    public PreferenceBatch Batch { get; }
+
+    public static IPreferenceLoss Create(string name) => name switch
+    {
+        "dpo" => new DpoLoss(),
+        "cdpo" => new ConservativeDpoLoss(),
+        "robust_dpo" => new RobustDpoLoss(),
+        "ipo" => new IpoLoss(),
+        "hinge" => new HingeLoss(),
+        "dpo_nll" => new DpoNllLoss(),
+        "rpo" => new RpoLoss(),
+        "spo" => new SpoLoss(),
+        "odpo" => new OdpoLoss(),
+        "sppo" => new SppoLoss(),
+        _ => throw new ArgumentException($"unknown loss {name}", nameof(name)),
+    };
+
+    public static IEnumerable<string> Devices()
+    {
+        yield return "cpu";
+        if (cuda.is_available()) yield return "cuda";
+    }
+
+    public void Dispose()
+    {
+        foreach (var t in new[] { PolicyChosen, PolicyRejected, RefChosen, RefRejected, Counts, Embeddings, ScoreChosen, ScoreRejected, WinChosen, WinRejected }) t.Dispose();
+        _scope.Dispose();
+    }
+}

@@ -1,0 +1,23 @@
+using BenchmarkDotNet.Configs;
+using BenchmarkDotNet.Exporters.Json;
+using BenchmarkDotNet.Running;
+
+// BenchmarkDotNet CLI: dotnet run -c Release --project benchmarks/Alignment.Losses.Benchmarks -- --filter '*LossBenchmarks*'
+// Runs in-process by default (no per-benchmark project generation: works with only a .NET runtime, e.g. on a GPU box,
+// and keeps the libtorch loading of this process). Results go to benchmarks/results (not committed), as markdown and JSON.
+var artifacts = Environment.GetEnvironmentVariable("BENCH_ARTIFACTS") ?? Path.Combine(FindRepoRoot(), "benchmarks", "results");
+// In-process unless the caller chose otherwise; the job (--job short|medium|...) stays the caller's choice.
+var cli = args.ToList();
+if (!cli.Any(a => a is "-i" or "--inProcess" or "--cli" or "--runtimes" or "-r")) cli.Add("--inProcess");
+var config = DefaultConfig.Instance
+    .AddExporter(JsonExporter.Full)
+    .WithArtifactsPath(artifacts)
+    .WithOptions(ConfigOptions.JoinSummary);
+BenchmarkSwitcher.FromAssembly(typeof(Alignment.Losses.Benchmarks.LossBenchmarks).Assembly).Run(cli.ToArray(), config);
+
+static string FindRepoRoot()
+{
+    var dir = new DirectoryInfo(AppContext.BaseDirectory);
+    while (dir is not null && !File.Exists(Path.Combine(dir.FullName, "Alignment.Losses.sln"))) dir = dir.Parent;
+    return dir?.FullName ?? Directory.GetCurrentDirectory();
+}

@@ -1,0 +1,40 @@
+"""Prints the ratio table ours / PyTorch eager from a BenchmarkDotNet JSON export and reference_losses.py's JSON.
+
+Usage: python3 benchmarks/compare.py <BDN *-report-full.json> <pytorch-results.json> [--device cuda]
+A ratio below 1.0 means Alignment.Losses is faster. Medians are compared.
+"""
+import json
+import sys
+
+
+def bdn_records(path):
+    data = json.load(open(path))
+    for bench in data["Benchmarks"]:
+        params = dict(p.split("=", 1) for p in bench.get("Parameters", "").split("&") if "=" in p)
+        stats = bench.get("Statistics") or {}
+        if "Median" not in stats:
+            continue
+        yield (params.get("Loss"), int(params.get("B", 0)), params.get("DType"), params.get("Device"), bench["Method"]), stats["Median"] / 1000.0
+
+
+def main():
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    device = sys.argv[sys.argv.index("--device") + 1] if "--device" in sys.argv else None
+    ours = dict(bdn_records(args[0]))
+    peer = json.load(open(args[1]))
+    theirs = {(r["loss"], r["B"], r["dtype"], r["device"], r["method"]): r["median_us"] for r in peer["records"]}
+    print(f"PyTorch {peer.get('torch')} on {peer.get('gpu') or peer.get('device')}")
+    print("| loss | B | dtype | device | method | ours (us) | PyTorch eager (us) | ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    worst = 0.0
+    for key in sorted(ours, key=lambda k: (k[0], k[4], k[2], k[3], k[1])):
+        if device and key[3] != device or key not in theirs:
+            continue
+        ratio = ours[key] / theirs[key]
+        worst = max(worst, ratio)
+        print(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {key[4]} | {ours[key]:.1f} | {theirs[key]:.1f} | {ratio:.2f} |")
+    print(f"\nworst ratio: {worst:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""PyTorch-eager peer of the Alignment.Losses benchmark suite.
+
+Implements the same formulas the way TRL's DPOTrainer and the papers' reference code write them (one eager op per
+line), on the same random inputs recipe as benchmarks/Alignment.Losses.Benchmarks/BenchInputs.cs, and times them the
+same way: each measured call computes the loss (and the backward pass) and then reads one value back to the host, so
+GPU work is included. Prints and writes JSON records {suite, loss, B, dtype, device, method, median_us}.
+
+Usage: python3 reference_losses.py [--device cpu|cuda] [--out results.json] [--repeats 200]
+"""
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+BETA = 0.1
+
+
+def make_inputs(b, dtype, device, d=768):
+    torch.manual_seed(0)
+    logps = lambda: (torch.rand(b) * -200 - 1).to(dtype).to(device)
+    x = dict(pc=logps().requires_grad_(True), pr=logps().requires_grad_(True), rc=logps(), rr=logps())
+    x["counts"] = torch.randint(1, 300, (b,)).float().to(device)
+    x["emb"] = torch.randn(b, d).to(dtype).to(device)
+    sl = torch.rand(b) + 0.05
+    x["sl"], x["sw"] = sl.to(device), (sl + torch.rand(b) + 0.01).to(device)
+    x["pw"], x["pl"] = torch.rand(b).to(device), torch.rand(b).to(device)
+    return x
+
+
+def logratios(x):
+    pc, pr = x["pc"].float(), x["pr"].float()
+    return pc - x["rc"].float(), pr - x["rr"].float(), pc, pr
+
+
+def dpo(x):
+    uw, ul, _, _ = logratios(x)
+    return -F.logsigmoid(BETA * (uw - ul)).mean()
+
+
+def cdpo(x, eps=0.1):
+    uw, ul, _, _ = logratios(x)
+    z = BETA * (uw - ul)
+    return (-F.logsigmoid(z) * (1 - eps) - F.logsigmoid(-z) * eps).mean()
+
+
+def robust_dpo(x, eps=0.1):
+    uw, ul, _, _ = logratios(x)
+    z = BETA * (uw - ul)
+    return ((-F.logsigmoid(z) * (1 - eps) + F.logsigmoid(-z) * eps) / (1 - 2 * eps)).mean()
+
+
+def ipo(x):
+    uw, ul, _, _ = logratios(x)
+    return ((uw - ul) - 1 / (2 * BETA)).pow(2).mean()
+
+
+def hinge(x):
+    uw, ul, _, _ = logratios(x)
+    return torch.relu(1 - BETA * (uw - ul)).mean()
+
+
+def dpo_nll(x, alpha=1.0):
+    uw, ul, pc, _ = logratios(x)
+    return (-F.logsigmoid(BETA * (uw - ul)) + alpha * (-pc / x["counts"])).mean()
+
+
+def rpo(x, tau=0.5):
+    # the authors' trainer: normalise embeddings, cosine distance, softmax over the rejected axis, contrast matrix,
+    # weight inside the sigmoid, mean over all entries
+    uw, ul, _, _ = logratios(x)
+    with torch.no_grad():
+        e = F.normalize(x["emb"].float(), dim=-1)
+        dist = 1 - e @ e.T
+        w = torch.softmax(-dist / tau, dim=-1)
+    a = uw[:, None] - ul[None, :]
+    return -F.logsigmoid(BETA * w * a).mean()
+
+
+def spo(x, alpha=1.0):
+    pc, pr = x["pc"].float(), x["pr"].float()
+    return (-F.logsigmoid(alpha * (pc - pr)) / alpha).mean()
+
+
+def odpo(x, alpha=1.0):
+    uw, ul, _, _ = logratios(x)
+    offset = alpha * torch.log(x["sw"] - x["sl"])
+    return -F.logsigmoid(BETA * (uw - ul) - offset).mean()
+
+
+def sppo(x, beta=0.001):
+    uw, ul, _, _ = logratios(x)
+    eta = 1 / beta
+    return (0.5 * ((uw - eta * (x["pw"] - 0.5)) ** 2 + (ul - eta * (x["pl"] - 0.5)) ** 2)).mean()
+
+
+LOSSES = dict(dpo=dpo, cdpo=cdpo, robust_dpo=robust_dpo, ipo=ipo, hinge=hinge, dpo_nll=dpo_nll, rpo=rpo, spo=spo, odpo=odpo, sppo=sppo)
+
+
+def time_call(fn, repeats, warmup=20):
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(samples)
+
+
+def run(device, repeats, sizes=(8, 64, 1024, 4096), dtypes=("float32", "bfloat16")):
+    records = []
+    for name, loss in LOSSES.items():
+        for b in sizes:
+            for dt in dtypes:
+                x = make_inputs(b, getattr(torch, dt), device)
+
+                def forward():
+                    return loss(x).item()
+
+                def forward_backward():
+                    loss(x).backward()
+                    v = x["pc"].grad[0].item()
+                    x["pc"].grad = None
+                    x["pr"].grad = None
+                    return v
+
+                for method, fn in (("Forward", forward), ("ForwardBackward", forward_backward)):
+                    us = time_call(fn, repeats)
+                    rec = dict(suite="LossBenchmarks", loss=name, B=b, dtype=dt, device=device, method=method, median_us=us)
+                    records.append(rec)
+                    print(json.dumps(rec), flush=True)
+    return records
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="pytorch-results.json")
+    p.add_argument("--repeats", type=int, default=200)
+    args = p.parse_args()
+    recs = run(args.device, args.repeats)
+    with open(args.out, "w") as f:
+        json.dump(dict(torch=torch.__version__, device=args.device,
+                       gpu=torch.cuda.get_device_name() if args.device == "cuda" else None, records=recs), f, indent=1)
