@@ -21,7 +21,7 @@ public class BadInputTests
     /// <summary>The generic cases, run for every loss in the catalogue.</summary>
     static IEnumerable<Case> Generic(LossCase c)
     {
-        var x = Generators.InputsGen(4, 4).Sample(1, 1).First() with { Kl = 0.5 };
+        var x = Generators.One(4, 4) with { Kl = 0.5 };
         IPreferenceLoss L() => c.Make(x);
         PreferenceBatch B() => c.Batch(new BatchTensors(x, ScalarType.Float32));
         PreferenceBatch WithPolicy(PreferenceBatch b, Func<Tensor, Tensor> f) =>

@@ -12,7 +12,7 @@ namespace Alignment.Losses.Tests;
 /// </summary>
 public class GradientSignProperties
 {
-    static readonly Config Cfg = Config.QuickThrowOnFailure.WithMaxTest(80);
+    static readonly Config Cfg = PropertyConfig.Quick(80);
 
     static (double[] Chosen, double[] Rejected) Grads(LossCase c, Inputs x)
     {

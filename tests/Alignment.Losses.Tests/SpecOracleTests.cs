@@ -24,7 +24,7 @@ public class SpecOracleTests
     public void Loss_at_initialisation_is_ln2(string name)
     {
         var c = LossCatalog.Get(name);
-        var x = Generators.InputsGen(3, 9).Sample(1, 1).First();
+        var x = Generators.One(3, 9);
         x = x with { Rc = x.Pc, Rr = x.Pr };                      // policy == reference
         if (name == "odpo") x = x with { Sw = x.Sl.Select(s => s + 1).ToArray() };   // gap 1: offset ln 1 = 0
         using var scope = NewDisposeScope();

@@ -82,6 +82,9 @@ public static class Generators
         if (!rounded.Pc.SequenceEqual(x.Pc) || !rounded.Rc.SequenceEqual(x.Rc)) yield return rounded;
     }
 
+    /// <summary>One deterministic sample (fixed seed), for tests that need a representative batch rather than a property.</summary>
+    public static Inputs One(int minB, int maxB, ulong seed = 7) => InputsGen(minB, maxB).Sample(10, new Rnd(seed), 1).First();
+
     public static Arbitrary<Inputs> Arb(int minB = 1, int maxB = 24) => FsCheck.Fluent.Arb.From(InputsGen(minB, maxB), x => Shrink(x, minB));
 }
 
