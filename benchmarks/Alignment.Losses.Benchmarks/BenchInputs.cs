@@ -37,6 +37,19 @@ internal sealed class BenchInputs : IDisposable
     public Tensor PolicyChosen, PolicyRejected, RefChosen, RefRejected, Counts, Embeddings, ScoreChosen, ScoreRejected, WinChosen, WinRejected;
     public PreferenceBatch Batch { get; }
 
+    /// <summary>One forward + backward pass, synchronised by reading a gradient element; gradients are reset for the next call.</summary>
+    public double ForwardBackward(IPreferenceLoss loss)
+    {
+        using var scope = NewDisposeScope();
+        using var r = loss.Compute(Batch);
+        r.Loss.backward();
+        var g = PolicyChosen.grad!;
+        double v = g[0].ToDouble();
+        g.zero_();
+        PolicyRejected.grad!.zero_();
+        return v;
+    }
+
     public static IPreferenceLoss Create(string name) => name switch
     {
         "dpo" => new DpoLoss(),

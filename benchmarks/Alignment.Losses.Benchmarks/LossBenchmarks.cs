@@ -47,17 +47,7 @@ public class LossBenchmarks
 
     /// <summary>Forward + backward, synchronised by reading a gradient element.</summary>
     [Benchmark]
-    public double ForwardBackward()
-    {
-        using var scope = NewDisposeScope();
-        using var r = _loss.Compute(_inputs.Batch);
-        r.Loss.backward();
-        var g = _inputs.PolicyChosen.grad!;
-        double v = g[0].ToDouble();
-        g.zero_();
-        _inputs.PolicyRejected.grad!.zero_();
-        return v;
-    }
+    public double ForwardBackward() => _inputs.ForwardBackward(_loss);
 }
 
 /// <summary>What does RPO cost as B and D grow? (quadratic in B by design)</summary>
@@ -85,15 +75,5 @@ public class RpoScalingBenchmarks
     public void Cleanup() => _inputs.Dispose();
 
     [Benchmark]
-    public double ForwardBackward()
-    {
-        using var scope = NewDisposeScope();
-        using var r = _loss.Compute(_inputs.Batch);
-        r.Loss.backward();
-        var g = _inputs.PolicyChosen.grad!;
-        double v = g[0].ToDouble();
-        g.zero_();
-        _inputs.PolicyRejected.grad!.zero_();
-        return v;
-    }
+    public double ForwardBackward() => _inputs.ForwardBackward(_loss);
 }
