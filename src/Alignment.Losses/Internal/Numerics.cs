@@ -18,6 +18,9 @@ internal static class Numerics
     /// threshold (default 20), an error of log1p(e^-20) ≈ 2e-9 that is below float32 resolution but not float64's, so the
     /// threshold is raised to 40 for float64 (e^-40 ≈ 4e-18 is below double precision at that magnitude).
     /// </summary>
-    internal static Tensor NegLogSigmoid(Tensor z) =>
-        nn.functional.softplus(-z, beta: 1, threshold: z.dtype == ScalarType.Float64 ? 40 : 20);
+    internal static Tensor NegLogSigmoid(Tensor z) => Softplus(-z);
+
+    /// <summary>softplus(x) = log(1 + e^x) with the dtype-aware linear threshold described on <see cref="NegLogSigmoid"/>.</summary>
+    internal static Tensor Softplus(Tensor x) =>
+        nn.functional.softplus(x, beta: 1, threshold: x.dtype == ScalarType.Float64 ? 40 : 20);
 }

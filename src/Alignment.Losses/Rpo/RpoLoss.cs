@@ -130,13 +130,23 @@ public sealed class RpoLoss : PreferenceLoss<RpoOptions>
 
     private protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch)
     {
-        var contrast = terms.ChosenLogRatio.unsqueeze(1) - terms.RejectedLogRatio.unsqueeze(0);   // A [M, N]
         var weights = Weights(terms, batch);                                                        // W [M, N], no grad
         var placement = Options.Variant == RpoVariant.Diagonal ? RpoWeightPlacement.OutsideSigmoid : Options.WeightPlacement;
-        var perRow = placement == RpoWeightPlacement.InsideSigmoid
-            ? Numerics.NegLogSigmoid(contrast * weights * Options.Beta).mean(new long[] { 1 })
-            : (Numerics.NegLogSigmoid(contrast * Options.Beta) * weights).sum(1);
+        var perRow = RpoContrastFunction.Apply(terms.ChosenLogRatio, terms.RejectedLogRatio, weights, Options.Beta,
+            inside: placement == RpoWeightPlacement.InsideSigmoid);
         return new(perRow, WeightMetrics(weights, terms.IsPaired));
+    }
+
+    /// <summary>
+    /// The same per-row losses written as plain autograd operations, one op per formula step: the reference the fused
+    /// <see cref="RpoContrastFunction"/> is tested against.
+    /// </summary>
+    internal static Tensor PlainPerRow(Tensor chosenLogRatio, Tensor rejectedLogRatio, Tensor weights, double beta, bool inside)
+    {
+        var contrast = chosenLogRatio.unsqueeze(1) - rejectedLogRatio.unsqueeze(0);                // A [M, N]
+        return inside
+            ? Numerics.NegLogSigmoid(contrast * weights * beta).mean(new long[] { 1 })
+            : (Numerics.NegLogSigmoid(contrast * beta) * weights).sum(1);
     }
 
     private Tensor Weights(PreferenceTerms terms, PreferenceBatch batch)
@@ -158,7 +168,7 @@ public sealed class RpoLoss : PreferenceLoss<RpoOptions>
     {
         using var _ = no_grad();
         var p = weights / weights.sum(1, keepdim: true).clamp_min(1e-30);
-        var entropy = -(p * p.clamp_min(1e-30).log()).sum(1).mean();
+        var entropy = torch.special.entr(p).sum(1).mean();                                         // -p log p, 0 at p = 0
         var metrics = new List<(string, Tensor)> { (MetricNames.RpoRowEntropy, entropy) };
         if (paired) metrics.Insert(0, (MetricNames.RpoDiagonalWeight, weights.diagonal().mean()));
         return metrics;

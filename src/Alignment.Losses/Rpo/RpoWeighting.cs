@@ -46,8 +46,9 @@ public sealed class CosineSoftmaxWeighting : IRpoWeighting
         using var noGrad = no_grad();
         var ec = UnitRows(chosen, dtype, "chosen embeddings");
         var er = ReferenceEquals(chosen, rejected) ? ec : UnitRows(rejected, dtype, "rejected embeddings");
-        var distance = 1 - ec.matmul(er.t());
-        return nn.functional.softmax(-distance / Temperature, dim: 1).MoveToOuterDisposeScope();
+        // -D / tau = (cos - 1) / tau, formed in place on the [M, N] similarity matrix
+        var logits = ec.matmul(er.t()).sub_(1).div_(Temperature);
+        return nn.functional.softmax(logits, dim: 1).MoveToOuterDisposeScope();
     }
 
     private static Tensor UnitRows(Tensor e, ScalarType dtype, string name)
