@@ -77,3 +77,53 @@ public class RpoScalingBenchmarks
     [Benchmark]
     public double ForwardBackward() => _inputs.ForwardBackward(_loss);
 }
+
+/// <summary>Sequence log-probs from logits: the chunked path against the naive fp32 log_softmax + gather (forward + backward).</summary>
+[MemoryDiagnoser]
+public class SequenceLogProbsBenchmarks
+{
+    [Params(1024, 8192, 32768)]
+    public int V { get; set; }
+
+    [Params("chunked", "naive")]
+    public string Path { get; set; } = "chunked";
+
+    [ParamsSource(nameof(Devices))]
+    public string Device { get; set; } = "cpu";
+
+    public static IEnumerable<string> Devices() => BenchInputs.Devices();
+
+    private const int N = 4, T = 512;
+    private Tensor _logits = null!, _labels = null!;
+
+    [GlobalSetup]
+    public void Setup()
+    {
+        manual_seed(0);
+        _logits = randn(N, T, V, device: new Device(Device)).requires_grad_(true);
+        _labels = randint(0, V, new long[] { N, T }, device: new Device(Device));
+    }
+
+    [GlobalCleanup]
+    public void Cleanup()
+    {
+        _logits.Dispose();
+        _labels.Dispose();
+    }
+
+    [Benchmark]
+    public double ForwardBackward()
+    {
+        using var scope = NewDisposeScope();
+        Tensor sum;
+        if (Path == "chunked")
+            sum = SequenceLogProbs.Compute(_logits, _labels, null, LabelAlignment.Aligned).Sum;
+        else
+            sum = nn.functional.log_softmax(_logits, 2).gather(2, _labels.unsqueeze(2)).squeeze(2).sum(1);
+        sum.sum().backward();
+        var g = _logits.grad!;
+        double v = g[0, 0, 0].ToDouble();
+        g.zero_();
+        return v;
+    }
+}

@@ -126,10 +126,14 @@ public static class SequenceLogProbs
             foreach (var (i, t0, len) in ChunkMath.Chunks(n, t, chunk))
             {
                 using var inner = NewDisposeScope();
-                // to_type makes a fresh fp32 block (or, for float64 logits, the clone below does), which is then overwritten
                 var source = logits[i].narrow(0, t0, len);
-                var block = source.dtype == dtype ? source.clone() : source.to_type(dtype);
-                grad[i].narrow(0, t0, len).copy_(ChunkMath.GradInPlace(block, lse[i].narrow(0, t0, len), targets[i].narrow(0, t0, len), rowGrad[i].narrow(0, t0, len)));
+                var target = grad[i].narrow(0, t0, len);
+                var y = targets[i].narrow(0, t0, len);
+                var g = rowGrad[i].narrow(0, t0, len);
+                if (source.dtype == dtype)
+                    ChunkMath.GradInPlace(target.copy_(source), lse[i].narrow(0, t0, len), y, g);      // in the gradient's own storage
+                else
+                    target.copy_(ChunkMath.GradInPlace(source.to_type(dtype), lse[i].narrow(0, t0, len), y, g));   // fp32 chunk, cast back
             }
             return new List<Tensor> { grad, null!, null!, null!, null! };
         }
