@@ -40,17 +40,6 @@ public abstract class PreferenceLoss<TOptions> : IPreferenceLoss where TOptions 
         ArgumentNullException.ThrowIfNull(batch.Policy, "batch.Policy");
         ValidateCommon(batch);
         var extraTensors = Validate(batch);
-        if (Options.CheckFinite)
-        {
-            var all = new List<(Tensor?, string)>
-            {
-                (batch.Policy.Chosen, "policy.Chosen"), (batch.Policy.Rejected, "policy.Rejected"),
-                (batch.Policy.ChosenTokenCounts, "policy.ChosenTokenCounts"), (batch.Policy.RejectedTokenCounts, "policy.RejectedTokenCounts"),
-                (batch.Reference?.Chosen, "reference.Chosen"), (batch.Reference?.Rejected, "reference.Rejected"),
-            };
-            all.AddRange(extraTensors);
-            Guard.AllFinite(all.ToArray());
-        }
 
         using var scope = NewDisposeScope();
         var dtype = Numerics.DTypeFor(batch.Policy.Chosen, batch.Policy.Rejected, batch.Reference?.Chosen, batch.Reference?.Rejected);
@@ -66,11 +55,38 @@ public abstract class PreferenceLoss<TOptions> : IPreferenceLoss where TOptions 
             names = metrics.Select(m => m.Name).ToArray();
             metricValues = stack(metrics.Select(m => m.Value.detach().to_type(dtype).reshape(1)).ToArray()).flatten();
         }
+        if (Options.CheckFinite) EnsureFinite(batch, extraTensors, loss, metricValues);
         scope.MoveToOuter(loss, output.PerExample, metricValues);
         return new PreferenceLossResult(loss, output.PerExample, metricValues, names);
     }
 
-    /// <summary>Checks the loss-specific inputs (no device synchronisation) and returns the extra tensors whose values must be finite.</summary>
+    /// <summary>
+    /// Never a silent NaN, at the cost of one small check: every non-finite input reaches the loss or a metric (an
+    /// infinite log-prob that zeroes the loss still makes the reward metrics infinite), so one isfinite over
+    /// [loss, metrics] and a single synchronisation suffice. Only when it fails are the inputs examined one by one, so
+    /// that the error names the offending argument.
+    /// </summary>
+    private static void EnsureFinite(PreferenceBatch batch, IEnumerable<(Tensor? Tensor, string Name)> extraTensors, Tensor loss, Tensor metricValues)
+    {
+        bool finite;
+        using (no_grad())
+        using (var check = isfinite(cat(new[] { loss.detach().reshape(1), metricValues })).all())
+            finite = check.item<bool>();
+        if (finite) return;
+        var inputs = new List<(Tensor?, string)>
+        {
+            (batch.Policy.Chosen, "policy.Chosen"), (batch.Policy.Rejected, "policy.Rejected"),
+            (batch.Policy.ChosenTokenCounts, "policy.ChosenTokenCounts"), (batch.Policy.RejectedTokenCounts, "policy.RejectedTokenCounts"),
+            (batch.Reference?.Chosen, "reference.Chosen"), (batch.Reference?.Rejected, "reference.Rejected"),
+        };
+        inputs.AddRange(extraTensors);
+        Guard.AllFinite(inputs.ToArray());
+        throw new ArithmeticException(
+            "The loss or a metric is not finite although every input is finite: the log-probs are too large for the compute dtype. " +
+            "Check the scale of the inputs (summed log-probs of real sequences are rarely beyond 1e6).");
+    }
+
+    /// <summary>Checks the loss-specific inputs and returns the extra tensors whose values must be finite (examined when the result is not finite).</summary>
     private protected virtual IEnumerable<(Tensor? Tensor, string Name)> Validate(PreferenceBatch batch) => Array.Empty<(Tensor?, string)>();
 
     /// <summary>The formula: per-example losses and loss-specific metrics, computed from the upcast terms.</summary>

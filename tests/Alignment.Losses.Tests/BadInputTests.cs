@@ -28,6 +28,14 @@ public class BadInputTests
             b with { Policy = b.Policy.IsPaired ? new PreferenceLogps(f(b.Policy.Chosen), b.Policy.Rejected, b.Policy.ChosenTokenCounts, b.Policy.RejectedTokenCounts) : PreferenceLogps.Unpaired(f(b.Policy.Chosen), b.Policy.Rejected) };
         yield return new($"{c.Name}: NaN in policy chosen", () => L().Compute(WithPolicy(B(), t => t.detach().clone().index_fill_(0, tensor(new long[] { 1 }), double.NaN))), AE, "policy.Chosen");
         yield return new($"{c.Name}: Inf in policy chosen", () => L().Compute(WithPolicy(B(), t => t.detach().clone().index_fill_(0, tensor(new long[] { 0 }), double.NegativeInfinity))), AE, "policy.Chosen");
+        // +Inf chosen drives DPO-like losses to exactly 0: the check must still catch it (through the reward metrics)
+        yield return new($"{c.Name}: +Inf in policy chosen (loss would be 0)", () => L().Compute(WithPolicy(B(), t => t.detach().clone().index_fill_(0, tensor(new long[] { 1 }), double.PositiveInfinity))), AE, "policy.Chosen");
+        yield return new($"{c.Name}: -Inf in policy rejected (loss would be 0)", () =>
+        {
+            var b = B();
+            var bad = b.Policy.Rejected.detach().clone().index_fill_(0, tensor(new long[] { 0 }), double.NegativeInfinity);
+            L().Compute(b with { Policy = b.Policy.IsPaired ? new PreferenceLogps(b.Policy.Chosen, bad, b.Policy.ChosenTokenCounts, b.Policy.RejectedTokenCounts) : PreferenceLogps.Unpaired(b.Policy.Chosen, bad) });
+        }, AE, "policy.Rejected");
         if (c.Name is not ("spo" or "dpo_reference_free"))   // SPO does not use the reference; the reference-free case has none
         {
             yield return new($"{c.Name}: NaN in reference", () =>
@@ -86,6 +94,8 @@ public class BadInputTests
         // length-normalised losses
         yield return new("ipo per-token without counts", () => IpoLoss.Compute(Ok(), Ok(), new IpoOptions { LogRatio = IpoLogRatio.PerTokenMean }), AE, "policy");
         yield return new("dpo_nll without counts", () => DpoNllLoss.Compute(Ok(), Ok()), AE, "policy");
+        yield return new("dpo_nll infinite token count", () => DpoNllLoss.Compute(Ok().WithTokenCounts(F(3, float.PositiveInfinity, 2), F(1, 1, 1)), null), AE, "policy");
+        yield return new("rpo infinite caller weight", () => new RpoLoss().Compute(new PreferenceBatch(new PreferenceLogps(F(-1, -2, -3), F(-5, -6, -7))) { RpoWeights = full(3, 3, double.PositiveInfinity) }), AE, "batch.RpoWeights");
         yield return new("dpo_nll zero token count", () => DpoNllLoss.Compute(Ok().WithTokenCounts(F(3, 0, 2), F(1, 1, 1)), null), AE, "policy");
         // RPO
         yield return new("rpo zero-norm embedding row", () => RpoLoss.Compute(Ok(), null, F(1, 0, 0, 0, 0, 1).reshape(3, 2)), AE, "chosen embeddings");

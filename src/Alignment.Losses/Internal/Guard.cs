@@ -120,8 +120,9 @@ internal static class TokenCounts
         var rejected = policy.RejectedTokenCounts is null ? chosen : policy.RejectedTokenCounts.to_type(dtype);
         using (no_grad())
         {
-            if ((chosen <= 0).any().item<bool>() || (needRejected && (rejected <= 0).any().item<bool>()))
-                throw new ArgumentException("Token counts must be > 0 for every response (a response with no tokens has no per-token mean).", "policy");
+            static bool Bad(Tensor c) => (~isfinite(c) | (c <= 0)).any().item<bool>();
+            if (Bad(chosen) || (needRejected && Bad(rejected)))
+                throw new ArgumentException("Token counts must be finite and > 0 for every response (a response with no tokens has no per-token mean).", "policy");
         }
         return (chosen, rejected);
     }
