@@ -1,4 +1,5 @@
 using Alignment.Losses.Internal;
+using Alignment.Losses.Internal.Cuda;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -70,6 +71,20 @@ public static class SequenceLogProbs
     /// <param name="alignment">Whether labels are already aligned with logits or must be shifted by one (stated explicitly: there is no default).</param>
     /// <param name="options">Ignore index and chunk size.</param>
     public static SequenceLogProbsResult Compute(Tensor logits, Tensor labels, Tensor? mask, LabelAlignment alignment, SequenceLogProbsOptions? options = null)
+        => ComputeCore(logits, labels, mask, alignment, options, allowKernels: true);
+
+    /// <summary>
+    /// What the fused CUDA kernels are doing: "fused CUDA kernels active on cuda:0 for BFloat16 (...)", or why the last
+    /// CUDA call fell back to the chunked path (no NVRTC, no driver, a compile error, a failed self-test, or
+    /// ALIGNMENT_LOSSES_CUDA_KERNELS=0). The reason is also traced once (System.Diagnostics.Trace) when it first occurs.
+    /// </summary>
+    public static string CudaKernelStatus => CudaLogProbKernels.Status;
+
+    /// <summary>The chunked path only (never the CUDA kernels): the reference the kernels are checked against.</summary>
+    internal static SequenceLogProbsResult ComputeChunked(Tensor logits, Tensor labels, Tensor? mask, LabelAlignment alignment, SequenceLogProbsOptions? options = null)
+        => ComputeCore(logits, labels, mask, alignment, options, allowKernels: false);
+
+    private static SequenceLogProbsResult ComputeCore(Tensor logits, Tensor labels, Tensor? mask, LabelAlignment alignment, SequenceLogProbsOptions? options, bool allowKernels)
     {
         options ??= new SequenceLogProbsOptions();
         Guard.NotDisposed(logits, nameof(logits));
@@ -80,9 +95,41 @@ public static class SequenceLogProbs
         var x = alignment == LabelAlignment.ShiftByOne ? logits.narrow(1, 0, logits.shape[1] - 1) : logits;
         var dtype = logits.dtype == ScalarType.Float64 ? ScalarType.Float64 : ScalarType.Float32;
         var weights = prepared.Valid.to_type(dtype);
-        var result = Targets.Finish(SequenceLogProbFunction.apply(x, prepared.Targets, weights, options.ChunkTokens, dtype), weights, nameof(logits));
+        Tensor sum;
+        if (allowKernels && x.device_type == DeviceType.CUDA && logits.dtype != ScalarType.Float64 && x.stride(2) == 1
+            && CudaLogProbKernels.TryGet(x.device, logits.dtype) is { } kernels)
+            sum = KernelFunction.apply(x, prepared.Targets, weights, kernels);
+        else
+            sum = SequenceLogProbFunction.apply(x, prepared.Targets, weights, options.ChunkTokens, dtype);
+        var result = Targets.Finish(sum, weights, nameof(logits));
         scope.MoveToOuter(result.Sum, result.TokenCounts, result.Mean);
         return result;
+    }
+
+    /// <summary>The fused CUDA path: one kernel pass forward, one backward (see <see cref="CudaLogProbKernels"/>).</summary>
+    private sealed class KernelFunction : autograd.SingleTensorFunction<KernelFunction>
+    {
+        public override string Name => "AlignmentLosses.SequenceLogProbsCuda";
+
+        public override Tensor forward(autograd.AutogradContext ctx, params object[] vars)
+        {
+            var logits = (Tensor)vars[0];
+            var targets = (Tensor)vars[1];
+            var weights = (Tensor)vars[2];
+            var kernels = (CudaLogProbKernels.Kernels)vars[3];
+            var (lse, tokenLogp) = CudaLogProbKernels.LaunchForward(kernels, logits, targets);
+            ctx.save_for_backward(new List<Tensor> { logits, targets, weights, lse });
+            ctx.save_data("kernels", kernels);
+            return ChunkMath.MaskedSum(tokenLogp, weights);
+        }
+
+        public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor grad_output)
+        {
+            var s = ctx.get_saved_variables();
+            var kernels = (CudaLogProbKernels.Kernels)ctx.get_data("kernels")!;
+            var g = (grad_output.to_type(ScalarType.Float32).unsqueeze(1) * s[2].to_type(ScalarType.Float32)).contiguous();
+            return new List<Tensor> { CudaLogProbKernels.LaunchBackward(kernels, s[0], s[1], s[3], g), null!, null!, null! };
+        }
     }
 
     /// <summary>Forward: per-sequence sums from chunked logsumexp and target gathers. Backward: chunked g * (onehot - softmax).</summary>
