@@ -42,7 +42,10 @@ internal static unsafe class CudaLogProbKernels
             try
             {
                 kernels = Build(key.Item1, dtype);
-                SelfTest(device, dtype);     // runs through Launch*, so it exercises exactly what callers will use
+                // provisional entry: the self-test goes through SequenceLogProbs.Compute, which comes back here (same
+                // thread, re-entrant lock) and must find these kernels rather than build and self-test again
+                Cache[key] = kernels;
+                SelfTest(device, dtype);
                 Status = $"fused CUDA kernels active on cuda:{key.Item1} for {dtype} (NVRTC {_nvrtc!.Path})";
             }
             catch (Exception e) when (e is InvalidOperationException or DllNotFoundException or EntryPointNotFoundException or ExternalException)
