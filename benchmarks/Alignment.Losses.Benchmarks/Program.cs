@@ -5,6 +5,8 @@ using BenchmarkDotNet.Running;
 // BenchmarkDotNet CLI: dotnet run -c Release --project benchmarks/Alignment.Losses.Benchmarks -- --filter '*LossBenchmarks*'
 // Runs in-process by default (no per-benchmark project generation: works with only a .NET runtime, e.g. on a GPU box,
 // and keeps the libtorch loading of this process). Results go to benchmarks/results (not committed), as markdown and JSON.
+if (args.Contains("--cuda-check")) return Alignment.Losses.Benchmarks.CudaCheck.Run();
+
 var artifacts = Environment.GetEnvironmentVariable("BENCH_ARTIFACTS") ?? Path.Combine(FindRepoRoot(), "benchmarks", "results");
 // In-process unless the caller chose otherwise; the job (--job short|medium|...) stays the caller's choice.
 var cli = args.ToList();
@@ -14,6 +16,7 @@ var config = DefaultConfig.Instance
     .WithArtifactsPath(artifacts)
     .WithOptions(ConfigOptions.JoinSummary);
 BenchmarkSwitcher.FromAssembly(typeof(Alignment.Losses.Benchmarks.LossBenchmarks).Assembly).Run(cli.ToArray(), config);
+return 0;
 
 static string FindRepoRoot()
 {

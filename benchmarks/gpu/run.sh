@@ -31,6 +31,8 @@ case "${1:-}" in
     export LD_LIBRARY_PATH=$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/machine.txt"
     python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$out/machine.txt"
+    # 0. correctness on CUDA (every loss vs float64 CPU; fused log-prob kernels vs the chunked path) and issue #7's timing
+    dotnet "$bundle/bench/Alignment.Losses.Benchmarks.dll" --cuda-check 2>&1 | tee "$out/cuda-check.log" || true
     # 1. our suites (BenchmarkDotNet, in-process, short job)
     BENCH_ARTIFACTS="$out/bdn" dotnet "$bundle/bench/Alignment.Losses.Benchmarks.dll" \
       --filter '*LossBenchmarks*' '*RpoScalingBenchmarks*' --job short 2>&1 | tee "$out/bdn.log" | grep -E '^\|' || true

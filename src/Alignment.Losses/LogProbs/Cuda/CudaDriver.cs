@@ -48,17 +48,30 @@ internal sealed unsafe class CudaDriver
         return null;
     }
 
-    /// <summary>Makes the device's primary context current on this thread and returns its compute capability.</summary>
+    private readonly Dictionary<int, (IntPtr Context, int Major, int Minor)> _devices = new();
+
+    /// <summary>
+    /// Makes the device's primary context current on this thread (each launch: CUDA autograd runs backward on a worker
+    /// thread) and returns its compute capability. The primary context is retained once per device.
+    /// </summary>
     internal (int Major, int Minor) UseDevice(int ordinal)
     {
-        int device, major, minor;
-        IntPtr context;
-        Check(_deviceGet(&device, ordinal), "cuDeviceGet");
-        Check(_primaryCtxRetain(&context, device), "cuDevicePrimaryCtxRetain");
-        Check(_ctxSetCurrent(context), "cuCtxSetCurrent");
-        Check(_attribute(&major, ComputeCapabilityMajor, device), "cuDeviceGetAttribute");
-        Check(_attribute(&minor, ComputeCapabilityMinor, device), "cuDeviceGetAttribute");
-        return (major, minor);
+        (IntPtr Context, int Major, int Minor) entry;
+        lock (_devices)
+        {
+            if (!_devices.TryGetValue(ordinal, out entry))
+            {
+                int device, major, minor;
+                IntPtr context;
+                Check(_deviceGet(&device, ordinal), "cuDeviceGet");
+                Check(_primaryCtxRetain(&context, device), "cuDevicePrimaryCtxRetain");
+                Check(_attribute(&major, ComputeCapabilityMajor, device), "cuDeviceGetAttribute");
+                Check(_attribute(&minor, ComputeCapabilityMinor, device), "cuDeviceGetAttribute");
+                _devices[ordinal] = entry = (context, major, minor);
+            }
+        }
+        Check(_ctxSetCurrent(entry.Context), "cuCtxSetCurrent");
+        return (entry.Major, entry.Minor);
     }
 
     internal IntPtr LoadModule(string ptx)
