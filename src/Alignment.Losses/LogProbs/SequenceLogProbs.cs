@@ -243,12 +243,12 @@ internal static class Targets
         var counts = weights.sum(1);
         using (no_grad())
         {
-            var bad = (~isfinite(sum.detach())).nonzero().flatten().cpu();
-            if (bad.numel() > 0)
-                throw new ArgumentException(
-                    $"{inputName} contain NaN or Inf at valid positions of sequence(s) {string.Join(", ", bad.data<long>().Take(8))}; the log-probs would be non-finite.",
-                    inputName);
+            if (isfinite(sum.detach()).all().item<bool>())
+                return new SequenceLogProbsResult(sum, counts, sum / counts.clamp_min(1));
+            var bad = (~isfinite(sum.detach())).nonzero().flatten().cpu();   // only on failure: name the sequences
+            throw new ArgumentException(
+                $"{inputName} contain NaN or Inf at valid positions of sequence(s) {string.Join(", ", bad.data<long>().Take(8))}; the log-probs would be non-finite.",
+                inputName);
         }
-        return new SequenceLogProbsResult(sum, counts, sum / counts.clamp_min(1));
     }
 }
