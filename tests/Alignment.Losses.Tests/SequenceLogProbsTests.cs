@@ -79,6 +79,8 @@ public class SequenceLogProbsTests
         }
         Assert.Equal(0, gotSum[2]);                                             // empty row: sum 0, count 0, mean 0
         Assert.Equal(dtype, logits.grad!.dtype);
+        Assert.True(r.Sum.requires_grad && r.Mean.requires_grad, "Sum and Mean must both be differentiable");
+        Assert.False(r.TokenCounts.requires_grad);
     }
 
     [Fact]

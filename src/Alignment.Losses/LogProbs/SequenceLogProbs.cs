@@ -241,14 +241,16 @@ internal static class Targets
     internal static SequenceLogProbsResult Finish(Tensor sum, Tensor weights, string inputName)
     {
         var counts = weights.sum(1);
-        using (no_grad())
+        bool finite;
+        using (no_grad()) finite = isfinite(sum.detach()).all().item<bool>();
+        if (!finite)
         {
-            if (isfinite(sum.detach()).all().item<bool>())
-                return new SequenceLogProbsResult(sum, counts, sum / counts.clamp_min(1));
+            using var noGrad = no_grad();
             var bad = (~isfinite(sum.detach())).nonzero().flatten().cpu();   // only on failure: name the sequences
             throw new ArgumentException(
                 $"{inputName} contain NaN or Inf at valid positions of sequence(s) {string.Join(", ", bad.data<long>().Take(8))}; the log-probs would be non-finite.",
                 inputName);
         }
+        return new SequenceLogProbsResult(sum, counts, sum / counts.clamp_min(1));   // outside no_grad: Mean is differentiable
     }
 }
