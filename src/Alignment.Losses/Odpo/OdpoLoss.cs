@@ -64,11 +64,16 @@ public sealed class OdpoLoss : PreferenceLoss<OdpoOptions>
             throw new ArgumentException("ODPO needs response scores: set PreferenceBatch.Scores = new ResponseScores(chosenScores, rejectedScores).", "batch.Scores");
         CheckPerExample(scores.Chosen, batch, "scores.Chosen", "the chosen responses' scores");
         CheckPerExample(scores.Rejected, batch, "scores.Rejected", "the rejected responses' scores");
-        Guard.AllFinite((scores.Chosen, "scores.Chosen"), (scores.Rejected, "scores.Rejected"));
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
         var sw = scores.Chosen.to_type(ScalarType.Float64);
         var sl = scores.Rejected.to_type(ScalarType.Float64);
+        // one synchronisation when the scores are valid; the detailed checks below run only to name what is wrong
+        var invalid = ~isfinite(sw) | ~isfinite(sl);
+        if (Options.OffsetForm == OdpoOffsetForm.Ratio) invalid |= (sw <= 0) | (sl <= 0);
+        else if (Options.MinimumScoreGap is null) invalid |= sw <= sl;
+        if (!invalid.any().item<bool>()) return Array.Empty<(Tensor?, string)>();
+        Guard.AllFinite((scores.Chosen, "scores.Chosen"), (scores.Rejected, "scores.Rejected"));
         if (Options.OffsetForm == OdpoOffsetForm.Ratio)
         {
             ThrowForRows((sw <= 0) | (sl <= 0), "scores", "The ratio offset ln(s_w / s_l) needs positive scores");

@@ -55,11 +55,13 @@ public sealed class CosineSoftmaxWeighting : IRpoWeighting
     {
         var x = Numerics.As(e.detach(), dtype);
         var norms = x.norm(1, keepdim: true, p: 2);
-        var zero = (norms == 0).flatten().nonzero().flatten().cpu();
-        if (zero.numel() > 0)
+        if ((norms == 0).any().item<bool>())
+        {
+            var zero = (norms == 0).flatten().nonzero().flatten().cpu();   // only on failure: name the rows
             throw new ArgumentException(
                 $"{name} rows {string.Join(", ", zero.data<long>().Take(8))} have zero norm: a zero vector has no direction, so its cosine similarity is undefined. Remove those rows or give them a real embedding.",
                 name);
+        }
         return x / norms;
     }
 }

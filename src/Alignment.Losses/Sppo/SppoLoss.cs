@@ -72,8 +72,12 @@ public sealed class SppoLoss : PreferenceLoss<SppoOptions>
                     "batch.WinRates");
             CheckPerExample(t, batch, name, "probabilities in [0, 1]");
         }
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        // one synchronisation when the rates are valid: a value in [0, 1] is finite, and NaN fails both comparisons
+        if (stack(needed.Select(n => ((n.Item1! >= 0) & (n.Item1! <= 1)).all()).ToArray()).all().item<bool>())
+            return Array.Empty<(Tensor?, string)>();
         Guard.AllFinite(needed.Select(n => ((Tensor?)n.Item1, n.Item2)).ToArray());
-        using (no_grad())
         {
             foreach (var (t, name) in needed)
             {
