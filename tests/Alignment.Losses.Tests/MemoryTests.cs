@@ -6,10 +6,11 @@ using TorchSharp;
 namespace Alignment.Losses.Tests;
 
 /// <summary>
-/// Native memory: only what a loss returns survives a call. 10,000 forward+backward calls of each loss keep the thread's
+/// Native memory: only what a loss returns survives a call. RSS is process-wide, so this collection runs with no other
+/// test in parallel (their allocations would otherwise count against the bound). 10,000 forward+backward calls of each loss keep the thread's
 /// live tensor count flat and the process RSS bounded; a loss inside a caller's scope leaves exactly its result there.
 /// </summary>
-[Collection("Sequential")]
+[Collection("Memory")]
 public class MemoryTests
 {
     public static IEnumerable<object[]> OnePerLossClass => new[]
@@ -99,3 +100,6 @@ public class MemoryTests
         Assert.Equal(baseline, liveAfterDispose);                    // and disposing the result frees them
     }
 }
+
+[CollectionDefinition("Memory", DisableParallelization = true)]
+public sealed class MemoryCollection { }
