@@ -39,23 +39,37 @@ public abstract class PreferenceLoss<TOptions> : IPreferenceLoss where TOptions 
         ArgumentNullException.ThrowIfNull(batch);
         ArgumentNullException.ThrowIfNull(batch.Policy, "batch.Policy");
         ValidateCommon(batch);
-        var extraTensors = Validate(batch);
 
         using var scope = NewDisposeScope();
+        var checks = new DeferredChecks();
+        var extraTensors = Validate(batch, checks);
         var dtype = Numerics.DTypeFor(batch.Policy.Chosen, batch.Policy.Rejected, batch.Reference?.Chosen, batch.Reference?.Rejected);
-        var terms = new PreferenceTerms(batch, dtype);
+        var terms = new PreferenceTerms(batch, dtype, checks);
         var output = Evaluate(terms, batch);
         var loss = output.PerExample.mean();
 
-        Tensor metricValues;
+        // [loss, standard metrics, loss-specific metrics] in one device tensor: a handful of kernels and no synchronisation
+        Tensor packed;
         string[] names;
         using (no_grad())
         {
-            var metrics = terms.StandardMetrics(RewardScale).Concat(output.Metrics).ToArray();
-            names = metrics.Select(m => m.Name).ToArray();
-            metricValues = stack(metrics.Select(m => m.Value.detach().to_type(dtype).reshape(1)).ToArray()).flatten();
+            packed = terms.LossAndStandardMetrics(output.PerExample, RewardScale);
+            names = PreferenceTerms.StandardMetricNames;
+            if (output.Metrics.Count > 0)
+            {
+                var parts = new List<Tensor>(1 + output.Metrics.Count) { packed };
+                parts.AddRange(output.Metrics.Select(m => Numerics.As(m.Value.detach(), dtype).reshape(1)));
+                packed = cat(parts, 0);
+                names = names.Concat(output.Metrics.Select(m => m.Name)).ToArray();
+            }
         }
-        if (Options.CheckFinite) EnsureFinite(batch, extraTensors, loss, metricValues);
+        if (Options.CheckFinite)
+        {
+            using (no_grad())
+                checks.Add(isfinite(packed).all(), () => NotFinite(batch, extraTensors));
+        }
+        checks.Verify();
+        var metricValues = packed.narrow(0, 1, names.Length);
         scope.MoveToOuter(loss, output.PerExample, metricValues);
         return new PreferenceLossResult(loss, output.PerExample, metricValues, names);
     }
@@ -63,16 +77,11 @@ public abstract class PreferenceLoss<TOptions> : IPreferenceLoss where TOptions 
     /// <summary>
     /// Never a silent NaN, at the cost of one small check: every non-finite input reaches the loss or a metric (an
     /// infinite log-prob that zeroes the loss still makes the reward metrics infinite), so one isfinite over
-    /// [loss, metrics] and a single synchronisation suffice. Only when it fails are the inputs examined one by one, so
-    /// that the error names the offending argument.
+    /// [loss, metrics], read back with the other deferred checks in a single synchronisation, suffices. Only when it
+    /// fails are the inputs examined one by one, so that the error names the offending argument.
     /// </summary>
-    private static void EnsureFinite(PreferenceBatch batch, IEnumerable<(Tensor? Tensor, string Name)> extraTensors, Tensor loss, Tensor metricValues)
+    private static Exception NotFinite(PreferenceBatch batch, IEnumerable<(Tensor? Tensor, string Name)> extraTensors)
     {
-        bool finite;
-        using (no_grad())
-        using (var check = isfinite(cat(new[] { loss.detach().reshape(1), metricValues })).all())
-            finite = check.item<bool>();
-        if (finite) return;
         var inputs = new List<(Tensor?, string)>
         {
             (batch.Policy.Chosen, "policy.Chosen"), (batch.Policy.Rejected, "policy.Rejected"),
@@ -81,13 +90,18 @@ public abstract class PreferenceLoss<TOptions> : IPreferenceLoss where TOptions 
         };
         inputs.AddRange(extraTensors);
         Guard.AllFinite(inputs.ToArray());
-        throw new ArithmeticException(
+        return new ArithmeticException(
             "The loss or a metric is not finite although every input is finite: the log-probs are too large for the compute dtype. " +
             "Check the scale of the inputs (summed log-probs of real sequences are rarely beyond 1e6).");
     }
 
-    /// <summary>Checks the loss-specific inputs and returns the extra tensors whose values must be finite (examined when the result is not finite).</summary>
-    private protected virtual IEnumerable<(Tensor? Tensor, string Name)> Validate(PreferenceBatch batch) => Array.Empty<(Tensor?, string)>();
+    /// <summary>
+    /// Checks the loss-specific inputs and returns the extra tensors whose values must be finite (examined when the result
+    /// is not finite). Structural problems (shape, dtype, device, missing inputs) throw at once; checks of values on the
+    /// device are registered in <paramref name="checks"/>, read back after the formula in the call's single synchronisation.
+    /// </summary>
+    private protected virtual IEnumerable<(Tensor? Tensor, string Name)> Validate(PreferenceBatch batch, DeferredChecks checks) =>
+        Array.Empty<(Tensor?, string)>();
 
     /// <summary>The formula: per-example losses and loss-specific metrics, computed from the upcast terms.</summary>
     private protected abstract LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch);

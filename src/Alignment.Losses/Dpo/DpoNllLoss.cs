@@ -35,7 +35,7 @@ public sealed class DpoNllLoss : PreferenceLoss<DpoNllOptions>
 
     private protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch)
     {
-        var (nw, _) = TokenCounts.Require(batch.Policy, terms.DType, Name, needRejected: false);
+        var (nw, _) = TokenCounts.Require(batch.Policy, terms.DType, Name, needRejected: false, terms.Checks);
         var nll = -terms.PolicyChosen / nw;
         var perExample = Numerics.NegLogSigmoid(terms.Margin * Options.Beta) + nll * Options.NllWeight;
         return new(perExample, new[] { (MetricNames.NllLoss, nll.mean()) });

@@ -49,7 +49,7 @@ public sealed class IpoLoss : PreferenceLoss<IpoOptions>
         var margin = terms.Margin;
         if (Options.LogRatio == IpoLogRatio.PerTokenMean)
         {
-            var (nw, nl) = TokenCounts.Require(batch.Policy, terms.DType, Name, needRejected: true);
+            var (nw, nl) = TokenCounts.Require(batch.Policy, terms.DType, Name, needRejected: true, terms.Checks);
             margin = terms.ChosenLogRatio / nw - terms.RejectedLogRatio / nl;
         }
         return new((margin - TargetMargin).square());

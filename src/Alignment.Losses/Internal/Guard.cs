@@ -109,20 +109,24 @@ internal static class Guard
 /// <summary>Token counts for the length-normalised losses.</summary>
 internal static class TokenCounts
 {
-    /// <summary>Returns the chosen and rejected token counts in <paramref name="dtype"/>, or throws naming what is missing.</summary>
-    internal static (Tensor Chosen, Tensor Rejected) Require(PreferenceLogps policy, ScalarType dtype, string lossName, bool needRejected)
+    /// <summary>
+    /// Returns the chosen and rejected token counts in <paramref name="dtype"/>, or throws naming what is missing; their
+    /// values (finite and &gt; 0) are checked through <paramref name="checks"/>, with the call's other checks.
+    /// </summary>
+    internal static (Tensor Chosen, Tensor Rejected) Require(PreferenceLogps policy, ScalarType dtype, string lossName, bool needRejected, DeferredChecks checks)
     {
         if (policy.ChosenTokenCounts is null || (needRejected && policy.RejectedTokenCounts is null))
             throw new ArgumentException(
                 $"The {lossName} loss needs completion-token counts: build the log-probs with new PreferenceLogps(chosen, rejected, chosenTokenCounts, rejectedTokenCounts) or WithTokenCounts(...).",
                 "policy");
-        var chosen = policy.ChosenTokenCounts.to_type(dtype);
-        var rejected = policy.RejectedTokenCounts is null ? chosen : policy.RejectedTokenCounts.to_type(dtype);
+        var chosen = Numerics.As(policy.ChosenTokenCounts, dtype);
+        var rejected = policy.RejectedTokenCounts is null ? chosen : Numerics.As(policy.RejectedTokenCounts, dtype);
         using (no_grad())
         {
-            static bool Bad(Tensor c) => (~isfinite(c) | (c <= 0)).any().item<bool>();
-            if (Bad(chosen) || (needRejected && Bad(rejected)))
-                throw new ArgumentException("Token counts must be finite and > 0 for every response (a response with no tokens has no per-token mean).", "policy");
+            // > 0 and < Inf (NaN fails both)
+            var counts = needRejected && !ReferenceEquals(chosen, rejected) ? cat(new[] { chosen, rejected }, 0) : chosen;
+            checks.Add(((counts > 0) & (counts < double.PositiveInfinity)).all(), () => new ArgumentException(
+                "Token counts must be finite and > 0 for every response (a response with no tokens has no per-token mean).", "policy"));
         }
         return (chosen, rejected);
     }

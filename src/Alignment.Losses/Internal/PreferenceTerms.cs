@@ -9,9 +9,10 @@ namespace Alignment.Losses.Internal;
 /// </summary>
 internal sealed class PreferenceTerms
 {
-    internal PreferenceTerms(PreferenceBatch batch, ScalarType dtype)
+    internal PreferenceTerms(PreferenceBatch batch, ScalarType dtype, DeferredChecks checks)
     {
         DType = dtype;
+        Checks = checks;
         IsPaired = batch.Policy.IsPaired;
         PolicyChosen = Numerics.As(batch.Policy.Chosen, dtype);
         PolicyRejected = Numerics.As(batch.Policy.Rejected, dtype);
@@ -30,6 +31,9 @@ internal sealed class PreferenceTerms
     }
 
     internal ScalarType DType { get; }
+
+    /// <summary>Where value checks of side inputs are registered (read back once, after the formula).</summary>
+    internal DeferredChecks Checks { get; }
     internal bool IsPaired { get; }
     internal Tensor PolicyChosen { get; }
     internal Tensor PolicyRejected { get; }
@@ -46,26 +50,45 @@ internal sealed class PreferenceTerms
     internal Tensor Margin => _margin ??= ChosenLogRatio - RejectedLogRatio;
     private Tensor? _margin;
 
-    /// <summary>The standard TRL metrics, detached, as 0-d tensors (no synchronisation).</summary>
-    internal IEnumerable<(string Name, Tensor Value)> StandardMetrics(double rewardScale)
+    /// <summary>The names of the standard metrics of <see cref="LossAndStandardMetrics"/>, in order.</summary>
+    internal static readonly string[] StandardMetricNames =
+    {
+        MetricNames.RewardsChosen, MetricNames.RewardsRejected, MetricNames.RewardsMargins,
+        MetricNames.RewardsAccuracies, MetricNames.LogpsChosen, MetricNames.LogpsRejected,
+    };
+
+    /// <summary>
+    /// The loss value followed by the standard TRL metrics, as one detached [7] tensor in the order
+    /// [loss, <see cref="StandardMetricNames"/>], without a synchronisation. Paired batches take one stacked mean over
+    /// [per-example loss, u_w, u_l, h, h &gt; 0, l_w, l_l] and scale the reward rows in place: six kernels whatever B.
+    /// (A loss call is launch-bound on a GPU, so metrics cost kernels, not arithmetic.)
+    /// </summary>
+    internal Tensor LossAndStandardMetrics(Tensor perExample, double rewardScale)
     {
         using var _ = no_grad();
         var chosen = ChosenLogRatio.detach();
         var rejected = RejectedLogRatio.detach();
-        var rewardsChosen = chosen.mean() * rewardScale;
-        var rewardsRejected = rejected.mean() * rewardScale;
-        var accuracy = IsPaired
-            ? (chosen > rejected).to_type(DType).mean()
-            : (chosen.unsqueeze(1) > rejected.unsqueeze(0)).to_type(DType).mean();
-        return new (string, Tensor)[]
+        Tensor packed;
+        if (IsPaired && perExample.dim() == 1 && perExample.shape[0] == chosen.shape[0])
         {
-            (MetricNames.RewardsChosen, rewardsChosen),
-            (MetricNames.RewardsRejected, rewardsRejected),
-            (MetricNames.RewardsMargins, rewardsChosen - rewardsRejected),
-            (MetricNames.RewardsAccuracies, accuracy),
-            (MetricNames.LogpsChosen, PolicyChosen.detach().mean()),
-            (MetricNames.LogpsRejected, PolicyRejected.detach().mean()),
-        };
+            var margin = Margin.detach();
+            var wins = (margin > 0).to_type(DType);
+            packed = stack(new[] { perExample.detach(), chosen, rejected, margin, wins, PolicyChosen.detach(), PolicyRejected.detach() })
+                .mean(new long[] { 1 });
+        }
+        else
+        {
+            var accuracy = IsPaired
+                ? (chosen > rejected).to_type(DType).mean()
+                : (chosen.unsqueeze(1) > rejected.unsqueeze(0)).to_type(DType).mean();
+            packed = stack(new[]
+            {
+                perExample.detach().mean(), chosen.mean(), rejected.mean(), chosen.mean() - rejected.mean(), accuracy,
+                PolicyChosen.detach().mean(), PolicyRejected.detach().mean(),
+            });
+        }
+        packed.narrow(0, 1, 3).mul_(rewardScale);                             // beta * [u_w, u_l, h] = rewards and margin
+        return packed;
     }
 }
 

@@ -58,31 +58,37 @@ public sealed class OdpoLoss : PreferenceLoss<OdpoOptions>
 
     private protected override double RewardScale => Options.Beta;
 
-    private protected override IEnumerable<(Tensor? Tensor, string Name)> Validate(PreferenceBatch batch)
+    private protected override IEnumerable<(Tensor? Tensor, string Name)> Validate(PreferenceBatch batch, DeferredChecks checks)
     {
         if (batch.Scores is not { } scores)
             throw new ArgumentException("ODPO needs response scores: set PreferenceBatch.Scores = new ResponseScores(chosenScores, rejectedScores).", "batch.Scores");
         CheckPerExample(scores.Chosen, batch, "scores.Chosen", "the chosen responses' scores");
         CheckPerExample(scores.Rejected, batch, "scores.Rejected", "the rejected responses' scores");
+        using (no_grad())
+        {
+            // the score conditions, read back with the call's other checks; comparisons are exact in any dtype
+            Tensor sw = scores.Chosen, sl = scores.Rejected;
+            var ok = isfinite(sw) & isfinite(sl);
+            if (Options.OffsetForm == OdpoOffsetForm.Ratio) ok &= (sw > 0) & (sl > 0);
+            else if (Options.MinimumScoreGap is null) ok &= sw > sl;
+            checks.Add(ok.all(), () => ScoreError(scores));
+        }
+        return Array.Empty<(Tensor?, string)>();
+    }
+
+    /// <summary>Only on failure: names the rows whose scores break the offset's condition.</summary>
+    private Exception ScoreError(ResponseScores scores)
+    {
+        Guard.AllFinite((scores.Chosen, "scores.Chosen"), (scores.Rejected, "scores.Rejected"));
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
         var sw = scores.Chosen.to_type(ScalarType.Float64);
         var sl = scores.Rejected.to_type(ScalarType.Float64);
-        // one synchronisation when the scores are valid; the detailed checks below run only to name what is wrong
-        var invalid = ~isfinite(sw) | ~isfinite(sl);
-        if (Options.OffsetForm == OdpoOffsetForm.Ratio) invalid |= (sw <= 0) | (sl <= 0);
-        else if (Options.MinimumScoreGap is null) invalid |= sw <= sl;
-        if (!invalid.any().item<bool>()) return Array.Empty<(Tensor?, string)>();
-        Guard.AllFinite((scores.Chosen, "scores.Chosen"), (scores.Rejected, "scores.Rejected"));
         if (Options.OffsetForm == OdpoOffsetForm.Ratio)
-        {
             ThrowForRows((sw <= 0) | (sl <= 0), "scores", "The ratio offset ln(s_w / s_l) needs positive scores");
-        }
-        else if (Options.MinimumScoreGap is null)
-        {
+        else
             ThrowForRows(sw <= sl, "scores", "The offset ln(s_w - s_l) needs s_w > s_l (set OdpoOptions.MinimumScoreGap to clamp ties instead)");
-        }
-        return Array.Empty<(Tensor?, string)>();
+        return new InvalidOperationException("A score check failed but no row breaks it; please report this.");
     }
 
     private static void ThrowForRows(Tensor bad, string name, string what)

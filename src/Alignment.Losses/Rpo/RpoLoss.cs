@@ -81,7 +81,7 @@ public sealed class RpoLoss : PreferenceLoss<RpoOptions>
     /// <summary>The weighting in use (the configured one, or cosine-softmax with <see cref="RpoOptions.Temperature"/>).</summary>
     public IRpoWeighting Weighting => Options.Weighting ?? new CosineSoftmaxWeighting(Options.Temperature);
 
-    private protected override IEnumerable<(Tensor? Tensor, string Name)> Validate(PreferenceBatch batch)
+    private protected override IEnumerable<(Tensor? Tensor, string Name)> Validate(PreferenceBatch batch, DeferredChecks checks)
     {
         var policy = batch.Policy;
         var embeddings = batch.PromptEmbeddings;
@@ -119,10 +119,8 @@ public sealed class RpoLoss : PreferenceLoss<RpoOptions>
                     $"batch.RpoWeights must have shape [{policy.ChosenCount}, {policy.RejectedCount}] (chosen x rejected); got {Guard.Shape(w)}.", "batch.RpoWeights");
             policy.CheckSameDevice(w, "batch.RpoWeights");
             using (no_grad())
-            {
-                if ((w < 0).any().cpu().item<bool>())
-                    throw new ArgumentException("batch.RpoWeights must be non-negative: a negative weight reverses the preference.", "batch.RpoWeights");
-            }
+                checks.Add((w >= 0).all(), () => new ArgumentException(
+                    "batch.RpoWeights must be non-negative and finite: a negative weight reverses the preference.", "batch.RpoWeights"));
             return new (Tensor?, string)[] { (w, "batch.RpoWeights") };
         }
         return Array.Empty<(Tensor?, string)>();
@@ -159,7 +157,18 @@ public sealed class RpoLoss : PreferenceLoss<RpoOptions>
             var eye = torch.eye(n, dtype: terms.DType, device: device);
             return eye * (lambda - off) + off;
         }
-        if (batch.PromptEmbeddings is { } e) return Weighting.ComputeWeights(e.Chosen, e.Rejected, terms.DType).detach();
+        if (batch.PromptEmbeddings is { } e)
+        {
+            if (Weighting is CosineSoftmaxWeighting cosine) return cosine.ComputeWeights(e.Chosen, e.Rejected, terms.DType, terms.Checks);
+            var custom = Weighting.ComputeWeights(e.Chosen, e.Rejected, terms.DType).detach();
+            if (custom.shape.Length != 2 || custom.shape[0] != m || custom.shape[1] != n)
+                throw new InvalidOperationException(
+                    $"{Weighting.GetType().Name}.ComputeWeights returned shape {Guard.Shape(custom)}; RPO needs [{m}, {n}] (chosen x rejected).");
+            using (no_grad())
+                terms.Checks.Add((custom >= 0).all(), () => new InvalidOperationException(
+                    $"{Weighting.GetType().Name}.ComputeWeights returned negative or NaN weights; IRpoWeighting implementations must return non-negative, finite weights."));
+            return Numerics.As(custom, terms.DType);
+        }
         if (batch.RpoWeights is { } w) return Numerics.As(w.detach(), terms.DType);
         return torch.ones(m, n, dtype: terms.DType, device: device);
     }

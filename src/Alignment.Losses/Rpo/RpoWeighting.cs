@@ -40,28 +40,41 @@ public sealed class CosineSoftmaxWeighting : IRpoWeighting
     public double Temperature { get; }
 
     /// <inheritdoc />
+    /// <exception cref="ArgumentException">An embedding row has zero norm.</exception>
     public Tensor ComputeWeights(Tensor chosen, Tensor rejected, ScalarType dtype)
     {
         using var scope = NewDisposeScope();
-        using var noGrad = no_grad();
-        var ec = UnitRows(chosen, dtype, "chosen embeddings");
-        var er = ReferenceEquals(chosen, rejected) ? ec : UnitRows(rejected, dtype, "rejected embeddings");
-        // -D / tau = (cos - 1) / tau, formed in place on the [M, N] similarity matrix
-        var logits = ec.matmul(er.t()).sub_(1).div_(Temperature);
-        return nn.functional.softmax(logits, dim: 1).MoveToOuterDisposeScope();
+        var checks = new DeferredChecks();
+        var weights = ComputeWeights(chosen, rejected, dtype, checks);
+        checks.Verify();
+        return weights.MoveToOuterDisposeScope();
     }
 
-    private static Tensor UnitRows(Tensor e, ScalarType dtype, string name)
+    /// <summary>
+    /// The weights, with the zero-norm check registered in <paramref name="checks"/> instead of read back at once (RPO
+    /// reads it with the loss's other checks: one synchronisation per call). The check tensor lives in the caller's scope.
+    /// </summary>
+    internal Tensor ComputeWeights(Tensor chosen, Tensor rejected, ScalarType dtype, DeferredChecks checks)
+    {
+        using var noGrad = no_grad();
+        var ec = UnitRows(chosen, dtype, "chosen embeddings", checks);
+        var er = ReferenceEquals(chosen, rejected) ? ec : UnitRows(rejected, dtype, "rejected embeddings", checks);
+        // -D / tau = (cos - 1) / tau, formed in place on the [M, N] similarity matrix
+        var logits = ec.matmul(er.t()).sub_(1).div_(Temperature);
+        return nn.functional.softmax(logits, dim: 1);
+    }
+
+    private static Tensor UnitRows(Tensor e, ScalarType dtype, string name, DeferredChecks checks)
     {
         var x = Numerics.As(e.detach(), dtype);
         var norms = x.norm(1, keepdim: true, p: 2);
-        if ((norms == 0).any().item<bool>())
+        checks.Add((norms != 0).all(), () =>
         {
-            var zero = (norms == 0).flatten().nonzero().flatten().cpu();   // only on failure: name the rows
-            throw new ArgumentException(
+            using var zero = (norms == 0).flatten().nonzero().flatten().cpu();   // only on failure: name the rows
+            return new ArgumentException(
                 $"{name} rows {string.Join(", ", zero.data<long>().Take(8))} have zero norm: a zero vector has no direction, so its cosine similarity is undefined. Remove those rows or give them a real embedding.",
                 name);
-        }
+        });
         return x / norms;
     }
 }

@@ -45,16 +45,13 @@ public sealed class SpoLoss : PreferenceLoss<SpoOptions>
 
     private protected override double RewardScale => Options.Alpha;
 
-    private protected override IEnumerable<(Tensor? Tensor, string Name)> Validate(PreferenceBatch batch)
+    private protected override IEnumerable<(Tensor? Tensor, string Name)> Validate(PreferenceBatch batch, DeferredChecks checks)
     {
         if (batch.ExampleWeights is { } w)
         {
             CheckPerExample(w, batch, "batch.ExampleWeights", "per-pair weights mu");
             using (no_grad())
-            {
-                if ((w < 0).any().cpu().item<bool>())
-                    throw new ArgumentException("batch.ExampleWeights must be non-negative.", "batch.ExampleWeights");
-            }
+                checks.Add((w >= 0).all(), () => new ArgumentException("batch.ExampleWeights must be non-negative and finite.", "batch.ExampleWeights"));
         }
         if (batch.KlDivergence is { } kl)
         {

@@ -52,7 +52,7 @@ public sealed class SppoLoss : PreferenceLoss<SppoOptions>
 
     private protected override double RewardScale => Options.Beta;
 
-    private protected override IEnumerable<(Tensor? Tensor, string Name)> Validate(PreferenceBatch batch)
+    private protected override IEnumerable<(Tensor? Tensor, string Name)> Validate(PreferenceBatch batch, DeferredChecks checks)
     {
         if (Options.Form == SppoForm.Hard) return Array.Empty<(Tensor?, string)>();
         var rates = batch.WinRates ?? throw new ArgumentException(
@@ -72,22 +72,32 @@ public sealed class SppoLoss : PreferenceLoss<SppoOptions>
                     "batch.WinRates");
             CheckPerExample(t, batch, name, "probabilities in [0, 1]");
         }
-        using var scope = NewDisposeScope();
-        using var noGrad = no_grad();
-        // one synchronisation when the rates are valid: a value in [0, 1] is finite, and NaN fails both comparisons
-        if (stack(needed.Select(n => ((n.Item1! >= 0) & (n.Item1! <= 1)).all()).ToArray()).all().item<bool>())
-            return Array.Empty<(Tensor?, string)>();
-        Guard.AllFinite(needed.Select(n => ((Tensor?)n.Item1, n.Item2)).ToArray());
+        using (no_grad())
         {
-            foreach (var (t, name) in needed)
-            {
-                using var outside = ((t! < 0) | (t! > 1)).nonzero().flatten().cpu();
-                if (outside.numel() > 0)
-                    throw new ArgumentException(
-                        $"{name} must be probabilities in [0, 1]; rows {string.Join(", ", outside.data<long>().Take(10))} are outside.", name);
-            }
+            // all in [0, 1] (NaN fails both comparisons), read back with the call's other checks
+            var p = needed.Select(n => n.Item1!).ToArray();
+            var rows = p.Length == 1 ? p[0]
+                : p.All(t => t.dtype == p[0].dtype) ? stack(p)
+                : stack(p.Select(t => t.to_type(ScalarType.Float64)).ToArray());
+            checks.Add(((rows >= 0) & (rows <= 1)).all(), () => WinRateError(needed!));
         }
         return Array.Empty<(Tensor?, string)>();
+    }
+
+    /// <summary>Only on failure: names the win-rate tensor and rows that are not probabilities.</summary>
+    private static Exception WinRateError((Tensor?, string)[] needed)
+    {
+        Guard.AllFinite(needed);
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        foreach (var (t, name) in needed)
+        {
+            using var outside = ((t! < 0) | (t! > 1)).nonzero().flatten().cpu();
+            if (outside.numel() > 0)
+                return new ArgumentException(
+                    $"{name} must be probabilities in [0, 1]; rows {string.Join(", ", outside.data<long>().Take(10))} are outside.", name);
+        }
+        return new InvalidOperationException("A win-rate check failed but no row is outside [0, 1]; please report this.");
     }
 
     private protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch)
