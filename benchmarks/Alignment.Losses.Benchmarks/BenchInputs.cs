@@ -37,16 +37,18 @@ internal sealed class BenchInputs : IDisposable
     public Tensor PolicyChosen, PolicyRejected, RefChosen, RefRejected, Counts, Embeddings, ScoreChosen, ScoreRejected, WinChosen, WinRejected;
     public PreferenceBatch Batch { get; }
 
-    /// <summary>One forward + backward pass, synchronised by reading a gradient element; gradients are reset for the next call.</summary>
+    /// <summary>
+    /// One forward + backward pass, synchronised by reading a gradient element. The gradients are then dropped
+    /// (<c>grad = null</c>, as the PyTorch peer does with <c>x.grad = None</c>), so every call allocates fresh ones.
+    /// </summary>
     public double ForwardBackward(IPreferenceLoss loss)
     {
         using var scope = NewDisposeScope();
         using var r = loss.Compute(Batch);
         r.Loss.backward();
-        var g = PolicyChosen.grad!;
-        double v = g[0].ToDouble();
-        g.zero_();
-        PolicyRejected.grad!.zero_();
+        double v = PolicyChosen.grad![0].ToDouble();
+        PolicyChosen.grad = null;
+        PolicyRejected.grad = null;
         return v;
     }
 

@@ -99,6 +99,35 @@ public class MemoryTests
         Assert.Equal(baseline + 3, liveAfterCall);                   // only the 3 result tensors outlive the call
         Assert.Equal(baseline, liveAfterDispose);                    // and disposing the result frees them
     }
+
+    /// <summary>
+    /// RPO's [M, N] work is the memory limit on the largest batch: a forward+backward keeps W and S and at most one
+    /// temporary (the similarity logits, the per-entry losses and the entropy's w ln w are freed as soon as they are
+    /// reduced). Before that, about six [B, B] matrices were alive at the peak.
+    /// </summary>
+    [Fact]
+    public void Rpo_peak_memory_is_at_most_four_batch_by_batch_matrices()
+    {
+        const int b = 4096;                                                    // large enough that fixed costs (~10 MiB) are small
+        long matrix = 4L * b * b;                                              // one float32 [B, B]: 64 MiB
+        using var scope = NewDisposeScope();
+        manual_seed(0);
+        var chosen = (rand(b) * -100).requires_grad_(true);
+        var rejected = (rand(b) * -100).requires_grad_(true);
+        var reference = new PreferenceLogps(rand(b) * -100, rand(b) * -100);
+        var embeddings = PromptEmbeddings.Paired(randn(b, 64));
+        using (var warm = RpoLoss.Compute(new PreferenceLogps(chosen.narrow(0, 0, 8), rejected.narrow(0, 0, 8)), null, PromptEmbeddings.Paired(randn(8, 64))))
+            warm.Loss.backward();
+        long before = RssBytes();
+        try { File.WriteAllText("/proc/self/clear_refs", "5"); }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException) { return; }   // no peak reset: nothing to measure
+        using (var r = RpoLoss.Compute(new PreferenceLogps(chosen, rejected), reference, embeddings))
+            r.Loss.backward();
+        long peak = long.Parse(File.ReadLines("/proc/self/status").First(l => l.StartsWith("VmHWM:", StringComparison.Ordinal))
+            .Split(' ', StringSplitOptions.RemoveEmptyEntries)[1]) * 1024;
+        double matrices = (peak - before) / (double)matrix;
+        Assert.True(matrices <= 4.0, $"RPO at B = {b} grew the peak RSS by {matrices:F2} [B, B] matrices");
+    }
 }
 
 [CollectionDefinition("Memory", DisableParallelization = true)]

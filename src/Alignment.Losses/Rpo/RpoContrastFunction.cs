@@ -13,7 +13,8 @@ namespace Alignment.Losses;
 /// inside the sigmoid, L_i = (1/N) sum_j softplus(-beta W_ij A_ij); outside, L_i = sum_j W_ij softplus(-beta A_ij).
 /// Both have dL_i/dA_ij = -c S_ij with S = W ∘ sigmoid(-beta W^p A) (p = 1 inside, 0 outside) and c = beta/N inside,
 /// beta outside. So for upstream gradients g [M]: grad u_w = -c g ∘ rowsum(S), grad u_l = c S^T g.
-/// Forward makes about 7 passes over [M, N] and keeps S; backward reads S once.
+/// Forward makes about 7 passes over [M, N] and keeps S; backward reads S once. At most three [M, N] matrices are alive
+/// at a time (W, S and one temporary).
 /// </remarks>
 internal sealed class RpoContrastFunction : autograd.SingleTensorFunction<RpoContrastFunction>
 {
@@ -34,9 +35,9 @@ internal sealed class RpoContrastFunction : autograd.SingleTensorFunction<RpoCon
         var z = uw.unsqueeze(1) - ul.unsqueeze(0);                 // A
         if (inside) z.mul_(w);                                     // W ∘ A
         z.mul_(-beta);                                             // z = -beta W^p A
-        Tensor perRow = inside
-            ? Numerics.Softplus(z).sum(1).div_(n)
-            : Numerics.Softplus(z).mul_(w).sum(1);
+        Tensor perRow;
+        using (var loss = Numerics.Softplus(z))                   // the one temporary [M, N]: freed at once, not with the scope
+            perRow = inside ? loss.sum(1).div_(n) : loss.mul_(w).sum(1);
         var s = z.sigmoid_().mul_(w);                              // S = W ∘ sigmoid(z), in z's storage
         ctx.save_for_backward(new List<Tensor> { s, s.sum(1) });
         ctx.save_data("scale", inside ? beta / n : beta);

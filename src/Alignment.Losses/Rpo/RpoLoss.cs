@@ -155,7 +155,7 @@ public sealed class RpoLoss : PreferenceLoss<RpoOptions>
         {
             double lambda = Options.DiagonalWeight, off = (1 - lambda) / (n - 1);
             var eye = torch.eye(n, dtype: terms.DType, device: device);
-            return eye * (lambda - off) + off;
+            return eye.mul_(lambda - off).add_(off);
         }
         if (batch.PromptEmbeddings is { } e)
         {
@@ -176,8 +176,14 @@ public sealed class RpoLoss : PreferenceLoss<RpoOptions>
     private static IReadOnlyList<(string, Tensor)> WeightMetrics(Tensor weights, bool paired)
     {
         using var _ = no_grad();
-        var p = weights / weights.sum(1, keepdim: true).clamp_min(1e-30);
-        var entropy = torch.special.entr(p).sum(1).mean();                                         // -p log p, 0 at p = 0
+        // entropy of row i of p = W / s_i, s_i = sum_j W_ij: H_i = ln s_i - (sum_j W_ij ln W_ij) / s_i (0 ln 0 = 0),
+        // with one temporary [M, N] freed at once instead of materialising p; an all-zero row counts as entropy 0
+        var rowSums = weights.sum(1);
+        Tensor weightedLogs;
+        using (var wlogw = torch.xlogy(weights, weights)) weightedLogs = wlogw.sum(1);
+        var positive = rowSums > 0;
+        var safeSums = rowSums.where(positive, ones_like(rowSums));
+        var entropy = (safeSums.log() - weightedLogs / safeSums).where(positive, zeros_like(rowSums)).mean();
         var metrics = new List<(string, Tensor)> { (MetricNames.RpoRowEntropy, entropy) };
         if (paired) metrics.Insert(0, (MetricNames.RpoDiagonalWeight, weights.diagonal().mean()));
         return metrics;

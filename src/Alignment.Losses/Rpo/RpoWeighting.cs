@@ -60,8 +60,8 @@ public sealed class CosineSoftmaxWeighting : IRpoWeighting
         var ec = UnitRows(chosen, dtype, "chosen embeddings", checks);
         var er = ReferenceEquals(chosen, rejected) ? ec : UnitRows(rejected, dtype, "rejected embeddings", checks);
         // -D / tau = (cos - 1) / tau, formed in place on the [M, N] similarity matrix
-        var logits = ec.matmul(er.t()).sub_(1).div_(Temperature);
-        return nn.functional.softmax(logits, dim: 1);
+        using var logits = ec.matmul(er.t()).sub_(1).div_(Temperature);
+        return nn.functional.softmax(logits, dim: 1);                  // the [M, N] logits are freed at once, not with the scope
     }
 
     private static Tensor UnitRows(Tensor e, ScalarType dtype, string name, DeferredChecks checks)
