@@ -67,10 +67,12 @@ internal sealed class BenchInputs : IDisposable
         _ => throw new ArgumentException($"unknown loss {name}", nameof(name)),
     };
 
+    /// <summary>cpu, plus cuda when a GPU is present; BENCH_DEVICES=cpu or =cuda keeps one (the GPU script runs them as separate stages).</summary>
     public static IEnumerable<string> Devices()
     {
-        yield return "cpu";
-        if (cuda.is_available()) yield return "cuda";
+        var only = Environment.GetEnvironmentVariable("BENCH_DEVICES");
+        if (only is null or "" or "cpu") yield return "cpu";
+        if (only is null or "" or "cuda" && cuda.is_available()) yield return "cuda";
     }
 
     public void Dispose()

@@ -1,13 +1,61 @@
 #!/usr/bin/env bash
 # Reproduces the GPU benchmark numbers in docs/benchmarks.md on a CUDA machine that has a pip PyTorch and no .NET SDK.
 #
-#   benchmarks/gpu/run.sh prepare      # here, with the .NET SDK: builds .gpu-bundle/ (benchmark app + .NET runtime)
-#   benchmarks/gpu/run.sh run [DIR]    # there, in the repository root with .gpu-bundle/ copied along: runs the
-#                                      # BenchmarkDotNet suites (in-process) and the PyTorch-eager peer in the same
-#                                      # session, then prints the ratio table; everything lands in DIR (default $OUT or ./gpu-results)
+#   benchmarks/gpu/run.sh prepare              # here, with the .NET SDK: builds .gpu-bundle/ (benchmark app + .NET runtime)
+#   benchmarks/gpu/run.sh run [STAGE] [DIR]    # there, in the repository root with .gpu-bundle/ copied along
+#
+# Stages (default: all, in this order; each fits in a 10-minute command on an H100):
+#   check   correctness on CUDA: every loss vs float64 CPU, fused log-prob kernels vs the chunked path, issue #7's timing
+#   memory  peak GPU memory per case (fresh child processes, cuMemGetInfo) and the largest RPO batch that fits
+#   cuda    BenchmarkDotNet LossBenchmarks + RpoScalingBenchmarks, CUDA rows (in-process, short job, 100 ms iterations)
+#   cpu     BenchmarkDotNet LossBenchmarks, CPU rows, on the GPU machine's CPU
+#   peer    the PyTorch-eager peer on CUDA and on the CPU, same machine
+#   report  the ratio tables (ours / PyTorch eager) from the files the stages left in DIR
+# Output goes to DIR (default $OUT, else ./gpu-results). `report` also runs anywhere with python3 over collected files.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bundle=.gpu-bundle
+
+setup_runtime() {
+  dn=$(mktemp -d)
+  tar -C "$dn" -xJf "$bundle/dotnet-rt.tar.xz"
+  export DOTNET_ROOT=$dn PATH=$dn:$PATH DOTNET_SYSTEM_GLOBALIZATION_INVARIANT=1 DOTNET_CLI_TELEMETRY_OPTOUT=1
+  torch_lib=$(python3 -c "import torch, os; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
+  export LD_LIBRARY_PATH=$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+}
+
+bench() { dotnet "$bundle/bench/Alignment.Losses.Benchmarks.dll" "$@"; }
+
+stage() {
+  local name=$1 out=$2
+  case "$name" in
+    check)
+      nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/machine.txt"
+      python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$out/machine.txt"
+      bench --cuda-check 2>&1 | tee "$out/cuda-check.log" || true ;;
+    memory)
+      bench --cuda-memory 2>&1 | tee "$out/cuda-memory.log" || true ;;
+    cuda|cpu)
+      local suites=("*LossBenchmarks*")
+      [ "$name" = cuda ] && suites+=("*RpoScalingBenchmarks*")
+      BENCH_DEVICES=$name BENCH_ARTIFACTS="$out/bdn-$name" bench --filter "${suites[@]}" --job short --iterationTime 100 \
+        2>&1 | tee "$out/bdn-$name.log" | grep -E '^\|' || true ;;
+    peer)
+      python3 benchmarks/pytorch/reference_losses.py --device cuda --out "$out/pytorch-cuda.json" > "$out/pytorch-cuda.log"
+      python3 benchmarks/pytorch/reference_losses.py --device cpu --repeats 50 --out "$out/pytorch-cpu.json" > "$out/pytorch-cpu.log"
+      python3 benchmarks/pytorch/reference_losses.py --device cuda --memory > "$out/pytorch-memory.log" || true ;;
+    report)
+      for dev in cuda cpu; do
+        report=$(ls "$out"/bdn-$dev/results/*LossBenchmarks*-report-full.json 2>/dev/null | head -1 || true)
+        if [ -n "$report" ] && [ -f "$out/pytorch-$dev.json" ]; then
+          python3 benchmarks/compare.py "$report" "$out/pytorch-$dev.json" --device $dev | tee "$out/ratio-$dev.md"
+        else
+          echo "report: no $dev results in $out (run the '$dev' and 'peer' stages first)"
+        fi
+      done ;;
+    *) echo "unknown stage $name" >&2; exit 2 ;;
+  esac
+}
 
 case "${1:-}" in
   prepare)
@@ -22,30 +70,18 @@ case "${1:-}" in
     echo "bundle ready: copy the repository with $bundle/ to the GPU machine and run: benchmarks/gpu/run.sh run"
     ;;
   run)
-    out=${2:-${OUT:-gpu-results}}
+    which=${2:-all}
+    out=${3:-${OUT:-gpu-results}}
     mkdir -p "$out"
-    dn=$(mktemp -d)
-    tar -C "$dn" -xJf "$bundle/dotnet-rt.tar.xz"
-    export DOTNET_ROOT=$dn PATH=$dn:$PATH DOTNET_SYSTEM_GLOBALIZATION_INVARIANT=1 DOTNET_CLI_TELEMETRY_OPTOUT=1
-    torch_lib=$(python3 -c "import torch, os; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
-    export LD_LIBRARY_PATH=$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/machine.txt"
-    python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$out/machine.txt"
-    # 0. correctness on CUDA (every loss vs float64 CPU; fused log-prob kernels vs the chunked path) and issue #7's timing
-    dotnet "$bundle/bench/Alignment.Losses.Benchmarks.dll" --cuda-check 2>&1 | tee "$out/cuda-check.log" || true
-    # 1. our suites (BenchmarkDotNet, in-process, short job)
-    BENCH_ARTIFACTS="$out/bdn" dotnet "$bundle/bench/Alignment.Losses.Benchmarks.dll" \
-      --filter '*LossBenchmarks*' '*RpoScalingBenchmarks*' --job short 2>&1 | tee "$out/bdn.log" | grep -E '^\|' || true
-    # 2. the PyTorch-eager peer, same machine, same session
-    python3 benchmarks/pytorch/reference_losses.py --device cuda --out "$out/pytorch-cuda.json" > "$out/pytorch-cuda.log"
-    python3 benchmarks/pytorch/reference_losses.py --device cpu --repeats 50 --out "$out/pytorch-cpu.json" > "$out/pytorch-cpu.log"
-    # 3. ratio tables (ours / PyTorch eager)
-    report=$(ls "$out"/bdn/results/*LossBenchmarks*-report-full.json | head -1)
-    python3 benchmarks/compare.py "$report" "$out/pytorch-cuda.json" --device cuda | tee "$out/ratio-cuda.md"
-    python3 benchmarks/compare.py "$report" "$out/pytorch-cpu.json" --device cpu | tee "$out/ratio-cpu.md"
+    [ "$which" = report ] || setup_runtime
+    if [ "$which" = all ]; then
+      for s in check memory cuda cpu peer report; do stage $s "$out"; done
+    else
+      stage "$which" "$out"
+    fi
     ;;
   *)
-    echo "usage: $0 prepare | run [output-dir]" >&2
+    echo "usage: $0 prepare | run [check|memory|cuda|cpu|peer|report|all] [output-dir]" >&2
     exit 2
     ;;
 esac

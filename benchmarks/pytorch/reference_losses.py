@@ -6,6 +6,7 @@ same way: each measured call computes the loss (and the backward pass) and then 
 GPU work is included. Prints and writes JSON records {suite, loss, B, dtype, device, method, median_us}.
 
 Usage: python3 reference_losses.py [--device cpu|cuda] [--out results.json] [--repeats 200]
+       python3 reference_losses.py --device cuda --memory   # peak memory (torch.cuda statistics) and the largest RPO batch
 """
 import argparse
 import json
@@ -135,12 +136,70 @@ def run(device, repeats, sizes=(8, 64, 1024, 4096), dtypes=("float32", "bfloat16
     return records
 
 
+def memory_report():
+    """The peer's side of the memory comparison: torch.cuda peak statistics for the same cases as `--cuda-memory`."""
+    dev = "cuda"
+    mib = lambda b: f"{b / 2**20:.0f} MiB"
+
+    def peak(fn):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    # sequence log-probs from bf16 logits 8 x 1024 x 128256: fp32 log_softmax + gather (the TRL way)
+    logits = torch.randn(8, 1024, 128256, dtype=torch.bfloat16, device=dev, requires_grad=True)
+    labels = torch.randint(0, 128256, (8, 1024), device=dev)
+    naive = lambda: torch.log_softmax(logits.float(), -1).gather(-1, labels[..., None]).squeeze(-1).sum(-1)
+    print(f"INFO memory pytorch log-probs naive forward: +{mib(peak(naive))} peak allocated", flush=True)
+    def both():
+        naive().sum().backward()
+    grad_bytes = logits.numel() * 2
+    print(f"INFO memory pytorch log-probs naive forward+backward: +{mib(peak(both) - grad_bytes)} peak allocated beyond the logits' gradient", flush=True)
+    del logits, labels
+    torch.cuda.empty_cache()
+
+    # the largest RPO batch (D = 768, fp32) whose forward + backward fits: doubling, then bisection to 1024
+    def fits(b):
+        try:
+            x = make_inputs(b, torch.float32, dev)
+            used = peak(lambda: rpo(x).backward())
+            print(f"INFO memory pytorch rpo B={b}: +{mib(used)} peak allocated", flush=True)
+            return True
+        except torch.cuda.OutOfMemoryError:
+            print(f"INFO memory pytorch rpo B={b}: does not fit", flush=True)
+            return False
+        finally:
+            torch.cuda.empty_cache()
+
+    good, bad, b = 0, 0, 4096
+    while b <= 1 << 20:
+        if fits(b):
+            good, b = b, b * 2
+        else:
+            bad = b
+            break
+    while good and bad - good > 1024:
+        mid = (good + bad) // 2 // 1024 * 1024
+        if fits(mid):
+            good = mid
+        else:
+            bad = mid
+    print(f"INFO largest pytorch RPO batch (D=768, fp32, forward+backward): {good}" + (f" (fails at {bad})" if bad else ""), flush=True)
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="pytorch-results.json")
     p.add_argument("--repeats", type=int, default=200)
+    p.add_argument("--memory", action="store_true", help="peak memory and the largest RPO batch instead of timings")
     args = p.parse_args()
+    if args.memory:
+        memory_report()
+        raise SystemExit(0)
     recs = run(args.device, args.repeats)
     with open(args.out, "w") as f:
         json.dump(dict(torch=torch.__version__, device=args.device,

@@ -19,6 +19,7 @@ internal sealed unsafe class CudaDriver
     private readonly delegate* unmanaged<IntPtr*, IntPtr, byte*, int> _moduleGetFunction;
     private readonly delegate* unmanaged<IntPtr, uint, uint, uint, uint, uint, uint, uint, IntPtr, IntPtr*, IntPtr*, int> _launch;
     private readonly delegate* unmanaged<int, IntPtr*, int> _errorString;
+    private readonly delegate* unmanaged<nuint*, nuint*, int> _memGetInfo;
 
     private CudaDriver(IntPtr lib)
     {
@@ -31,6 +32,7 @@ internal sealed unsafe class CudaDriver
         _moduleGetFunction = (delegate* unmanaged<IntPtr*, IntPtr, byte*, int>)NativeLibrary.GetExport(lib, "cuModuleGetFunction");
         _launch = (delegate* unmanaged<IntPtr, uint, uint, uint, uint, uint, uint, uint, IntPtr, IntPtr*, IntPtr*, int>)NativeLibrary.GetExport(lib, "cuLaunchKernel");
         _errorString = (delegate* unmanaged<int, IntPtr*, int>)NativeLibrary.GetExport(lib, "cuGetErrorString");
+        _memGetInfo = (delegate* unmanaged<nuint*, nuint*, int>)NativeLibrary.GetExport(lib, "cuMemGetInfo_v2");
     }
 
     internal static CudaDriver? TryLoad(out string failure)
@@ -72,6 +74,19 @@ internal sealed unsafe class CudaDriver
         }
         Check(_ctxSetCurrent(entry.Context), "cuCtxSetCurrent");
         return (entry.Major, entry.Minor);
+    }
+
+    /// <summary>
+    /// Free and total bytes of the device (cuMemGetInfo). libtorch's caching allocator keeps what it reserved, so the
+    /// drop in free memory across a call is the call's peak reserved growth: the GPU benchmark script's peak-memory figure
+    /// (TorchSharp 0.107 exposes no CUDA memory statistics).
+    /// </summary>
+    internal (long Free, long Total) MemoryInfo(int ordinal)
+    {
+        UseDevice(ordinal);
+        nuint free, total;
+        Check(_memGetInfo(&free, &total), "cuMemGetInfo");
+        return ((long)free, (long)total);
     }
 
     internal IntPtr LoadModule(string ptx)
