@@ -15,8 +15,12 @@ public class LossBenchmarks
     [Params(8, 64, 1024, 4096)]
     public int B { get; set; }
 
-    [Params("float32", "bfloat16")]
+    [ParamsSource(nameof(DTypes))]
     public string DType { get; set; } = "float32";
+
+    /// <summary>float32 and bfloat16; BENCH_DTYPES=float32 (or bfloat16) keeps one, to split a long run in two.</summary>
+    public static IEnumerable<string> DTypes() =>
+        Environment.GetEnvironmentVariable("BENCH_DTYPES") is { Length: > 0 } only ? only.Split(',') : new[] { "float32", "bfloat16" };
 
     [ParamsSource(nameof(Devices))]
     public string Device { get; set; } = "cpu";
