@@ -1,4 +1,3 @@
-using System.Diagnostics;
 using Alignment.Losses;
 using FsCheck.Fluent;
 using TorchSharp;
@@ -18,15 +17,6 @@ public class MemoryTests
         "dpo", "cdpo", "robust_dpo", "hinge", "ipo_per_token", "dpo_nll", "odpo", "spo", "sppo", "rpo", "rpo_diagonal", "rpo_unpaired",
     }.Select(n => new object[] { n });
 
-    static long RssBytes()
-    {
-        GC.Collect();
-        GC.WaitForPendingFinalizers();
-        GC.Collect();
-        var line = File.ReadLines("/proc/self/status").FirstOrDefault(l => l.StartsWith("VmRSS:", StringComparison.Ordinal));
-        return line is null ? Process.GetCurrentProcess().WorkingSet64 : long.Parse(line.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1]) * 1024;
-    }
-
     [Theory, MemberData(nameof(OnePerLossClass))]
     public void Ten_thousand_forward_backward_calls_leak_no_tensor_and_keep_rss_flat(string name)
     {
@@ -45,9 +35,9 @@ public class MemoryTests
         for (int i = 0; i < 500; i++) Step();                     // warm-up: allocator pools, JIT
         var stats = DisposeScopeManager.Statistics;
         long liveBefore = stats.ThreadTotalLiveCount;
-        long rssBefore = RssBytes();
+        long rssBefore = ProcessMemory.Rss();
         for (int i = 0; i < 10_000; i++) Step();
-        long rssGrowth = RssBytes() - rssBefore;
+        long rssGrowth = ProcessMemory.Rss() - rssBefore;
         Assert.Equal(liveBefore, stats.ThreadTotalLiveCount);
         Assert.True(rssGrowth < 64L << 20, $"{name}: RSS grew by {rssGrowth / (1 << 20)} MiB over 10,000 calls");
     }
@@ -118,15 +108,30 @@ public class MemoryTests
         var embeddings = PromptEmbeddings.Paired(randn(b, 64));
         using (var warm = RpoLoss.Compute(new PreferenceLogps(chosen.narrow(0, 0, 8), rejected.narrow(0, 0, 8)), null, PromptEmbeddings.Paired(randn(8, 64))))
             warm.Loss.backward();
-        long before = RssBytes();
-        try { File.WriteAllText("/proc/self/clear_refs", "5"); }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException) { return; }   // no peak reset: nothing to measure
+        long before = ProcessMemory.Rss();
+        if (!ProcessMemory.TryResetPeak()) return;                             // no /proc/self/clear_refs: nothing to measure
         using (var r = RpoLoss.Compute(new PreferenceLogps(chosen, rejected), reference, embeddings))
             r.Loss.backward();
-        long peak = long.Parse(File.ReadLines("/proc/self/status").First(l => l.StartsWith("VmHWM:", StringComparison.Ordinal))
-            .Split(' ', StringSplitOptions.RemoveEmptyEntries)[1]) * 1024;
-        double matrices = (peak - before) / (double)matrix;
+        double matrices = (ProcessMemory.PeakRss() - before) / (double)matrix;
         Assert.True(matrices <= 4.0, $"RPO at B = {b} grew the peak RSS by {matrices:F2} [B, B] matrices");
+    }
+
+    /// <summary>SequenceLogProbs: peak memory bounded by the chunk (moved here so no parallel test shares the process RSS).</summary>
+    [Fact]
+    public void Memory_stays_bounded_by_the_chunk_not_by_T_times_V()
+    {
+        // 2 x 4096 x 8192 fp32 logits = 256 MiB. A naive fp32 log_softmax would add another 256 MiB; the chunked path
+        // (256 tokens x 8192 x 4 B = 8 MiB per temporary) must add far less than one copy of the logits.
+        using var scope = NewDisposeScope();
+        var logits = randn(2, 4096, 8192);
+        var labels = randint(0, 8192, new long[] { 2, 4096 });
+        long before = ProcessMemory.Rss();
+        if (!ProcessMemory.TryResetPeak()) return;                             // no /proc/self/clear_refs: nothing to measure
+        using (var r = SequenceLogProbs.Compute(logits, labels, null, LabelAlignment.Aligned, new SequenceLogProbsOptions { ChunkTokens = 256 }))
+        {
+            long extra = ProcessMemory.PeakRss() - before;
+            Assert.True(extra < 64L << 20, $"forward peak grew by {extra >> 20} MiB for 256 MiB of logits");
+        }
     }
 }
 

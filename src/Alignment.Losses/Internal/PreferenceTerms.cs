@@ -81,9 +81,10 @@ internal sealed class PreferenceTerms
             var accuracy = IsPaired
                 ? (chosen > rejected).to_type(DType).mean()
                 : (chosen.unsqueeze(1) > rejected.unsqueeze(0)).to_type(DType).mean();
+            var (meanChosen, meanRejected) = (chosen.mean(), rejected.mean());
             packed = stack(new[]
             {
-                perExample.detach().mean(), chosen.mean(), rejected.mean(), chosen.mean() - rejected.mean(), accuracy,
+                perExample.detach().mean(), meanChosen, meanRejected, meanChosen - meanRejected, accuracy,
                 PolicyChosen.detach().mean(), PolicyRejected.detach().mean(),
             });
         }
