@@ -61,7 +61,7 @@ internal sealed class BenchInputs : IDisposable
         "hinge" => new HingeLoss(),
         "dpo_nll" => new DpoNllLoss(),
         "rpo" => new RpoLoss(),
-        "spo" => new SpoLoss(),
+        "spo" => new SpoLoss(new SpoOptions { KlWeight = 0 }),   // the peer times the preference term (no KL estimate in the batch)
         "odpo" => new OdpoLoss(),
         "sppo" => new SppoLoss(),
         _ => throw new ArgumentException($"unknown loss {name}", nameof(name)),

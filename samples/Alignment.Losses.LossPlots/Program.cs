@@ -17,7 +17,7 @@ var cases = new (string File, string Title, Func<PreferenceLogps, PreferenceLoss
     ("robust_dpo", "Robust DPO (beta 0.1, eps 0.1)", p => RobustDpoLoss.Compute(p)),
     ("ipo", "IPO (beta 0.1, summed log-probs)", p => IpoLoss.Compute(p)),
     ("hinge", "Hinge (beta 0.1)", p => HingeLoss.Compute(p)),
-    ("spo", "SPO preference term (alpha 1)", p => SpoLoss.Compute(p)),
+    ("spo", "SPO preference term (alpha 1)", p => SpoLoss.Compute(p, null, new SpoOptions { KlWeight = 0 })),
     ("odpo", "ODPO (beta 0.1, alpha 1, score gap e: offset 1)", p => OdpoLoss.Compute(p, null,
         new ResponseScores(full(n, Math.E + 1, dtype: ScalarType.Float64), ones(n, dtype: ScalarType.Float64)))),
     ("sppo", "SPPO (beta 0.1, p_w 0.8, p_l 0.2, u_l = 0)", p => SppoLoss.Compute(p, null,

@@ -1,9 +1,12 @@
-#:package Alignment.Losses@0.1.0
+#:project ../../src/Alignment.Losses/Alignment.Losses.csproj
 #:package TorchSharp-cpu@0.107.0
 #:property PublishAot=false
+#:property RuntimeIdentifier=$(NETCoreSdkRuntimeIdentifier)
 
 // Computes every loss of Alignment.Losses on one small batch and prints the loss with two metrics.
-// Run: dotnet run compute-losses.cs
+// Run from the repository root: dotnet run samples/scripts/compute-losses.cs
+// (#:project builds the library from source; outside the repository use #:package Alignment.Losses@<version>
+// from a local feed, see the README. RuntimeIdentifier keeps one platform's libtorch, not all of them.)
 using Alignment.Losses;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -25,7 +28,7 @@ var batch = new PreferenceBatch(policy, reference)
 IPreferenceLoss[] losses =
 {
     new DpoLoss(), new ConservativeDpoLoss(), new RobustDpoLoss(), new IpoLoss(), new HingeLoss(), new DpoNllLoss(),
-    new RpoLoss(), new SpoLoss(), new OdpoLoss(), new SppoLoss(),
+    new RpoLoss(), new SpoLoss(new SpoOptions { KlWeight = 0 }), new OdpoLoss(), new SppoLoss(),
 };
 Console.WriteLine($"{"loss",-12} {"value",12} {"accuracy",9} {"margin",9}");
 foreach (var loss in losses)

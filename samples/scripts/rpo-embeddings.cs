@@ -1,9 +1,12 @@
-#:package Alignment.Losses@0.1.0
+#:project ../../src/Alignment.Losses/Alignment.Losses.csproj
 #:package TorchSharp-cpu@0.107.0
 #:property PublishAot=false
+#:property RuntimeIdentifier=$(NETCoreSdkRuntimeIdentifier)
 
 // RPO with prompt embeddings: paired (one embedding per pair) and unpaired (M chosen, N rejected, own prompts).
-// Run: dotnet run rpo-embeddings.cs
+// Run from the repository root: dotnet run samples/scripts/rpo-embeddings.cs
+// (#:project builds the library from source; outside the repository use #:package Alignment.Losses@<version>
+// from a local feed, see the README. RuntimeIdentifier keeps one platform's libtorch, not all of them.)
 using Alignment.Losses;
 using TorchSharp;
 using static TorchSharp.torch;

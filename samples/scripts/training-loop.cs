@@ -1,10 +1,13 @@
-#:package Alignment.Losses@0.1.0
+#:project ../../src/Alignment.Losses/Alignment.Losses.csproj
 #:package TorchSharp-cpu@0.107.0
 #:property PublishAot=false
+#:property RuntimeIdentifier=$(NETCoreSdkRuntimeIdentifier)
 
 // A loss in a TorchSharp training loop: a tiny "policy" scores 4 candidate responses per prompt; DPO aligns it to
 // preferences sampled from hidden rewards. Each step runs in a dispose scope so native memory stays flat.
-// Run: dotnet run training-loop.cs
+// Run from the repository root: dotnet run samples/scripts/training-loop.cs
+// (#:project builds the library from source; outside the repository use #:package Alignment.Losses@<version>
+// from a local feed, see the README. RuntimeIdentifier keeps one platform's libtorch, not all of them.)
 using Alignment.Losses;
 using TorchSharp;
 using static TorchSharp.torch;

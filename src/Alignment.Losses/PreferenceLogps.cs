@@ -36,8 +36,8 @@ public sealed class PreferenceLogps
 
     private PreferenceLogps(Tensor chosen, Tensor rejected, Tensor? chosenTokenCounts, Tensor? rejectedTokenCounts, bool isPaired)
     {
-        Guard.NotDisposed(chosen, nameof(chosen));
-        Guard.NotDisposed(rejected, nameof(rejected));
+        Guard.Usable(chosen, nameof(chosen));
+        Guard.Usable(rejected, nameof(rejected));
         CheckLogps(chosen, nameof(chosen));
         CheckLogps(rejected, nameof(rejected));
         Guard.SameDevice(chosen, nameof(chosen), rejected, nameof(rejected));
@@ -94,6 +94,15 @@ public sealed class PreferenceLogps
 
     internal void CheckSameDevice(Tensor other, string name) => Guard.SameDevice(Chosen, "policy log-probs", other, name);
 
+    /// <summary>At compute time: none of the tensors has been disposed since construction (names them as prefix.Chosen...).</summary>
+    internal void CheckUsable(string prefix)
+    {
+        Guard.Usable(Chosen, prefix + ".Chosen");
+        Guard.Usable(Rejected, prefix + ".Rejected");
+        if (ChosenTokenCounts is not null) Guard.Usable(ChosenTokenCounts, prefix + ".ChosenTokenCounts");
+        if (RejectedTokenCounts is not null) Guard.Usable(RejectedTokenCounts, prefix + ".RejectedTokenCounts");
+    }
+
     private static void CheckLogps(Tensor t, string name)
     {
         Guard.Rank(t, 1, name, "of per-sequence log-probabilities [batch]");
@@ -104,7 +113,7 @@ public sealed class PreferenceLogps
     private static void CheckCounts(Tensor? counts, Tensor logps, string name)
     {
         if (counts is null) return;
-        Guard.NotDisposed(counts, name);
+        Guard.Usable(counts, name);
         Guard.Rank(counts, 1, name, "of token counts [batch]");
         Guard.SameLength(logps, "the log-probs", counts, name);
         Guard.SameDevice(logps, "the log-probs", counts, name);

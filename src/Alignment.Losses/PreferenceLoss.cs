@@ -5,18 +5,33 @@ using static TorchSharp.torch;
 namespace Alignment.Losses;
 
 /// <summary>
-/// Base of the library's losses: validates the batch, upcasts to the compute dtype, scopes native memory, computes
-/// the standard metrics, and leaves the formula to the derived loss.
+/// Base of the library's losses, and the extension point for yours: it validates the batch, upcasts to the compute
+/// dtype, scopes native memory, computes the standard metrics, checks the result for NaN/Inf and reads every verdict
+/// back in one synchronisation, leaving only the formula to the derived loss.
 /// </summary>
-/// <typeparam name="TOptions">The loss's immutable options record.</typeparam>
+/// <typeparam name="TOptions">The loss's immutable options record (derived from <see cref="PreferenceLossOptions"/>).</typeparam>
 /// <remarks>
-/// Only the returned <see cref="PreferenceLossResult"/> survives a call: every temporary is disposed before
-/// <see cref="Compute(PreferenceBatch)"/> returns, whether or not the caller has a dispose scope of its own.
-/// To plug in a loss of your own, implement <see cref="IPreferenceLoss"/> directly.
+/// <para>A loss of your own overrides <see cref="Name"/>, <see cref="RewardScale"/> and <see cref="Evaluate"/>, and, when it
+/// reads side inputs, <see cref="Validate"/>. Every library loss is written this way; for example, DPO is:</para>
+/// <code>
+/// public sealed record MyDpoOptions : PreferenceLossOptions { public double Beta { get; init; } = 0.1; }
+/// public sealed class MyDpo(MyDpoOptions? options = null) : PreferenceLoss&lt;MyDpoOptions&gt;(options ?? new())
+/// {
+///     public override string Name => "my_dpo";
+///     protected override double RewardScale => Options.Beta;
+///     protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch) =>
+///         new(PreferenceMath.NegLogSigmoid(terms.Margin * Options.Beta));
+/// }
+/// </code>
+/// <para>Only the returned <see cref="PreferenceLossResult"/> survives a call: every temporary is disposed before
+/// <see cref="Compute(PreferenceBatch)"/> returns, whether or not the caller has a dispose scope of its own. Allocation
+/// failures become <see cref="InsufficientMemoryException"/> naming the loss and the batch's sizes.</para>
 /// </remarks>
 public abstract class PreferenceLoss<TOptions> : IPreferenceLoss where TOptions : PreferenceLossOptions
 {
-    private protected PreferenceLoss(TOptions options)
+    /// <summary>Creates the loss with its (already validated) options.</summary>
+    /// <exception cref="ArgumentNullException"><paramref name="options"/> is null.</exception>
+    protected PreferenceLoss(TOptions options)
     {
         Options = options ?? throw new ArgumentNullException(nameof(options));
     }
@@ -27,11 +42,11 @@ public abstract class PreferenceLoss<TOptions> : IPreferenceLoss where TOptions 
     /// <inheritdoc />
     public abstract string Name { get; }
 
-    /// <summary>The scale of the reward metrics (beta for most losses).</summary>
-    private protected abstract double RewardScale { get; }
+    /// <summary>The scale of the reward metrics: rewards/chosen = mean(RewardScale * u_w) (beta for most losses).</summary>
+    protected abstract double RewardScale { get; }
 
-    /// <summary>Whether the loss accepts unpaired log-probs (M chosen, N rejected).</summary>
-    private protected virtual bool SupportsUnpaired => false;
+    /// <summary>Whether the loss accepts unpaired log-probs (M chosen, N rejected). Default false.</summary>
+    protected virtual bool SupportsUnpaired => false;
 
     /// <inheritdoc />
     public PreferenceLossResult Compute(PreferenceBatch batch)
@@ -39,21 +54,27 @@ public abstract class PreferenceLoss<TOptions> : IPreferenceLoss where TOptions 
         ArgumentNullException.ThrowIfNull(batch);
         ArgumentNullException.ThrowIfNull(batch.Policy, "batch.Policy");
         ValidateCommon(batch);
+        return Native.Run($"{GetType().Name}.Compute ({Name})", () => Describe(batch), () => ComputeCore(batch));
+    }
 
+    private PreferenceLossResult ComputeCore(PreferenceBatch batch)
+    {
         using var scope = NewDisposeScope();
-        var checks = new DeferredChecks();
-        var extraTensors = Validate(batch, checks);
+        var checks = new ValueChecks();
+        var extraTensors = Validate(batch, checks)?.ToArray() ?? Array.Empty<(Tensor?, string)>();
         var dtype = Numerics.DTypeFor(batch.Policy.Chosen, batch.Policy.Rejected, batch.Reference?.Chosen, batch.Reference?.Rejected);
         var terms = new PreferenceTerms(batch, dtype, checks);
         var output = Evaluate(terms, batch);
-        var loss = output.PerExample.mean();
+        CheckOutput(output);
+        var perExample = Numerics.As(output.PerExample, dtype);
+        var loss = perExample.mean();
 
         // [loss, standard metrics, loss-specific metrics] in one device tensor: a handful of kernels and no synchronisation
         Tensor packed;
         string[] names;
         using (no_grad())
         {
-            packed = terms.LossAndStandardMetrics(output.PerExample, RewardScale);
+            packed = terms.LossAndStandardMetrics(perExample, RewardScale);
             names = PreferenceTerms.StandardMetricNames;
             if (output.Metrics.Count > 0)
             {
@@ -66,21 +87,36 @@ public abstract class PreferenceLoss<TOptions> : IPreferenceLoss where TOptions 
         if (Options.CheckFinite)
         {
             using (no_grad())
-                checks.Add(isfinite(packed).all(), () => NotFinite(batch, extraTensors));
+                checks.Add(isfinite(packed).all(), () => NotFinite(batch, extraTensors, dtype));
         }
         checks.Verify();
         var metricValues = packed.narrow(0, 1, names.Length);
-        scope.MoveToOuter(loss, output.PerExample, metricValues);
-        return new PreferenceLossResult(loss, output.PerExample, metricValues, names);
+        scope.MoveToOuter(loss, perExample, metricValues);
+        return new PreferenceLossResult(loss, perExample, metricValues, names, Name);
+    }
+
+    /// <summary>A derived loss's output must be usable: named errors for the mistakes a custom loss can make.</summary>
+    private void CheckOutput(LossOutput output)
+    {
+        if (output.PerExample is null || output.PerExample.IsInvalid)
+            throw new InvalidOperationException($"{GetType().Name}.Evaluate returned no per-example losses (or a disposed tensor).");
+        if (output.PerExample.dim() != 1 || !output.PerExample.is_floating_point())
+            throw new InvalidOperationException(
+                $"{GetType().Name}.Evaluate must return per-example losses as a 1-D floating tensor; got {output.PerExample.dtype} {Guard.Shape(output.PerExample)}.");
+        foreach (var (name, value) in output.Metrics ?? Array.Empty<(string, Tensor)>())
+            if (string.IsNullOrEmpty(name) || value is null || value.IsInvalid || value.numel() != 1)
+                throw new InvalidOperationException(
+                    $"{GetType().Name}.Evaluate returned metric '{name}' that is not a named one-element tensor.");
     }
 
     /// <summary>
     /// Never a silent NaN, at the cost of one small check: every non-finite input reaches the loss or a metric (an
     /// infinite log-prob that zeroes the loss still makes the reward metrics infinite), so one isfinite over
-    /// [loss, metrics], read back with the other deferred checks in a single synchronisation, suffices. Only when it
-    /// fails are the inputs examined one by one, so that the error names the offending argument.
+    /// [loss, metrics], read back with the other value checks in a single synchronisation, suffices. Only when it
+    /// fails are the inputs examined one by one, so that the error names the offending argument; when they are all
+    /// finite, the arithmetic overflowed, and the error says so with the magnitudes and options involved.
     /// </summary>
-    private static Exception NotFinite(PreferenceBatch batch, IEnumerable<(Tensor? Tensor, string Name)> extraTensors)
+    private Exception NotFinite(PreferenceBatch batch, IEnumerable<(Tensor? Tensor, string Name)> extraTensors, ScalarType dtype)
     {
         var inputs = new List<(Tensor?, string)>
         {
@@ -90,9 +126,11 @@ public abstract class PreferenceLoss<TOptions> : IPreferenceLoss where TOptions 
         };
         inputs.AddRange(extraTensors);
         Guard.AllFinite(inputs.ToArray());
+        double largest = Guard.MaxAbs(inputs.Select(i => i.Item1));
         return new ArithmeticException(
-            "The loss or a metric is not finite although every input is finite: the log-probs are too large for the compute dtype. " +
-            "Check the scale of the inputs (summed log-probs of real sequences are rarely beyond 1e6).");
+            $"The {Name} loss overflowed {dtype} although every input is finite: the largest input magnitude is {largest:G4} and the options are {Options}. " +
+            "The product of a hyperparameter and the inputs exceeds the range of the compute dtype; reduce the hyperparameter or check the scale of the inputs " +
+            "(summed log-probs of real sequences are rarely beyond 1e5).");
     }
 
     /// <summary>
@@ -100,20 +138,27 @@ public abstract class PreferenceLoss<TOptions> : IPreferenceLoss where TOptions 
     /// is not finite). Structural problems (shape, dtype, device, missing inputs) throw at once; checks of values on the
     /// device are registered in <paramref name="checks"/>, read back after the formula in the call's single synchronisation.
     /// </summary>
-    private protected virtual IEnumerable<(Tensor? Tensor, string Name)> Validate(PreferenceBatch batch, DeferredChecks checks) =>
+    /// <param name="batch">The batch, after the common checks (policy and reference shapes, devices, pairing).</param>
+    /// <param name="checks">Where device-side value checks are registered.</param>
+    /// <returns>The side inputs to examine (with their names) when the loss or a metric is not finite.</returns>
+    protected virtual IEnumerable<(Tensor? Tensor, string Name)> Validate(PreferenceBatch batch, ValueChecks checks) =>
         Array.Empty<(Tensor?, string)>();
 
     /// <summary>The formula: per-example losses and loss-specific metrics, computed from the upcast terms.</summary>
-    private protected abstract LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch);
+    /// <param name="terms">The batch in the compute dtype: log-probs, log-ratios, the margin, token counts, checks.</param>
+    /// <param name="batch">The original batch, for side inputs (upcast them with <see cref="PreferenceTerms.Upcast"/>).</param>
+    protected abstract LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch);
 
     private void ValidateCommon(PreferenceBatch batch)
     {
         var policy = batch.Policy;
+        policy.CheckUsable("policy");
         if (!policy.IsPaired && !SupportsUnpaired)
             throw new ArgumentException(
                 $"The {Name} loss needs paired log-probs (row i of chosen and rejected answer the same prompt); got unpaired ones.",
                 "policy");
         if (batch.Reference is not { } reference) return;
+        reference.CheckUsable("reference");
         if (reference.IsPaired != policy.IsPaired)
             throw new ArgumentException(
                 $"reference is {(reference.IsPaired ? "paired" : "unpaired")} but policy is {(policy.IsPaired ? "paired" : "unpaired")}; build both the same way.",
@@ -123,12 +168,30 @@ public abstract class PreferenceLoss<TOptions> : IPreferenceLoss where TOptions 
         policy.CheckSameDevice(reference.Chosen, "reference.Chosen");
     }
 
-    /// <summary>Validates a per-example side input: 1-D, floating, one row per pair, on the policy's device.</summary>
-    private protected static void CheckPerExample(Tensor? t, PreferenceBatch batch, string name, string meaning)
+    /// <summary>The batch's shapes, for out-of-memory messages.</summary>
+    private static string Describe(PreferenceBatch batch)
     {
+        var parts = new List<string>
+        {
+            $"policy chosen {Native.Describe(batch.Policy.Chosen)}, rejected {Guard.Shape(batch.Policy.Rejected)}",
+        };
+        if (batch.PromptEmbeddings is { } e)
+            parts.Add(e.IsPaired ? $"prompt embeddings {Guard.Shape(e.Chosen)}" : $"prompt embeddings {Guard.Shape(e.Chosen)} and {Guard.Shape(e.Rejected)}");
+        if (batch.RpoWeights is { } w) parts.Add($"weights {Guard.Shape(w)}");
+        return string.Join("; ", parts);
+    }
+
+    /// <summary>Validates a per-example side input: 1-D, floating, one row per pair, on the policy's device.</summary>
+    /// <param name="t">The side input (null is an error naming <paramref name="name"/>).</param>
+    /// <param name="batch">The batch it belongs to.</param>
+    /// <param name="name">Its name in error messages, e.g. "scores.Chosen".</param>
+    /// <param name="meaning">What it holds, e.g. "the chosen responses' scores".</param>
+    protected static void CheckPerExample(Tensor? t, PreferenceBatch batch, string name, string meaning)
+    {
+        ArgumentNullException.ThrowIfNull(batch);
         if (t is null)
             throw new ArgumentException($"{name} is required: {meaning}.", name);
-        Guard.NotDisposed(t, name);
+        Guard.Usable(t, name);
         Guard.Rank(t, 1, name, $"[batch] ({meaning})");
         Guard.Floating(t, name);
         Guard.SameLength(batch.Policy.Chosen, "policy.Chosen", t, name);

@@ -1,3 +1,4 @@
+using Alignment.Losses.Internal;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -10,17 +11,23 @@ namespace Alignment.Losses;
 /// The result owns its tensors; dispose it (or let an enclosing <c>torch.NewDisposeScope()</c> do it) once the
 /// backward pass is done. Metrics are kept on the loss's device as one small tensor and copied to the host the
 /// first time <see cref="Metrics"/> is read, so computing a loss never forces a device synchronisation for metrics.
+/// Reading <see cref="Loss"/>, <see cref="PerExample"/> or metrics not yet read after the result was disposed (directly,
+/// or by the end of the dispose scope it was created in) throws <see cref="ObjectDisposedException"/>.
 /// </remarks>
 public sealed class PreferenceLossResult : IDisposable
 {
+    private readonly Tensor _loss;
+    private readonly Tensor _perExample;
     private readonly Tensor _metricValues;
     private readonly string[] _metricNames;
+    private readonly string _lossName;
     private IReadOnlyDictionary<string, double>? _metrics;
     private bool _disposed;
 
     /// <summary>
-    /// Builds a result for a loss of your own (an <see cref="IPreferenceLoss"/> implemented outside this library).
-    /// The result takes ownership of <paramref name="loss"/> and <paramref name="perExample"/>.
+    /// Builds a result for a loss of your own that implements <see cref="IPreferenceLoss"/> directly (deriving from
+    /// <see cref="PreferenceLoss{TOptions}"/> builds it for you, with the standard metrics). The result takes ownership
+    /// of <paramref name="loss"/> and <paramref name="perExample"/>.
     /// </summary>
     /// <param name="loss">The scalar loss (with grad).</param>
     /// <param name="perExample">The unreduced per-example losses.</param>
@@ -31,41 +38,45 @@ public sealed class PreferenceLossResult : IDisposable
         ArgumentNullException.ThrowIfNull(perExample);
         ArgumentNullException.ThrowIfNull(metrics);
         var list = metrics.ToList();
-        Loss = loss;
-        PerExample = perExample;
+        _loss = loss;
+        _perExample = perExample;
+        _lossName = "custom";
         _metricNames = list.Select(m => m.Key).ToArray();
         _metricValues = tensor(list.Select(m => m.Value).ToArray(), dtype: ScalarType.Float64);
         _metricValues.DetachFromDisposeScope();
     }
 
-    internal PreferenceLossResult(Tensor loss, Tensor perExample, Tensor metricValues, string[] metricNames)
+    internal PreferenceLossResult(Tensor loss, Tensor perExample, Tensor metricValues, string[] metricNames, string lossName)
     {
-        Loss = loss;
-        PerExample = perExample;
+        _loss = loss;
+        _perExample = perExample;
         _metricValues = metricValues;
         _metricNames = metricNames;
+        _lossName = lossName;
     }
 
     /// <summary>The scalar loss (mean of <see cref="PerExample"/>), float32 (float64 for float64 inputs), on the inputs' device, with grad.</summary>
-    public Tensor Loss { get; }
+    /// <exception cref="ObjectDisposedException">The result (or the dispose scope it was created in) has been disposed.</exception>
+    public Tensor Loss => Alive(_loss);
 
     /// <summary>The unreduced per-example losses [B] (per chosen row for RPO), with grad: use them for custom weighting.</summary>
-    public Tensor PerExample { get; }
+    /// <exception cref="ObjectDisposedException">The result (or the dispose scope it was created in) has been disposed.</exception>
+    public Tensor PerExample => Alive(_perExample);
 
     /// <summary>Names of the metrics, in the order they were computed.</summary>
     public IReadOnlyList<string> MetricNames => _metricNames;
 
     /// <summary>
     /// Detached metrics as plain doubles, keyed by TRL-style names (see <see cref="Losses.MetricNames"/>).
-    /// The first read copies them from the device (one synchronisation); later reads are free.
+    /// The first read copies them from the device (one synchronisation); later reads are free, even after disposal.
     /// </summary>
+    /// <exception cref="ObjectDisposedException">The result was disposed before the metrics were first read.</exception>
     public IReadOnlyDictionary<string, double> Metrics
     {
         get
         {
-            ObjectDisposedException.ThrowIf(_disposed && _metrics is null, this);
             if (_metrics is not null) return _metrics;
-            using var host = _metricValues.to(float64, CPU);
+            using var host = Alive(_metricValues).to(float64, CPU);
             var values = host.data<double>().ToArray();
             var dict = new Dictionary<string, double>(_metricNames.Length);
             for (int i = 0; i < _metricNames.Length; i++) dict[_metricNames[i]] = values[i];
@@ -81,15 +92,26 @@ public sealed class PreferenceLossResult : IDisposable
         : throw new KeyNotFoundException($"No metric named '{metric}'. Available: {string.Join(", ", _metricNames)}.");
 
     /// <summary>Moves the result's tensors out of <paramref name="scope"/> (to the enclosing scope, or to no scope).</summary>
-    internal void MoveToOuter(DisposeScope scope) => scope.MoveToOuter(Loss, PerExample, _metricValues);
+    internal void MoveToOuter(DisposeScope scope) => scope.MoveToOuter(_loss, _perExample, _metricValues);
 
-    /// <summary>Releases the native memory of the loss, the per-example losses and the metrics.</summary>
+    private Tensor Alive(Tensor t)
+    {
+        if (_disposed || t.IsInvalid)
+            throw new ObjectDisposedException($"PreferenceLossResult ({_lossName})",
+                $"This {_lossName} loss result has been disposed, by Dispose() or by the end of the dispose scope it was created in. " +
+                "Read the loss and metrics (or call backward) before the scope ends, or move the result's tensors to an outer scope.");
+        return t;
+    }
+
+    /// <summary>Releases the native memory of the loss, the per-example losses and the metrics (and gradients the library's
+    /// backward passes returned on this thread outside any dispose scope).</summary>
     public void Dispose()
     {
         if (_disposed) return;
         _disposed = true;
-        Loss.Dispose();
-        PerExample.Dispose();
+        _loss.Dispose();
+        _perExample.Dispose();
         _metricValues.Dispose();
+        BackwardLeftovers.Release();
     }
 }

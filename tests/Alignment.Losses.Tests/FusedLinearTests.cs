@@ -26,7 +26,7 @@ public class FusedLinearTests
             mask);
     }
 
-    static PreferenceBatch SideInputs(ScalarType dtype) => new(new PreferenceLogps(zeros(1), zeros(1)),
+    static PreferenceBatch SideInputs(ScalarType dtype, PreferenceLogps policy) => new(policy,
         new PreferenceLogps(tensor(new[] { -20.0, -25 }, dtype: dtype), tensor(new[] { -22.0, -21 }, dtype: dtype)))
     {
         PromptEmbeddings = PromptEmbeddings.Paired(tensor(new[] { 1.0, 0.2, 0.3, 1.0 }, dtype: dtype).reshape(2, 2)),
@@ -46,12 +46,12 @@ public class FusedLinearTests
         return new PreferenceLogps(sum.narrow(0, 0, 2), sum.narrow(0, 2, 2), counts.narrow(0, 0, 2), counts.narrow(0, 2, 2));
     }
 
-    static (double Loss, double[] Grads) Run(IPreferenceLoss loss, Setup s, Func<PreferenceBatch> side, bool fused, LabelAlignment alignment, long chunk)
+    static (double Loss, double[] Grads) Run(IPreferenceLoss loss, Setup s, Func<PreferenceLogps, PreferenceBatch> side, bool fused, LabelAlignment alignment, long chunk)
     {
         foreach (var p in new[] { s.Hidden, s.Weight, s.Bias }) p.grad?.zero_();
         PreferenceLossResult r = fused
-            ? FusedLinearLogProbs.ComputeLoss(loss, side(), s.Hidden, s.Weight, s.Bias, s.Labels, s.Mask, alignment, new SequenceLogProbsOptions { ChunkTokens = chunk })
-            : loss.Compute(side() with { Policy = Materialised(s, alignment) });
+            ? FusedLinearLogProbs.ComputeLoss(loss, side, s.Hidden, s.Weight, s.Bias, s.Labels, s.Mask, alignment, new SequenceLogProbsOptions { ChunkTokens = chunk })
+            : loss.Compute(side(Materialised(s, alignment)));
         using (r)
         {
             r.Loss.backward();
@@ -74,7 +74,7 @@ public class FusedLinearTests
         "dpo_nll" => new DpoNllLoss(),
         "rpo" => new RpoLoss(new() { Beta = 0.5 }),
         "rpo_diagonal" => new RpoLoss(new() { Beta = 0.5, Variant = RpoVariant.Diagonal }),
-        "spo" => new SpoLoss(new() { Alpha = 0.7 }),
+        "spo" => new SpoLoss(new() { Alpha = 0.7, KlWeight = 0 }),
         "odpo" => new OdpoLoss(new() { Beta = 0.5 }),
         "sppo" => new SppoLoss(new() { Beta = 0.1 }),
         _ => throw new ArgumentException(name),
@@ -86,7 +86,7 @@ public class FusedLinearTests
         using var scope = NewDisposeScope();
         var s = Make(ScalarType.Float64);
         var loss = Create(name);
-        Func<PreferenceBatch> side = name == "rpo_diagonal" ? () => SideInputs(ScalarType.Float64) with { PromptEmbeddings = null } : () => SideInputs(ScalarType.Float64);
+        Func<PreferenceLogps, PreferenceBatch> side = name == "rpo_diagonal" ? p => SideInputs(ScalarType.Float64, p) with { PromptEmbeddings = null } : p => SideInputs(ScalarType.Float64, p);
         foreach (var (alignment, chunk) in new[] { (LabelAlignment.Aligned, 1024L), (LabelAlignment.ShiftByOne, 3L), (LabelAlignment.Aligned, 1L) })
         {
             var expected = Run(loss, s, side, fused: false, alignment, chunk);
@@ -109,8 +109,8 @@ public class FusedLinearTests
         var exact = new Setup(s16.Hidden.detach().to_type(ScalarType.Float64).requires_grad_(true), s16.Weight.detach().to_type(ScalarType.Float64).requires_grad_(true),
             s16.Bias.detach().to_type(ScalarType.Float64).requires_grad_(true), s64.Labels, s64.Mask);
         var loss = new DpoLoss(new() { Beta = 0.5 });
-        var want = Run(loss, exact, () => SideInputs(ScalarType.Float64), fused: false, LabelAlignment.Aligned, 2);
-        var got = Run(loss, s16, () => SideInputs(ScalarType.Float32), fused: true, LabelAlignment.Aligned, 2);
+        var want = Run(loss, exact, p => SideInputs(ScalarType.Float64, p), fused: false, LabelAlignment.Aligned, 2);
+        var got = Run(loss, s16, p => SideInputs(ScalarType.Float32, p), fused: true, LabelAlignment.Aligned, 2);
         Assert.Equal(ScalarType.BFloat16, s16.Weight.grad!.dtype);
         Assert.Equal(want.Loss, got.Loss, 4);
         double scale = want.Grads.Max(Math.Abs);

@@ -74,20 +74,37 @@ public class PackageTests
         Assert.Equal(Math.Log(2), double.Parse(m.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture), 5);   // policy == reference
     }
 
-    /// <summary>Copies a file-based script next to a NuGet.config for the local feed, pins the packed version, and runs it.</summary>
+    /// <summary>
+    /// Copies a file-based script next to a NuGet.config for the local feed, makes it reference the packed package (in
+    /// place of the repository's project), and runs it: what a user outside the repository does.
+    /// </summary>
     string RunScript(string name, string source)
     {
         _pkg.EnsurePacked();
         var dir = _pkg.NewConsumerFolder("script-" + Path.GetFileNameWithoutExtension(name));
-        source = Regex.Replace(source, @"#:package Alignment\.Losses@\S+", $"#:package Alignment.Losses@{_pkg.Version}");
+        source = Regex.Replace(source, @"#:package Alignment\.Losses@\S+|#:project \S*Alignment\.Losses\.csproj", $"#:package Alignment.Losses@{_pkg.Version}");
+        Assert.Contains($"#:package Alignment.Losses@{_pkg.Version}", source);
         // one platform's native files instead of every platform's: faster on CI, same loader path
-        source = "#:property RuntimeIdentifier=linux-x64\n" + source;
+        if (!source.Contains("#:property RuntimeIdentifier=", StringComparison.Ordinal)) source = "#:property RuntimeIdentifier=linux-x64\n" + source;
         File.WriteAllText(Path.Combine(dir, name), source);
         return ProcessRunner.Ok(ProcessRunner.Dotnet(dir, Build, "run", name), name);
     }
 
     public static IEnumerable<object[]> Scripts =>
         Directory.GetFiles(Path.Combine(ProcessRunner.RepoRoot, "samples", "scripts"), "*.cs").Select(f => new object[] { Path.GetFileName(f) });
+
+    /// <summary>Each script's header says how to run it; this runs exactly that command, in place, from the repository root.</summary>
+    [Theory, MemberData(nameof(Scripts))]
+    public void Sample_scripts_run_in_place_with_the_command_their_header_gives(string script)
+    {
+        var source = File.ReadAllText(Path.Combine(ProcessRunner.RepoRoot, "samples", "scripts", script));
+        var command = Regex.Match(source, @"// Run from the repository root: (dotnet run \S+)").Groups[1].Value;
+        Assert.Equal($"dotnet run samples/scripts/{script}", command);
+        var output = ProcessRunner.Ok(ProcessRunner.Dotnet(ProcessRunner.RepoRoot, Build, command.Split(' ').Skip(1).ToArray()), command);
+        Assert.DoesNotContain("NaN", output, StringComparison.Ordinal);
+        Assert.DoesNotContain("NU1008", output, StringComparison.Ordinal);
+        Assert.True(output.Trim().Length > 0);
+    }
 
     [Theory, MemberData(nameof(Scripts))]
     public void Sample_scripts_run_against_the_packed_package(string script)

@@ -77,7 +77,7 @@ public sealed class PackageFixture : IDisposable
 
     public void EnsurePacked() => Assert.True(PackExitCode == 0, "dotnet pack failed:\n" + PackOutput);
 
-    /// <summary>A fresh folder outside the repository, with a NuGet.config that adds the local feed.</summary>
+    /// <summary>A fresh folder outside the repository, with a NuGet.config that adds the local feed to the machine's sources.</summary>
     public string NewConsumerFolder(string name)
     {
         var dir = Path.Combine(Root, name);
@@ -86,9 +86,7 @@ public sealed class PackageFixture : IDisposable
             <?xml version="1.0" encoding="utf-8"?>
             <configuration>
               <packageSources>
-                <clear />
-                <add key="local" value="{Feed}" />
-                <add key="nuget.org" value="https://api.nuget.org/v3/index.json" />
+                <add key="alignment-losses-local" value="{Feed}" />
               </packageSources>
             </configuration>
             """);

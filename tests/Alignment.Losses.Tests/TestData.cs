@@ -171,7 +171,7 @@ public static class LossCatalog
         new("rpo_weight_outside", x => new RpoLoss(new() { Beta = x.Beta, Temperature = x.Tau, WeightPlacement = RpoWeightPlacement.OutsideSigmoid }),
             t => t.Full() with { PromptEmbeddings = PromptEmbeddings.Paired(t.Emb) },
             x => Oracle.Rpo(x.Pc, x.Pr, x.Rc, x.Rr, Oracle.RpoWeights(x.Emb, x.Emb, x.Tau), x.Beta, inside: false)),
-        new("rpo_all_pairs", x => new RpoLoss(new() { Beta = x.Beta }), Full,
+        new("rpo_all_pairs", x => new RpoLoss(new() { Beta = x.Beta, Variant = RpoVariant.AllPairs }), Full,
             x => Oracle.Rpo(x.Pc, x.Pr, x.Rc, x.Rr, Oracle.Ones(x.B, x.B), x.Beta, inside: true)),
         new("rpo_diagonal", x => new RpoLoss(new() { Beta = x.Beta, Variant = RpoVariant.Diagonal, DiagonalWeight = 1 - x.Eps }), Full,
             x => Oracle.Rpo(x.Pc, x.Pr, x.Rc, x.Rr, Oracle.Diagonal(x.B, 1 - x.Eps), x.Beta, inside: false)),

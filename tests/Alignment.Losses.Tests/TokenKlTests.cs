@@ -79,8 +79,13 @@ public class TokenKlTests
         var policy = new PreferenceLogps(tensor(new[] { -3.0, -5 }), tensor(new[] { -4.0, -4 }));
         var kl = tensor(new[] { 0.5, 1.5 });
         using var with = SpoLoss.Compute(policy, kl, new SpoOptions { KlWeight = 0.2 });
-        using var without = SpoLoss.Compute(policy, null, new SpoOptions { KlWeight = 0.2 });
+        using var without = SpoLoss.Compute(policy, null, new SpoOptions { KlWeight = 0 });
         Assert.Equal(without.Loss.ToDouble() + 0.2 * 1.0, with.Loss.ToDouble(), 12);
         Assert.Equal(1.0, with[MetricNames.SpoKl], 12);
+        Assert.Equal("spo", new SpoLoss(new SpoOptions { KlWeight = 0.2 }).Name);
+        Assert.Equal("spo_no_kl", new SpoLoss(new SpoOptions { KlWeight = 0 }).Name);
+        // the regulariser is never dropped silently: a positive weight without a KL estimate is a named error
+        var e = Assert.Throws<ArgumentException>(() => SpoLoss.Compute(policy, null, new SpoOptions { KlWeight = 0.2 }));
+        Assert.Equal("batch.KlDivergence", e.ParamName);
     }
 }

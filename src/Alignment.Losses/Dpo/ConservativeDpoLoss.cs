@@ -5,8 +5,8 @@ namespace Alignment.Losses;
 /// <summary>Options of <see cref="ConservativeDpoLoss"/>.</summary>
 public sealed record ConservativeDpoOptions : PreferenceLossOptions
 {
-    /// <summary>beta &gt; 0. Default 0.1.</summary>
-    public double Beta { get; init => field = Guard.Positive(value, nameof(Beta)); } = 0.1;
+    /// <summary>beta in [1e-12, 1e12]. Default 0.1.</summary>
+    public double Beta { get; init => field = Guard.Scale(value, nameof(Beta)); } = 0.1;
 
     /// <summary>Label smoothing eps in [0, 0.5): the assumed probability that a label is flipped. Default 0.1. eps = 0 is DPO.</summary>
     public double LabelSmoothing { get; init => field = Guard.InRange(value, 0, 0.5, nameof(LabelSmoothing)); } = 0.1;
@@ -16,7 +16,8 @@ public sealed record ConservativeDpoOptions : PreferenceLossOptions
 /// cDPO, conservative DPO with label smoothing (Mitchell 2023, "A note on DPO with noisy preferences"); TRL "sigmoid" with label_smoothing.
 /// </summary>
 /// <remarks>
-/// <para>Per pair: L = (1 - eps) * softplus(-beta * h) + eps * softplus(beta * h).</para>
+/// <para>Per pair: L = (1 - eps) * softplus(-beta * h) + eps * softplus(beta * h), computed as softplus(-beta * h) + eps * beta * h
+/// (the same function, one softplus and no cancellation; see <see cref="PreferenceMath.LabelSmoothed"/>).</para>
 /// <para>Gradient: stationary at h* = ln((1 - eps) / eps) / beta; below it the chosen log-prob is pushed up, past it the
 /// gradient reverses (the chosen is pushed down), which keeps the margin bounded.</para>
 /// </remarks>
@@ -28,13 +29,13 @@ public sealed class ConservativeDpoLoss : PreferenceLoss<ConservativeDpoOptions>
     /// <inheritdoc />
     public override string Name => "cdpo";
 
-    private protected override double RewardScale => Options.Beta;
+    /// <inheritdoc />
+    protected override double RewardScale => Options.Beta;
 
-    private protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch)
+    /// <inheritdoc />
+    protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch)
     {
-        var z = terms.Margin * Options.Beta;
-        var eps = Options.LabelSmoothing;
-        return new(Numerics.NegLogSigmoid(z) * (1 - eps) + Numerics.NegLogSigmoid(-z) * eps);
+        return new(PreferenceMath.LabelSmoothed(terms.Margin * Options.Beta, Options.LabelSmoothing));
     }
 
     /// <summary>The margin h* = ln((1 - eps) / eps) / beta at which the loss is stationary (infinite for eps = 0).</summary>

@@ -5,8 +5,8 @@ namespace Alignment.Losses;
 /// <summary>Options of <see cref="DpoLoss"/>.</summary>
 public sealed record DpoOptions : PreferenceLossOptions
 {
-    /// <summary>beta &gt; 0, the inverse temperature of the implicit reward beta * log(pi / pi_ref). Default 0.1.</summary>
-    public double Beta { get; init => field = Guard.Positive(value, nameof(Beta)); } = 0.1;
+    /// <summary>beta in [1e-12, 1e12], the inverse temperature of the implicit reward beta * log(pi / pi_ref). Default 0.1.</summary>
+    public double Beta { get; init => field = Guard.Scale(value, nameof(Beta)); } = 0.1;
 }
 
 /// <summary>
@@ -26,9 +26,11 @@ public sealed class DpoLoss : PreferenceLoss<DpoOptions>
     /// <inheritdoc />
     public override string Name => "dpo";
 
-    private protected override double RewardScale => Options.Beta;
+    /// <inheritdoc />
+    protected override double RewardScale => Options.Beta;
 
-    private protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch) =>
+    /// <inheritdoc />
+    protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch) =>
         new(Numerics.NegLogSigmoid(terms.Margin * Options.Beta));
 
     /// <summary>DPO with default (or given) options: <c>DpoLoss.Compute(policyLogps, refLogps)</c>.</summary>

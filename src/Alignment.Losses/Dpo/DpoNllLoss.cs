@@ -5,11 +5,11 @@ namespace Alignment.Losses;
 /// <summary>Options of <see cref="DpoNllLoss"/>.</summary>
 public sealed record DpoNllOptions : PreferenceLossOptions
 {
-    /// <summary>beta &gt; 0 of the DPO term. Default 0.1.</summary>
-    public double Beta { get; init => field = Guard.Positive(value, nameof(Beta)); } = 0.1;
+    /// <summary>beta in [1e-12, 1e12] of the DPO term. Default 0.1.</summary>
+    public double Beta { get; init => field = Guard.Scale(value, nameof(Beta)); } = 0.1;
 
-    /// <summary>alpha &gt;= 0, the weight of the NLL term (TRL's <c>rpo_alpha</c>). Default 1, as in Pang et al.</summary>
-    public double NllWeight { get; init => field = Guard.NonNegative(value, nameof(NllWeight)); } = 1.0;
+    /// <summary>alpha in [0, 1e12], the weight of the NLL term (TRL's <c>rpo_alpha</c>). Default 1, as in Pang et al.</summary>
+    public double NllWeight { get; init => field = Guard.Weight(value, nameof(NllWeight)); } = 1.0;
 }
 
 /// <summary>
@@ -31,11 +31,13 @@ public sealed class DpoNllLoss : PreferenceLoss<DpoNllOptions>
     /// <inheritdoc />
     public override string Name => "dpo_nll";
 
-    private protected override double RewardScale => Options.Beta;
+    /// <inheritdoc />
+    protected override double RewardScale => Options.Beta;
 
-    private protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch)
+    /// <inheritdoc />
+    protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch)
     {
-        var (nw, _) = TokenCounts.Require(batch.Policy, terms.DType, Name, needRejected: false, terms.Checks);
+        var (nw, _) = terms.TokenCounts(Name, needRejected: false);
         var nll = -terms.PolicyChosen / nw;
         var perExample = Numerics.NegLogSigmoid(terms.Margin * Options.Beta) + nll * Options.NllWeight;
         return new(perExample, new[] { (MetricNames.NllLoss, nll.mean()) });

@@ -6,8 +6,8 @@ namespace Alignment.Losses;
 /// <summary>Options of <see cref="HingeLoss"/>.</summary>
 public sealed record HingeOptions : PreferenceLossOptions
 {
-    /// <summary>beta &gt; 0; the margin is 1 / beta in log-ratio units. Default 0.1.</summary>
-    public double Beta { get; init => field = Guard.Positive(value, nameof(Beta)); } = 0.1;
+    /// <summary>beta in [1e-12, 1e12]; the margin is 1 / beta in log-ratio units. Default 0.1.</summary>
+    public double Beta { get; init => field = Guard.Scale(value, nameof(Beta)); } = 0.1;
 }
 
 /// <summary>
@@ -25,9 +25,11 @@ public sealed class HingeLoss : PreferenceLoss<HingeOptions>
     /// <inheritdoc />
     public override string Name => "hinge";
 
-    private protected override double RewardScale => Options.Beta;
+    /// <inheritdoc />
+    protected override double RewardScale => Options.Beta;
 
-    private protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch) =>
+    /// <inheritdoc />
+    protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch) =>
         new(nn.functional.relu(1 - terms.Margin * Options.Beta));
 
     /// <summary>Hinge loss with default (or given) options.</summary>

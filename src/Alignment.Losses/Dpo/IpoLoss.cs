@@ -15,11 +15,11 @@ public enum IpoLogRatio
 /// <summary>Options of <see cref="IpoLoss"/>.</summary>
 public sealed record IpoOptions : PreferenceLossOptions
 {
-    /// <summary>beta &gt; 0 (the paper's tau); the target margin is 1 / (2 beta). Default 0.1.</summary>
-    public double Beta { get; init => field = Guard.Positive(value, nameof(Beta)); } = 0.1;
+    /// <summary>beta in [1e-12, 1e12] (the paper's tau); the target margin is 1 / (2 beta). Default 0.1.</summary>
+    public double Beta { get; init => field = Guard.Scale(value, nameof(Beta)); } = 0.1;
 
     /// <summary>Sum (default, the paper) or per-token mean (TRL) log-probs.</summary>
-    public IpoLogRatio LogRatio { get; init; } = IpoLogRatio.Sum;
+    public IpoLogRatio LogRatio { get; init => field = Guard.Defined(value, nameof(LogRatio)); } = IpoLogRatio.Sum;
 }
 
 /// <summary>
@@ -37,19 +37,22 @@ public sealed class IpoLoss : PreferenceLoss<IpoOptions>
     public IpoLoss(IpoOptions? options = null) : base(options ?? new IpoOptions()) { }
 
     /// <inheritdoc />
-    public override string Name => "ipo";
+    /// <remarks>"ipo" with summed log-probs, "ipo_per_token" with per-token means.</remarks>
+    public override string Name => Options.LogRatio == IpoLogRatio.PerTokenMean ? "ipo_per_token" : "ipo";
 
-    private protected override double RewardScale => Options.Beta;
+    /// <inheritdoc />
+    protected override double RewardScale => Options.Beta;
 
     /// <summary>The margin 1 / (2 beta) that IPO regresses h~ onto.</summary>
     public double TargetMargin => 1 / (2 * Options.Beta);
 
-    private protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch)
+    /// <inheritdoc />
+    protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch)
     {
         var margin = terms.Margin;
         if (Options.LogRatio == IpoLogRatio.PerTokenMean)
         {
-            var (nw, nl) = TokenCounts.Require(batch.Policy, terms.DType, Name, needRejected: true, terms.Checks);
+            var (nw, nl) = terms.TokenCounts(Name);
             margin = terms.ChosenLogRatio / nw - terms.RejectedLogRatio / nl;
         }
         return new((margin - TargetMargin).square());

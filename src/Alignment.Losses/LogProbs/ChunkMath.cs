@@ -4,12 +4,12 @@ namespace Alignment.Losses.Internal;
 
 /// <summary>
 /// The per-chunk maths shared by the chunked log-prob paths (from logits, and from hidden states through the head):
-/// one [len, V] block of logits in the compute dtype in, per-token logsumexp and target log-prob out; and the
+/// one [rows, V] block of logits in the compute dtype in, per-token logsumexp and target log-prob out; and the
 /// gradient of sum_t g_t * log softmax(z_t)[y_t] with respect to the block, g * (onehot(y) - softmax(z)).
 /// </summary>
 internal static class ChunkMath
 {
-    /// <summary>Returns (logsumexp [len], target log-prob [len]) of a block of logits [len, V].</summary>
+    /// <summary>Returns (logsumexp [rows], target log-prob [rows]) of a block of logits [rows, V].</summary>
     internal static (Tensor Lse, Tensor TargetLogp) Forward(Tensor block, Tensor targets)
     {
         var lse = block.logsumexp(1);
@@ -31,11 +31,47 @@ internal static class ChunkMath
     /// <summary>Sums token log-probs over valid positions, selecting (not multiplying) so that masked NaN/Inf cannot leak in.</summary>
     internal static Tensor MaskedSum(Tensor tokenLogp, Tensor weights) => tokenLogp.masked_fill(weights == 0, 0).sum(1);
 
-    /// <summary>Token ranges [n, t0, t0 + len) of at most <paramref name="chunk"/> tokens.</summary>
-    internal static IEnumerable<(long N, long T0, long Len)> Chunks(long n, long t, long chunk)
+    /// <summary>
+    /// The blocks a [N, T] grid of tokens is processed in, each of at most <paramref name="chunk"/> tokens: groups of whole
+    /// sequences when a sequence fits in a chunk (so many short sequences cost a few large kernels, not one small kernel
+    /// each), and ranges of positions within one sequence otherwise.
+    /// </summary>
+    internal static IEnumerable<Block> Blocks(long n, long t, long chunk)
     {
+        if (t <= chunk)
+        {
+            long perBlock = Math.Max(1, chunk / Math.Max(1, t));
+            for (long n0 = 0; n0 < n; n0 += perBlock)
+                yield return new Block(n0, Math.Min(perBlock, n - n0), 0, t);
+            yield break;
+        }
         for (long i = 0; i < n; i++)
             for (long t0 = 0; t0 < t; t0 += chunk)
-                yield return (i, t0, Math.Min(chunk, t - t0));
+                yield return new Block(i, 1, t0, Math.Min(chunk, t - t0));
+    }
+
+    /// <summary>Sequences [N0, N0 + Rows) at positions [T0, T0 + Tokens).</summary>
+    internal readonly record struct Block(long N0, long Rows, long T0, long Tokens)
+    {
+        /// <summary>Number of tokens in the block.</summary>
+        internal long Count => Rows * Tokens;
+
+        /// <summary>The block of an [N, T, ...] tensor, as a view [Rows, Tokens, ...].</summary>
+        internal Tensor Of(Tensor x) => x.narrow(0, N0, Rows).narrow(1, T0, Tokens);
+
+        /// <summary>The block's rows of an [N, T, D] tensor as a [Count, D] tensor in <paramref name="dtype"/>: a view when
+        /// possible, otherwise one copy of the block (never of the whole tensor).</summary>
+        internal Tensor Rows2D(Tensor x, ScalarType dtype) => Of(x).to_type(dtype).reshape(Count, x.shape[2]);
+
+        /// <summary>A fresh (writable) [Count, D] copy of the block in <paramref name="dtype"/>.</summary>
+        internal Tensor Copy2D(Tensor x, ScalarType dtype)
+        {
+            var work = empty(Count, x.shape[2], dtype: dtype, device: x.device);
+            work.view(Rows, Tokens, x.shape[2]).copy_(Of(x));
+            return work;
+        }
+
+        /// <summary>The block of an [N, T] tensor, flattened to [Count].</summary>
+        internal Tensor Flat(Tensor x) => Of(x).reshape(Count);
     }
 }

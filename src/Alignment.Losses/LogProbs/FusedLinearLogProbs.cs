@@ -10,13 +10,15 @@ namespace Alignment.Losses;
 /// </summary>
 /// <remarks>
 /// <para>Two phases, in one custom autograd function. Forward (phase 1): for each chunk of tokens, logits = h W^T + b
-/// (one matmul), keep the per-token logsumexp and target log-prob, free the chunk. The result is the [N] log-probs
-/// any <see cref="IPreferenceLoss"/> consumes, so the loss maths is the same code as the unfused path, batch-coupled
-/// losses (RPO) included. Backward (phase 2): for each chunk, recompute the logits, form
-/// d loss/d logits = g * (onehot - softmax), and accumulate grad_hidden = G W and grad_W += G^T h (and grad_b).</para>
-/// <para>Chunks run along tokens within each sequence, so peak memory is bounded by the chunk size whatever T and V are:
-/// about ChunkTokens x V fp32 values plus the gradients of W (and h) themselves.</para>
-/// <para>Use it with <see cref="Compute"/> then any loss, or with <see cref="ComputeLoss"/> in one call.</para>
+/// (one matrix product), keep the per-token target log-prob, free the chunk. The result is the [N] log-probs any
+/// <see cref="IPreferenceLoss"/> consumes, so the loss maths is the same code as the unfused path, batch-coupled losses
+/// (RPO) included. Backward (phase 2): for each chunk, recompute the logits, form d loss/d logits = g * (onehot - softmax),
+/// and accumulate grad_hidden = G W and grad_W += G^T h (and grad_b).</para>
+/// <para>Chunks hold whole sequences when they fit, token ranges otherwise, so peak memory is bounded by the chunk size
+/// whatever T and V are: about ChunkTokens x V fp32 values plus the gradients of W (and h) themselves. Masked positions
+/// contribute nothing, even when their hidden states hold NaN or Inf.</para>
+/// <para>Use it with <see cref="Compute"/> then any loss, or with <see cref="ComputeLoss(IPreferenceLoss, Tensor, Tensor, Tensor?, Tensor, Tensor?, LabelAlignment, PreferenceLogps?, SequenceLogProbsOptions?)"/>
+/// in one call.</para>
 /// </remarks>
 public static class FusedLinearLogProbs
 {
@@ -28,45 +30,71 @@ public static class FusedLinearLogProbs
     /// <param name="mask">Optional [N, T] mask of the tokens that count.</param>
     /// <param name="alignment">Aligned or shifted labels (explicit).</param>
     /// <param name="options">Ignore index and chunk size (tokens per chunk).</param>
+    /// <exception cref="ArgumentException">A shape, dtype, device or value is invalid; the message names the argument.</exception>
+    /// <exception cref="InsufficientMemoryException">A chunk or a gradient cannot be allocated.</exception>
     public static SequenceLogProbsResult Compute(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor? mask,
         LabelAlignment alignment, SequenceLogProbsOptions? options = null)
     {
         options ??= new SequenceLogProbsOptions();
-        Guard.NotDisposed(hidden, nameof(hidden));
-        Guard.NotDisposed(weight, nameof(weight));
+        Guard.Usable(hidden, nameof(hidden));
+        Guard.Usable(weight, nameof(weight));
         Guard.Rank(hidden, 3, nameof(hidden), "of hidden states [N, T, H]");
         Guard.Rank(weight, 2, nameof(weight), "of the head weight [V, H]");
         Guard.Floating(hidden, nameof(hidden));
         Guard.Floating(weight, nameof(weight));
+        Guard.Defined(alignment, nameof(alignment));
         if (weight.shape[1] != hidden.shape[2])
             throw new ArgumentException($"weight must be [V, {hidden.shape[2]}] to match the hidden size; got {Guard.Shape(weight)}.", nameof(weight));
         Guard.SameDevice(hidden, nameof(hidden), weight, nameof(weight));
         if (bias is not null)
         {
-            Guard.NotDisposed(bias, nameof(bias));
+            Guard.Usable(bias, nameof(bias));
+            Guard.Floating(bias, nameof(bias));
             if (bias.dim() != 1 || bias.shape[0] != weight.shape[0])
                 throw new ArgumentException($"bias must be [{weight.shape[0]}]; got {Guard.Shape(bias)}.", nameof(bias));
             Guard.SameDevice(hidden, nameof(hidden), bias, nameof(bias));
         }
-        using var scope = NewDisposeScope();
-        var prepared = Targets.Prepare(hidden, weight.shape[0], labels, mask, alignment, options);   // the logits path's label handling
-        var x = alignment == LabelAlignment.ShiftByOne ? hidden.narrow(1, 0, hidden.shape[1] - 1) : hidden;
-        var dtype = hidden.dtype == ScalarType.Float64 ? ScalarType.Float64 : ScalarType.Float32;
-        var weights = prepared.Valid.to_type(dtype);
-        var sum = bias is null
-            ? LinearFunction.apply(x, weight, prepared.Targets, weights, options.ChunkTokens, dtype)
-            : LinearBiasFunction.apply(x, weight, bias, prepared.Targets, weights, options.ChunkTokens, dtype);
-        var result = Targets.Finish(sum, weights, "hidden");
-        scope.MoveToOuter(result.Sum, result.TokenCounts, result.Mean);
-        return result;
+        return Native.Run("FusedLinearLogProbs.Compute", () => $"hidden {Native.Describe(hidden)}, weight {Native.Describe(weight)}, chunk {options.ChunkTokens} tokens", () =>
+        {
+            using var scope = NewDisposeScope();
+            var prepared = Targets.Prepare(hidden, nameof(hidden), weight.shape[0], nameof(weight), labels, mask, alignment, options);
+            bool shift = alignment == LabelAlignment.ShiftByOne;
+            var dtype = Numerics.DTypeFor(hidden, weight, bias);
+            var weights = prepared.Valid.to_type(dtype);
+            // views, so that the gradients reach a leaf's AccumulateGrad as fresh tensors it adopts instead of copying
+            Tensor ViewOf(Tensor t) => t.requires_grad ? t.view(t.shape) : t;
+            var sum = bias is null
+                ? LinearFunction.apply(ViewOf(hidden), ViewOf(weight), prepared.Targets, weights, shift, options.ChunkTokens, dtype)
+                : LinearBiasFunction.apply(ViewOf(hidden), ViewOf(weight), ViewOf(bias), prepared.Targets, weights, shift, options.ChunkTokens, dtype);
+            var result = Targets.Finish(sum, weights, () => NonFinite(hidden, weight, bias, prepared.Valid, shift, sum, dtype));
+            scope.MoveToOuter(result.Sum, result.TokenCounts, result.Mean);
+            return result;
+        });
     }
 
     /// <summary>
-    /// Any preference loss from hidden states, in one call: the fused log-probs of a batch stacked as [chosen rows;
-    /// rejected rows] feed <paramref name="loss"/> with <paramref name="batch"/>'s reference log-probs and side inputs.
+    /// Any preference loss without side inputs from hidden states, in one call: the fused log-probs of a batch stacked as
+    /// [chosen rows; rejected rows] feed <paramref name="loss"/> with the reference log-probs.
     /// </summary>
     /// <param name="loss">Any loss of the library (or your own <see cref="IPreferenceLoss"/>).</param>
-    /// <param name="batch">Reference log-probs and side inputs; its <see cref="PreferenceBatch.Policy"/> is replaced by the fused log-probs.</param>
+    /// <param name="hidden">[2B, T, H] last hidden states: B chosen rows, then B rejected rows.</param>
+    /// <param name="weight">[V, H] head weight.</param>
+    /// <param name="bias">Optional [V] head bias.</param>
+    /// <param name="labels">[2B, T] int64 target ids.</param>
+    /// <param name="mask">Optional [2B, T] mask of the completion tokens.</param>
+    /// <param name="alignment">Aligned or shifted labels (explicit).</param>
+    /// <param name="reference">Reference log-probs [B] (chosen, rejected), or null for a reference-free loss.</param>
+    /// <param name="options">Ignore index and chunk size.</param>
+    public static PreferenceLossResult ComputeLoss(IPreferenceLoss loss, Tensor hidden, Tensor weight, Tensor? bias,
+        Tensor labels, Tensor? mask, LabelAlignment alignment, PreferenceLogps? reference = null, SequenceLogProbsOptions? options = null) =>
+        ComputeLoss(loss, policy => new PreferenceBatch(policy, reference), hidden, weight, bias, labels, mask, alignment, options);
+
+    /// <summary>
+    /// Any preference loss from hidden states, in one call, with side inputs: <paramref name="batch"/> builds the loss's
+    /// batch around the fused policy log-probs, e.g. <c>policy =&gt; new PreferenceBatch(policy, reference) { Scores = scores }</c>.
+    /// </summary>
+    /// <param name="loss">Any loss of the library (or your own <see cref="IPreferenceLoss"/>).</param>
+    /// <param name="batch">Builds the batch from the policy log-probs; its <see cref="PreferenceBatch.Policy"/> must be the given one.</param>
     /// <param name="hidden">[2B, T, H] last hidden states: B chosen rows, then B rejected rows.</param>
     /// <param name="weight">[V, H] head weight.</param>
     /// <param name="bias">Optional [V] head bias.</param>
@@ -74,89 +102,131 @@ public static class FusedLinearLogProbs
     /// <param name="mask">Optional [2B, T] mask of the completion tokens.</param>
     /// <param name="alignment">Aligned or shifted labels (explicit).</param>
     /// <param name="options">Ignore index and chunk size.</param>
-    public static PreferenceLossResult ComputeLoss(IPreferenceLoss loss, PreferenceBatch batch, Tensor hidden, Tensor weight, Tensor? bias,
+    public static PreferenceLossResult ComputeLoss(IPreferenceLoss loss, Func<PreferenceLogps, PreferenceBatch> batch, Tensor hidden, Tensor weight, Tensor? bias,
         Tensor labels, Tensor? mask, LabelAlignment alignment, SequenceLogProbsOptions? options = null)
     {
         ArgumentNullException.ThrowIfNull(loss);
         ArgumentNullException.ThrowIfNull(batch);
+        Guard.Usable(hidden, nameof(hidden));
+        Guard.Rank(hidden, 3, nameof(hidden), "of hidden states [2B, T, H]");
+        if (hidden.shape[0] % 2 != 0)
+            throw new ArgumentException(
+                $"hidden must stack B chosen rows then B rejected rows ([2B, T, H]); got {hidden.shape[0]} rows, an odd number.", nameof(hidden));
         using var scope = NewDisposeScope();
-        var logps = Compute(hidden, weight, bias, labels, mask, alignment, options);
-        var result = loss.Compute(batch with { Policy = logps.ToPreferenceLogps() });
+        using var logps = Compute(hidden, weight, bias, labels, mask, alignment, options);
+        var policy = logps.ToPreferenceLogps();
+        var built = batch(policy) ?? throw new InvalidOperationException("The batch function returned null; it must return a PreferenceBatch around the policy log-probs it is given.");
+        if (!ReferenceEquals(built.Policy, policy))
+            throw new InvalidOperationException("The batch function must build the PreferenceBatch around the policy log-probs it is given (new PreferenceBatch(policy, ...)); it used other log-probs.");
+        var result = loss.Compute(built);
         result.MoveToOuter(scope);
         return result;
     }
 
-    private static (Tensor Sum, Tensor? GradHidden, Tensor? GradWeight, Tensor? GradBias) Run(Tensor hidden, Tensor weight, Tensor? bias,
-        Tensor targets, Tensor weights, long chunk, ScalarType dtype, Tensor? gradOutput)
+    /// <summary>Only on failure: a non-finite weight or bias, non-finite hidden states at valid positions, or an overflow.</summary>
+    private static Exception NonFinite(Tensor hidden, Tensor weight, Tensor? bias, Tensor valid, bool shift, Tensor sum, ScalarType dtype)
     {
-        long n = hidden.shape[0], t = hidden.shape[1];
-        bool backward = gradOutput is not null;
-        var tokenLogp = backward ? null : zeros(n, t, dtype: dtype, device: hidden.device);
-        var gradHidden = backward ? zeros(hidden.shape, dtype: dtype, device: hidden.device) : null;
-        var gradWeight = backward ? zeros(weight.shape, dtype: dtype, device: weight.device) : null;
-        var gradBias = backward && bias is not null ? zeros(bias.shape, dtype: dtype, device: weight.device) : null;
-        var rowGrad = backward ? gradOutput!.to_type(dtype).unsqueeze(1) * weights : null;
-        var w = weight.to_type(dtype);
-        var b = bias?.to_type(dtype);
-        foreach (var (i, t0, len) in ChunkMath.Chunks(n, t, chunk))
+        Guard.AllFinite((weight, nameof(weight)), (bias, nameof(bias)));
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        var badHidden = (~isfinite(SequenceLogProbs.Scored(hidden, shift))).any(-1) & valid;   // [N, T']
+        if (badHidden.any().item<bool>())
         {
-            using var inner = NewDisposeScope();
-            var h = hidden[i].narrow(0, t0, len).to_type(dtype);                     // [len, H]
-            var logits = b is null ? h.matmul(w.t()) : torch.addmm(b, h, w.t(), 1, 1);        // [len, V]: the one live chunk
-            var y = targets[i].narrow(0, t0, len);
-            if (!backward)
-            {
-                tokenLogp![i].narrow(0, t0, len).copy_(ChunkMath.Forward(logits, y).TargetLogp);
-                continue;
-            }
-            var g = rowGrad![i].narrow(0, t0, len);
-            var gradLogits = ChunkMath.GradInPlace(logits, logits.logsumexp(1), y, g);  // [len, V]
-            gradHidden![i].narrow(0, t0, len).copy_(gradLogits.matmul(w));
-            gradWeight!.addmm_(gradLogits.t(), h);
-            gradBias?.add_(gradLogits.sum(dim: 0));   // named: a literal 0 would bind to sum(ScalarType)
+            var rows = badHidden.any(1).nonzero().flatten().cpu().data<long>().Take(8);
+            return new ArgumentException($"hidden contains NaN or Inf at valid positions of sequence(s) {string.Join(", ", rows)}.", nameof(hidden));
         }
-        return backward ? (null!, gradHidden, gradWeight, gradBias) : (ChunkMath.MaskedSum(tokenLogp!, weights), null, null, null);
+        var seqs = (~isfinite(sum.detach())).nonzero().flatten().cpu().data<long>().Take(8);
+        return new ArithmeticException(
+            $"The log-probs of sequence(s) {string.Join(", ", seqs)} overflowed {dtype} although hidden, weight and bias are finite: the logits h W^T + b " +
+            $"(|hidden| up to {Guard.MaxAbs(new[] { hidden }):G4}, |weight| up to {Guard.MaxAbs(new[] { weight }):G4}) exceed its range.");
     }
 
-    private sealed class LinearFunction : autograd.SingleTensorFunction<LinearFunction>
+    private static Tensor Logits(Tensor h, Tensor wt, Tensor? b) =>
+        b is null ? h.mm(wt) : torch.addmm(b, h, wt, 1, 1);   // mm / addmm, never matmul: see Native
+
+    private static Tensor Forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor weights, bool shift, long chunk, ScalarType dtype)
+    {
+        var x = SequenceLogProbs.Scored(hidden, shift);
+        long n = x.shape[0], t = x.shape[1];
+        var tokenLogp = empty(n, t, dtype: dtype, device: x.device);
+        var wt = weight.to_type(dtype).t();
+        var b = bias?.to_type(dtype);
+        foreach (var block in ChunkMath.Blocks(n, t, chunk))
+        {
+            using var inner = NewDisposeScope();
+            var logits = Logits(block.Rows2D(x, dtype), wt, b);                              // [count, V]: the one live chunk
+            block.Of(tokenLogp).copy_(ChunkMath.Forward(logits, block.Flat(targets)).TargetLogp.view(block.Rows, block.Tokens));
+        }
+        return ChunkMath.MaskedSum(tokenLogp, weights);
+    }
+
+    private static (Tensor Hidden, Tensor Weight, Tensor? Bias) Backward(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor weights,
+        bool shift, long chunk, ScalarType dtype, Tensor gradOutput)
+    {
+        var x = SequenceLogProbs.Scored(hidden, shift);
+        var (gradHidden, scored) = SequenceLogProbs.GradientBuffer(hidden, hidden.dtype, shift);
+        var gradWeight = zeros(weight.shape, dtype: dtype, device: weight.device);
+        var gradBias = bias is null ? null : zeros(bias.shape, dtype: dtype, device: weight.device);
+        var rowGrad = gradOutput.to_type(dtype).unsqueeze(1) * weights;                     // [N, T']: g_n * valid
+        var w = weight.to_type(dtype);
+        var wt = w.t();
+        var b = bias?.to_type(dtype);
+        foreach (var block in ChunkMath.Blocks(x.shape[0], x.shape[1], chunk))
+        {
+            using var inner = NewDisposeScope();
+            var g = block.Flat(rowGrad);
+            // masked positions contribute nothing, even when their hidden states are NaN (0 * NaN would be NaN in G^T h)
+            var h = block.Rows2D(x, dtype).masked_fill((g == 0).unsqueeze(1), 0);
+            var logits = Logits(h, wt, b);
+            var gradLogits = ChunkMath.GradInPlace(logits, logits.logsumexp(1), block.Flat(targets), g);   // [count, V]
+            block.Of(scored).copy_(gradLogits.mm(w).view(block.Rows, block.Tokens, x.shape[2]));
+            gradWeight.addmm_(gradLogits.t(), h);
+            gradBias?.add_(gradLogits.sum(dim: 0));   // named: a literal 0 would bind to sum(ScalarType)
+        }
+        return (gradHidden, gradWeight.to_type(weight.dtype), gradBias?.to_type(bias!.dtype));
+    }
+
+    private sealed class LinearFunction : LibraryFunction<LinearFunction>
     {
         public override string Name => "AlignmentLosses.FusedLinearLogProbs";
 
-        public override Tensor forward(autograd.AutogradContext ctx, params object[] vars)
+        protected override Tensor Forward(autograd.AutogradContext ctx, object[] vars)
         {
             Tensor hidden = (Tensor)vars[0], weight = (Tensor)vars[1], targets = (Tensor)vars[2], weights = (Tensor)vars[3];
             ctx.save_for_backward(new List<Tensor> { hidden, weight, targets, weights });
-            ctx.save_data("chunk", vars[4]);
-            ctx.save_data("dtype", vars[5]);
-            return Run(hidden, weight, null, targets, weights, (long)vars[4], (ScalarType)vars[5], null).Sum;
+            ctx.save_data("shift", vars[4]);
+            ctx.save_data("chunk", vars[5]);
+            ctx.save_data("dtype", vars[6]);
+            return FusedLinearLogProbs.Forward(hidden, weight, null, targets, weights, (bool)vars[4], (long)vars[5], (ScalarType)vars[6]);
         }
 
-        public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor grad_output)
+        protected override Tensor?[] Backward(autograd.AutogradContext ctx, IReadOnlyList<Tensor> s, Tensor grad_output)
         {
-            var s = ctx.get_saved_variables();
-            var (_, gh, gw, _) = Run(s[0], s[1], null, s[2], s[3], (long)ctx.get_data("chunk")!, (ScalarType)ctx.get_data("dtype")!, grad_output);
-            return new List<Tensor> { gh!.to_type(s[0].dtype), gw!.to_type(s[1].dtype), null!, null!, null!, null! };
+            var (gh, gw, _) = FusedLinearLogProbs.Backward(s[0], s[1], null, s[2], s[3], (bool)ctx.get_data("shift")!, (long)ctx.get_data("chunk")!,
+                (ScalarType)ctx.get_data("dtype")!, grad_output);
+            return new Tensor?[] { gh, gw, null, null, null, null, null };
         }
     }
 
-    private sealed class LinearBiasFunction : autograd.SingleTensorFunction<LinearBiasFunction>
+    private sealed class LinearBiasFunction : LibraryFunction<LinearBiasFunction>
     {
         public override string Name => "AlignmentLosses.FusedLinearLogProbsWithBias";
 
-        public override Tensor forward(autograd.AutogradContext ctx, params object[] vars)
+        protected override Tensor Forward(autograd.AutogradContext ctx, object[] vars)
         {
             Tensor hidden = (Tensor)vars[0], weight = (Tensor)vars[1], bias = (Tensor)vars[2], targets = (Tensor)vars[3], weights = (Tensor)vars[4];
             ctx.save_for_backward(new List<Tensor> { hidden, weight, bias, targets, weights });
-            ctx.save_data("chunk", vars[5]);
-            ctx.save_data("dtype", vars[6]);
-            return Run(hidden, weight, bias, targets, weights, (long)vars[5], (ScalarType)vars[6], null).Sum;
+            ctx.save_data("shift", vars[5]);
+            ctx.save_data("chunk", vars[6]);
+            ctx.save_data("dtype", vars[7]);
+            return FusedLinearLogProbs.Forward(hidden, weight, bias, targets, weights, (bool)vars[5], (long)vars[6], (ScalarType)vars[7]);
         }
 
-        public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor grad_output)
+        protected override Tensor?[] Backward(autograd.AutogradContext ctx, IReadOnlyList<Tensor> s, Tensor grad_output)
         {
-            var s = ctx.get_saved_variables();
-            var (_, gh, gw, gb) = Run(s[0], s[1], s[2], s[3], s[4], (long)ctx.get_data("chunk")!, (ScalarType)ctx.get_data("dtype")!, grad_output);
-            return new List<Tensor> { gh!.to_type(s[0].dtype), gw!.to_type(s[1].dtype), gb!.to_type(s[2].dtype), null!, null!, null!, null! };
+            var (gh, gw, gb) = FusedLinearLogProbs.Backward(s[0], s[1], s[2], s[3], s[4], (bool)ctx.get_data("shift")!, (long)ctx.get_data("chunk")!,
+                (ScalarType)ctx.get_data("dtype")!, grad_output);
+            return new Tensor?[] { gh, gw, gb, null, null, null, null, null };
         }
     }
 }

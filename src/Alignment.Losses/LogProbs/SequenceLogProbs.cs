@@ -25,28 +25,60 @@ public sealed record SequenceLogProbsOptions
     public long ChunkTokens { get; init => field = value >= 1 ? value : throw new ArgumentOutOfRangeException(nameof(ChunkTokens), value, "ChunkTokens must be >= 1."); } = 1024;
 }
 
-/// <summary>Per-sequence log-probabilities from <see cref="SequenceLogProbs.Compute"/>.</summary>
-/// <param name="Sum">[N] summed log-probs of the valid (completion) tokens, float32 (float64 for float64 logits), differentiable w.r.t. the logits.</param>
-/// <param name="TokenCounts">[N] number of valid tokens per sequence (float, no grad).</param>
-/// <param name="Mean">[N] per-token mean log-prob (Sum / TokenCounts; 0 for a sequence with no valid token), differentiable.</param>
-public sealed record SequenceLogProbsResult(Tensor Sum, Tensor TokenCounts, Tensor Mean) : IDisposable
+/// <summary>Per-sequence log-probabilities from <see cref="SequenceLogProbs.Compute"/> or <see cref="FusedLinearLogProbs.Compute"/>.</summary>
+/// <remarks>
+/// The result owns its three tensors: dispose it (or let an enclosing dispose scope do it) after the backward pass.
+/// Reading a tensor after that throws <see cref="ObjectDisposedException"/>.
+/// </remarks>
+public sealed class SequenceLogProbsResult : IDisposable
 {
+    private readonly Tensor _sum, _tokenCounts, _mean;
+    private bool _disposed;
+
+    internal SequenceLogProbsResult(Tensor sum, Tensor tokenCounts, Tensor mean)
+    {
+        _sum = sum;
+        _tokenCounts = tokenCounts;
+        _mean = mean;
+    }
+
+    /// <summary>[N] summed log-probs of the valid (completion) tokens, float32 (float64 for float64 inputs), differentiable.</summary>
+    public Tensor Sum => Alive(_sum);
+
+    /// <summary>[N] number of valid tokens per sequence (float, no grad).</summary>
+    public Tensor TokenCounts => Alive(_tokenCounts);
+
+    /// <summary>[N] per-token mean log-prob (Sum / TokenCounts; 0 for a sequence with no valid token), differentiable.</summary>
+    public Tensor Mean => Alive(_mean);
+
     /// <summary>Splits a batch stacked as [chosen rows; rejected rows] (first half chosen) into paired log-probs with token counts.</summary>
+    /// <exception cref="InvalidOperationException">The number of rows is odd.</exception>
     public PreferenceLogps ToPreferenceLogps()
     {
         long n = Sum.shape[0];
         if (n % 2 != 0)
-            throw new InvalidOperationException($"A stacked chosen/rejected batch needs an even number of rows; got {n}.");
+            throw new InvalidOperationException($"A stacked chosen/rejected batch needs an even number of rows (B chosen, then B rejected); got {n}.");
         long half = n / 2;
-        return new PreferenceLogps(Sum.narrow(0, 0, half), Sum.narrow(0, half, half), TokenCounts.narrow(0, 0, half), TokenCounts.narrow(0, half, half));
+        return new PreferenceLogps(_sum.narrow(0, 0, half), _sum.narrow(0, half, half), _tokenCounts.narrow(0, 0, half), _tokenCounts.narrow(0, half, half));
     }
 
-    /// <summary>Releases the three tensors.</summary>
+    private Tensor Alive(Tensor t)
+    {
+        if (_disposed || t.IsInvalid)
+            throw new ObjectDisposedException(nameof(SequenceLogProbsResult),
+                "These sequence log-probs have been disposed, by Dispose() or by the end of the dispose scope they were created in.");
+        return t;
+    }
+
+    /// <summary>Releases the three tensors (and gradients the library's backward passes returned on this thread outside any scope).</summary>
     public void Dispose()
     {
-        Sum.Dispose();
-        TokenCounts.Dispose();
-        Mean.Dispose();
+        if (_disposed) return;
+        _disposed = true;
+        _sum.Dispose();
+        _tokenCounts.Dispose();
+        _mean.Dispose();
+        BackwardLeftovers.Release();
     }
 }
 
@@ -58,9 +90,14 @@ public sealed record SequenceLogProbsResult(Tensor Sum, Tensor TokenCounts, Tens
 /// <para>The common way (fp32 log_softmax of all [N, T, V] logits, then gather) allocates fp32 copies several times the
 /// size of the logits. Here at most one fp32 chunk of <see cref="SequenceLogProbsOptions.ChunkTokens"/> x V values is
 /// alive at a time; the forward pass keeps only a logsumexp per token, and the backward pass (a custom autograd
-/// function) recomputes each chunk's softmax and writes grad_logits = g * (onehot(y) - softmax) in the logits' dtype.</para>
-/// <para>Non-contiguous logits are read in place (no copy of the whole tensor). Labels outside [0, V) at a valid position are
-/// an error; NaN/Inf logits at a valid position are an error naming the sequences (at masked positions they are ignored).</para>
+/// function) recomputes each chunk's softmax and writes grad_logits = g * (onehot(y) - softmax) in the logits' dtype.
+/// Chunks hold whole sequences when they fit (many short sequences cost a few large kernels), token ranges otherwise.</para>
+/// <para>Memory after backward: the gradient buffer the backward pass writes becomes the leaf's <c>.grad</c> itself (no
+/// second logits-sized copy). When the logits are not a leaf (a model's output), that buffer is released with the
+/// result or the dispose scope; <see cref="FusedLinearLogProbs"/> avoids it altogether.</para>
+/// <para>Non-contiguous logits are read in place (no copy of the whole tensor). Labels outside [0, V) at a valid position
+/// are an error; NaN/Inf logits at a valid position are an error naming the sequences (at masked positions they are
+/// ignored). A floating mask must be finite; a nonzero entry marks a position that counts.</para>
 /// </remarks>
 public static class SequenceLogProbs
 {
@@ -70,6 +107,8 @@ public static class SequenceLogProbs
     /// <param name="mask">Optional [N, T] mask, nonzero / true where the token counts (completion tokens); null = every non-ignored position.</param>
     /// <param name="alignment">Whether labels are already aligned with logits or must be shifted by one (stated explicitly: there is no default).</param>
     /// <param name="options">Ignore index and chunk size.</param>
+    /// <exception cref="ArgumentException">A shape, dtype, device or value is invalid; the message names the argument.</exception>
+    /// <exception cref="InsufficientMemoryException">A chunk or the gradient cannot be allocated.</exception>
     public static SequenceLogProbsResult Compute(Tensor logits, Tensor labels, Tensor? mask, LabelAlignment alignment, SequenceLogProbsOptions? options = null)
         => ComputeCore(logits, labels, mask, alignment, options, allowKernels: true);
 
@@ -87,102 +126,130 @@ public static class SequenceLogProbs
     private static SequenceLogProbsResult ComputeCore(Tensor logits, Tensor labels, Tensor? mask, LabelAlignment alignment, SequenceLogProbsOptions? options, bool allowKernels)
     {
         options ??= new SequenceLogProbsOptions();
-        Guard.NotDisposed(logits, nameof(logits));
+        Guard.Usable(logits, nameof(logits));
         Guard.Rank(logits, 3, nameof(logits), "of logits [N, T, V]");
         Guard.Floating(logits, nameof(logits));
-        using var scope = NewDisposeScope();
-        var prepared = Targets.Prepare(logits, logits.shape[2], labels, mask, alignment, options);
-        var x = alignment == LabelAlignment.ShiftByOne ? logits.narrow(1, 0, logits.shape[1] - 1) : logits;
-        var dtype = logits.dtype == ScalarType.Float64 ? ScalarType.Float64 : ScalarType.Float32;
-        var weights = prepared.Valid.to_type(dtype);
-        Tensor sum;
-        if (allowKernels && x.device_type == DeviceType.CUDA && logits.dtype != ScalarType.Float64 && x.stride(2) == 1
-            && CudaLogProbKernels.TryGet(x.device, logits.dtype) is { } kernels)
-            sum = KernelFunction.apply(x, prepared.Targets, weights, kernels);
-        else
-            sum = SequenceLogProbFunction.apply(x, prepared.Targets, weights, options.ChunkTokens, dtype);
-        var result = Targets.Finish(sum, weights, nameof(logits));
-        scope.MoveToOuter(result.Sum, result.TokenCounts, result.Mean);
-        return result;
+        Guard.Defined(alignment, nameof(alignment));
+        return Native.Run("SequenceLogProbs.Compute", () => $"logits {Native.Describe(logits)}, chunk {options.ChunkTokens} tokens", () =>
+        {
+            using var scope = NewDisposeScope();
+            var prepared = Targets.Prepare(logits, nameof(logits), logits.shape[2], nameof(logits), labels, mask, alignment, options);
+            bool shift = alignment == LabelAlignment.ShiftByOne;
+            var dtype = logits.dtype == ScalarType.Float64 ? ScalarType.Float64 : ScalarType.Float32;
+            var weights = prepared.Valid.to_type(dtype);
+            // a view, so that the gradient this function returns reaches a leaf's AccumulateGrad as a fresh tensor it can
+            // adopt (the library's own handle to it would otherwise make libtorch copy it: a second logits-sized buffer)
+            var input = logits.requires_grad ? logits.view(logits.shape) : logits;
+            Tensor sum;
+            if (allowKernels && logits.device_type == DeviceType.CUDA && logits.dtype != ScalarType.Float64 && logits.stride(2) == 1
+                && CudaLogProbKernels.TryGet(logits.device, logits.dtype) is { } kernels)
+                sum = KernelFunction.apply(input, prepared.Targets, weights, shift, kernels);
+            else
+                sum = SequenceLogProbFunction.apply(input, prepared.Targets, weights, shift, options.ChunkTokens, dtype);
+            var result = Targets.Finish(sum, weights, () => Targets.NonFinite(nameof(logits), sum));
+            scope.MoveToOuter(result.Sum, result.TokenCounts, result.Mean);
+            return result;
+        });
+    }
+
+    /// <summary>The logits the labels are scored against: all positions, or all but the last with ShiftByOne.</summary>
+    internal static Tensor Scored(Tensor logits, bool shift) => shift ? logits.narrow(1, 0, logits.shape[1] - 1) : logits;
+
+    /// <summary>A gradient buffer laid out like <paramref name="input"/> whose unscored last position is 0 (ShiftByOne), and its scored part.</summary>
+    internal static (Tensor Full, Tensor Scored) GradientBuffer(Tensor input, ScalarType dtype, bool shift)
+    {
+        var full = empty_like(input, dtype: dtype);
+        if (shift) full.narrow(1, input.shape[1] - 1, 1).zero_();
+        return (full, Scored(full, shift));
     }
 
     /// <summary>The fused CUDA path: one kernel pass forward, one backward (see <see cref="CudaLogProbKernels"/>).</summary>
-    private sealed class KernelFunction : autograd.SingleTensorFunction<KernelFunction>
+    private sealed class KernelFunction : LibraryFunction<KernelFunction>
     {
         public override string Name => "AlignmentLosses.SequenceLogProbsCuda";
 
-        public override Tensor forward(autograd.AutogradContext ctx, params object[] vars)
+        protected override Tensor Forward(autograd.AutogradContext ctx, object[] vars)
         {
             var logits = (Tensor)vars[0];
             var targets = (Tensor)vars[1];
             var weights = (Tensor)vars[2];
-            var kernels = (CudaLogProbKernels.Kernels)vars[3];
-            var (lse, tokenLogp) = CudaLogProbKernels.LaunchForward(kernels, logits, targets);
+            var shift = (bool)vars[3];
+            var kernels = (CudaLogProbKernels.Kernels)vars[4];
+            var (lse, tokenLogp) = CudaLogProbKernels.LaunchForward(kernels, Scored(logits, shift), targets);
             ctx.save_for_backward(new List<Tensor> { logits, targets, weights, lse });
             ctx.save_data("kernels", kernels);
+            ctx.save_data("shift", shift);
             return ChunkMath.MaskedSum(tokenLogp, weights);
         }
 
-        public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor grad_output)
+        protected override Tensor?[] Backward(autograd.AutogradContext ctx, IReadOnlyList<Tensor> s, Tensor grad_output)
         {
-            var s = ctx.get_saved_variables();
             var kernels = (CudaLogProbKernels.Kernels)ctx.get_data("kernels")!;
+            var shift = (bool)ctx.get_data("shift")!;
             var g = (grad_output.to_type(ScalarType.Float32).unsqueeze(1) * s[2].to_type(ScalarType.Float32)).contiguous();
-            return new List<Tensor> { CudaLogProbKernels.LaunchBackward(kernels, s[0], s[1], s[3], g), null!, null!, null! };
+            var (grad, scored) = GradientBuffer(s[0], s[0].dtype, shift);
+            CudaLogProbKernels.LaunchBackward(kernels, Scored(s[0], shift), s[1], s[3], g, scored);
+            return new Tensor?[] { grad, null, null, null, null };
         }
     }
 
     /// <summary>Forward: per-sequence sums from chunked logsumexp and target gathers. Backward: chunked g * (onehot - softmax).</summary>
-    private sealed class SequenceLogProbFunction : autograd.SingleTensorFunction<SequenceLogProbFunction>
+    private sealed class SequenceLogProbFunction : LibraryFunction<SequenceLogProbFunction>
     {
         public override string Name => "AlignmentLosses.SequenceLogProbs";
 
-        public override Tensor forward(autograd.AutogradContext ctx, params object[] vars)
+        protected override Tensor Forward(autograd.AutogradContext ctx, object[] vars)
         {
             var logits = (Tensor)vars[0];
             var targets = (Tensor)vars[1];
             var weights = (Tensor)vars[2];
-            var chunk = (long)vars[3];
-            var dtype = (ScalarType)vars[4];
-            long n = logits.shape[0], t = logits.shape[1];
-            var tokenLogp = zeros(n, t, dtype: dtype, device: logits.device);
-            var lse = zeros(n, t, dtype: dtype, device: logits.device);
-            foreach (var (i, t0, len) in ChunkMath.Chunks(n, t, chunk))
+            var shift = (bool)vars[3];
+            var chunk = (long)vars[4];
+            var dtype = (ScalarType)vars[5];
+            var x = Scored(logits, shift);
+            long n = x.shape[0], t = x.shape[1];
+            var tokenLogp = empty(n, t, dtype: dtype, device: x.device);
+            var lse = empty(n, t, dtype: dtype, device: x.device);
+            foreach (var block in ChunkMath.Blocks(n, t, chunk))
             {
                 using var inner = NewDisposeScope();
-                var block = logits[i].narrow(0, t0, len).to_type(dtype);                 // [len, V] fp32: the one live chunk
-                var (blockLse, targetLogp) = ChunkMath.Forward(block, targets[i].narrow(0, t0, len));
-                lse[i].narrow(0, t0, len).copy_(blockLse);
-                tokenLogp[i].narrow(0, t0, len).copy_(targetLogp);
+                var (blockLse, targetLogp) = ChunkMath.Forward(block.Rows2D(x, dtype), block.Flat(targets));   // the one live chunk
+                block.Of(lse).copy_(blockLse.view(block.Rows, block.Tokens));
+                block.Of(tokenLogp).copy_(targetLogp.view(block.Rows, block.Tokens));
             }
             ctx.save_for_backward(new List<Tensor> { logits, targets, weights, lse });
+            ctx.save_data("shift", shift);
             ctx.save_data("chunk", chunk);
             ctx.save_data("dtype", dtype);
             return ChunkMath.MaskedSum(tokenLogp, weights);
         }
 
-        public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor grad_output)
+        protected override Tensor?[] Backward(autograd.AutogradContext ctx, IReadOnlyList<Tensor> saved, Tensor grad_output)
         {
-            var saved = ctx.get_saved_variables();
             Tensor logits = saved[0], targets = saved[1], weights = saved[2], lse = saved[3];
+            var shift = (bool)ctx.get_data("shift")!;
             var chunk = (long)ctx.get_data("chunk")!;
             var dtype = (ScalarType)ctx.get_data("dtype")!;
-            long n = logits.shape[0], t = logits.shape[1];
+            var x = Scored(logits, shift);
             var rowGrad = grad_output.to_type(dtype).unsqueeze(1) * weights;             // [N, T]: g_n * valid
-            var grad = empty(logits.shape, dtype: logits.dtype, device: logits.device);
-            foreach (var (i, t0, len) in ChunkMath.Chunks(n, t, chunk))
+            var (grad, scored) = GradientBuffer(logits, logits.dtype, shift);
+            foreach (var block in ChunkMath.Blocks(x.shape[0], x.shape[1], chunk))
             {
                 using var inner = NewDisposeScope();
-                var source = logits[i].narrow(0, t0, len);
-                var target = grad[i].narrow(0, t0, len);
-                var y = targets[i].narrow(0, t0, len);
-                var g = rowGrad[i].narrow(0, t0, len);
-                if (source.dtype == dtype)
-                    ChunkMath.GradInPlace(target.copy_(source), lse[i].narrow(0, t0, len), y, g);      // in the gradient's own storage
+                var target = block.Of(scored);
+                var (y, g, blockLse) = (block.Flat(targets), block.Flat(rowGrad), block.Flat(lse));
+                if (logits.dtype == dtype && target.is_contiguous())
+                {
+                    target.copy_(block.Of(x));                                            // computed in the gradient's own storage
+                    ChunkMath.GradInPlace(target.view(block.Count, x.shape[2]), blockLse, y, g);
+                }
                 else
-                    target.copy_(ChunkMath.GradInPlace(source.to_type(dtype), lse[i].narrow(0, t0, len), y, g));   // fp32 chunk, cast back
+                {
+                    var work = ChunkMath.GradInPlace(block.Copy2D(x, dtype), blockLse, y, g);   // one fp32 chunk, cast back
+                    target.copy_(work.view(block.Rows, block.Tokens, x.shape[2]));
+                }
             }
-            return new List<Tensor> { grad, null!, null!, null!, null! };
+            return new Tensor?[] { grad, null, null, null, null, null };
         }
     }
 }
@@ -194,40 +261,48 @@ internal static class Targets
 
     /// <summary>
     /// Validates labels and mask against an [N, T, ...] input, applies the alignment, and returns in-range target ids
-    /// (0 where masked) and the validity mask, both [N, T'] with T' = T or T - 1.
+    /// (0 where masked) and the validity mask, both [N, T'] with T' = T or T - 1. One synchronisation.
     /// </summary>
-    internal static Prepared Prepare(Tensor input, long vocab, Tensor labels, Tensor? mask, LabelAlignment alignment, SequenceLogProbsOptions options)
+    internal static Prepared Prepare(Tensor input, string inputName, long vocab, string vocabName, Tensor labels, Tensor? mask,
+        LabelAlignment alignment, SequenceLogProbsOptions options)
     {
-        const string inputName = "input";
-        Guard.NotDisposed(labels, nameof(labels));
+        Guard.Usable(labels, nameof(labels));
         Guard.Rank(labels, 2, nameof(labels), "of token ids [N, T]");
         if (labels.dtype != ScalarType.Int64)
             throw new ArgumentException($"labels must be int64 token ids; got {labels.dtype}.", nameof(labels));
         if (labels.shape[0] != input.shape[0] || labels.shape[1] != input.shape[1])
-            throw new ArgumentException($"labels must have shape [{input.shape[0]}, {input.shape[1]}] to match the input; got {Guard.Shape(labels)}.", nameof(labels));
+            throw new ArgumentException($"labels must have shape [{input.shape[0]}, {input.shape[1]}] to match {inputName}; got {Guard.Shape(labels)}.", nameof(labels));
         Guard.SameDevice(input, inputName, labels, nameof(labels));
         if (mask is not null)
         {
-            Guard.NotDisposed(mask, nameof(mask));
+            Guard.Usable(mask, nameof(mask));
             if (!mask.shape.SequenceEqual(labels.shape))
                 throw new ArgumentException($"mask must have the labels' shape {Guard.Shape(labels)}; got {Guard.Shape(mask)}.", nameof(mask));
             Guard.SameDevice(input, inputName, mask, nameof(mask));
+            if (mask.is_complex())
+                throw new ArgumentException($"mask must be bool, integer or floating; got {mask.dtype}.", nameof(mask));
         }
+        if (vocab == 0)
+            throw new ArgumentException($"{vocabName} has an empty vocabulary (V = 0): there is no token to score.", vocabName);
         Guard.NotEmpty(input, inputName);
         if (alignment == LabelAlignment.ShiftByOne && input.shape[1] < 2)
             throw new ArgumentException("ShiftByOne needs at least 2 positions (the last position has no next token).", nameof(alignment));
 
+        using var noGrad = no_grad();
         Tensor y = labels, m = mask ?? ones_like(labels, dtype: ScalarType.Bool);
+        var maskFinite = mask is not null && mask.is_floating_point() ? isfinite(mask).all() : ones(1, dtype: ScalarType.Bool, device: labels.device).squeeze();
         if (alignment == LabelAlignment.ShiftByOne)
         {
             long t = input.shape[1] - 1;
             y = labels.narrow(1, 1, t);
             m = m.narrow(1, 1, t);
         }
-        using var noGrad = no_grad();
         var valid = (m != 0) & (y != options.IgnoreIndex);
         var outOfRange = valid & ((y < 0) | (y >= vocab));
-        if (outOfRange.any().cpu().item<bool>())
+        var verdicts = stack(new[] { outOfRange.any(), maskFinite.logical_not() }).cpu().data<bool>().ToArray();   // one synchronisation
+        if (verdicts[1])
+            throw new ArgumentException("mask contains NaN or Inf; a mask marks each position with 0 (skip) or a nonzero value (count).", nameof(mask));
+        if (verdicts[0])
         {
             var first = outOfRange.nonzero()[0].cpu().data<long>().ToArray();
             throw new ArgumentException(
@@ -237,20 +312,23 @@ internal static class Targets
         return new Prepared(y.where(valid, zeros_like(y)).contiguous(), valid);   // masked positions gather id 0, weighted by 0
     }
 
-    /// <summary>Checks the sums are finite (naming the sequences otherwise) and builds the result with counts and means.</summary>
-    internal static SequenceLogProbsResult Finish(Tensor sum, Tensor weights, string inputName)
+    /// <summary>Checks the sums are finite (<paramref name="diagnose"/> names the cause otherwise) and builds the result with counts and means.</summary>
+    internal static SequenceLogProbsResult Finish(Tensor sum, Tensor weights, Func<Exception> diagnose)
     {
         var counts = weights.sum(1);
         bool finite;
         using (no_grad()) finite = isfinite(sum.detach()).all().item<bool>();
-        if (!finite)
-        {
-            using var noGrad = no_grad();
-            var bad = (~isfinite(sum.detach())).nonzero().flatten().cpu();   // only on failure: name the sequences
-            throw new ArgumentException(
-                $"{inputName} contain NaN or Inf at valid positions of sequence(s) {string.Join(", ", bad.data<long>().Take(8))}; the log-probs would be non-finite.",
-                inputName);
-        }
+        if (!finite) throw diagnose();
         return new SequenceLogProbsResult(sum, counts, sum / counts.clamp_min(1));   // outside no_grad: Mean is differentiable
+    }
+
+    /// <summary>The error for non-finite sums whose inputs are the culprits at valid positions: names the sequences.</summary>
+    internal static Exception NonFinite(string inputName, Tensor sum)
+    {
+        using var noGrad = no_grad();
+        using var bad = (~isfinite(sum.detach())).nonzero().flatten().cpu();   // only on failure: name the sequences
+        return new ArgumentException(
+            $"{inputName} contain NaN or Inf at valid positions of sequence(s) {string.Join(", ", bad.data<long>().Take(8))}; the log-probs would be non-finite.",
+            inputName);
     }
 }

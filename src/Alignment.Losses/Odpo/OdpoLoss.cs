@@ -17,23 +17,23 @@ public enum OdpoOffsetForm
 /// <summary>Options of <see cref="OdpoLoss"/>.</summary>
 public sealed record OdpoOptions : PreferenceLossOptions
 {
-    /// <summary>beta &gt; 0. Default 0.1. The authors' recipes: IMDB 0.7, toxicity 0.05, TL;DR 0.5.</summary>
-    public double Beta { get; init => field = Guard.Positive(value, nameof(Beta)); } = 0.1;
+    /// <summary>beta in [1e-12, 1e12]. Default 0.1. The authors' recipes: IMDB 0.7, toxicity 0.05, TL;DR 0.5.</summary>
+    public double Beta { get; init => field = Guard.Scale(value, nameof(Beta)); } = 0.1;
 
-    /// <summary>alpha &gt;= 0, the offset scale. Default 1 (IMDB recipe: 0.5). alpha = 0 is exactly DPO.</summary>
-    public double Alpha { get; init => field = Guard.NonNegative(value, nameof(Alpha)); } = 1.0;
+    /// <summary>alpha in [0, 1e12], the offset scale. Default 1 (IMDB recipe: 0.5). alpha = 0 is exactly DPO.</summary>
+    public double Alpha { get; init => field = Guard.Weight(value, nameof(Alpha)); } = 1.0;
 
     /// <summary>Difference (default) or ratio form.</summary>
-    public OdpoOffsetForm OffsetForm { get; init; } = OdpoOffsetForm.Difference;
+    public OdpoOffsetForm OffsetForm { get; init => field = Guard.Defined(value, nameof(OffsetForm)); } = OdpoOffsetForm.Difference;
 
     /// <summary>
     /// Difference form only. <see langword="null"/> (default): a score gap s_w - s_l &lt;= 0 is an error naming the rows.
-    /// A positive value clamps the gap to at least this value instead (ties and inversions get the offset alpha * ln(gap)).
+    /// A value in [1e-12, 1e12] clamps the gap to at least this value instead (ties and inversions get the offset alpha * ln(gap)).
     /// </summary>
     public double? MinimumScoreGap
     {
         get;
-        init => field = value is null ? null : Guard.Positive(value.Value, nameof(MinimumScoreGap));
+        init => field = value is null ? null : Guard.Scale(value.Value, nameof(MinimumScoreGap));
     }
 }
 
@@ -54,11 +54,14 @@ public sealed class OdpoLoss : PreferenceLoss<OdpoOptions>
     public OdpoLoss(OdpoOptions? options = null) : base(options ?? new OdpoOptions()) { }
 
     /// <inheritdoc />
-    public override string Name => "odpo";
+    /// <remarks>"odpo" with the difference offset, "odpo_ratio" with the ratio offset.</remarks>
+    public override string Name => Options.OffsetForm == OdpoOffsetForm.Ratio ? "odpo_ratio" : "odpo";
 
-    private protected override double RewardScale => Options.Beta;
+    /// <inheritdoc />
+    protected override double RewardScale => Options.Beta;
 
-    private protected override IEnumerable<(Tensor? Tensor, string Name)> Validate(PreferenceBatch batch, DeferredChecks checks)
+    /// <inheritdoc />
+    protected override IEnumerable<(Tensor? Tensor, string Name)> Validate(PreferenceBatch batch, ValueChecks checks)
     {
         if (batch.Scores is not { } scores)
             throw new ArgumentException("ODPO needs response scores: set PreferenceBatch.Scores = new ResponseScores(chosenScores, rejectedScores).", "batch.Scores");
@@ -73,7 +76,7 @@ public sealed class OdpoLoss : PreferenceLoss<OdpoOptions>
             else if (Options.MinimumScoreGap is null) ok &= sw > sl;
             checks.Add(ok.all(), () => ScoreError(scores));
         }
-        return Array.Empty<(Tensor?, string)>();
+        return new (Tensor?, string)[] { (scores.Chosen, "scores.Chosen"), (scores.Rejected, "scores.Rejected") };
     }
 
     /// <summary>Only on failure: names the rows whose scores break the offset's condition.</summary>
@@ -99,18 +102,22 @@ public sealed class OdpoLoss : PreferenceLoss<OdpoOptions>
         throw new ArgumentException($"{what}; violated in {rows.numel()} row(s), first: {string.Join(", ", list)}.", name);
     }
 
-    /// <summary>The offsets Delta [B] in <paramref name="dtype"/>.</summary>
+    /// <summary>
+    /// The offsets Delta [B] in <paramref name="dtype"/>. The gap (or ratio) and its logarithm are taken in float64 before
+    /// the cast: scores 5.0000001 and 5.0 differ by 1e-7, which float32 rounding of each score would turn into 0.
+    /// </summary>
     internal Tensor Offset(ResponseScores scores, ScalarType dtype)
     {
-        var sw = Numerics.As(scores.Chosen.detach(), dtype);
-        var sl = Numerics.As(scores.Rejected.detach(), dtype);
+        var sw = scores.Chosen.detach().to_type(ScalarType.Float64);
+        var sl = scores.Rejected.detach().to_type(ScalarType.Float64);
         var inner = Options.OffsetForm == OdpoOffsetForm.Ratio
             ? sw / sl
             : Options.MinimumScoreGap is { } gap ? (sw - sl).clamp_min(gap) : sw - sl;
-        return inner.log() * Options.Alpha;
+        return (inner.log() * Options.Alpha).to_type(dtype);
     }
 
-    private protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch)
+    /// <inheritdoc />
+    protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch)
     {
         var offset = Offset(batch.Scores!, terms.DType);
         return new(Numerics.NegLogSigmoid(terms.Margin * Options.Beta - offset), new[] { (MetricNames.OdpoOffset, offset.mean()) });

@@ -52,7 +52,7 @@ public sealed class PromptEmbeddings
 
     private static void Check(Tensor t, string name)
     {
-        Guard.NotDisposed(t, name);
+        Guard.Usable(t, name);
         Guard.Rank(t, 2, name, "of prompt embeddings [rows, D]");
         Guard.Floating(t, name);
         Guard.NotEmpty(t, name);

@@ -16,7 +16,7 @@ namespace Alignment.Losses;
 /// Forward makes about 7 passes over [M, N] and keeps S; backward reads S once. At most three [M, N] matrices are alive
 /// at a time (W, S and one temporary).
 /// </remarks>
-internal sealed class RpoContrastFunction : autograd.SingleTensorFunction<RpoContrastFunction>
+internal sealed class RpoContrastFunction : LibraryFunction<RpoContrastFunction>
 {
     public override string Name => "AlignmentLosses.RpoContrast";
 
@@ -24,7 +24,7 @@ internal sealed class RpoContrastFunction : autograd.SingleTensorFunction<RpoCon
     internal static Tensor Apply(Tensor chosenLogRatio, Tensor rejectedLogRatio, Tensor weights, double beta, bool inside) =>
         apply(chosenLogRatio, rejectedLogRatio, weights, beta, inside);
 
-    public override Tensor forward(autograd.AutogradContext ctx, params object[] vars)
+    protected override Tensor Forward(autograd.AutogradContext ctx, object[] vars)
     {
         var uw = (Tensor)vars[0];
         var ul = (Tensor)vars[1];
@@ -44,14 +44,13 @@ internal sealed class RpoContrastFunction : autograd.SingleTensorFunction<RpoCon
         return perRow;
     }
 
-    public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor grad_output)
+    protected override Tensor?[] Backward(autograd.AutogradContext ctx, IReadOnlyList<Tensor> saved, Tensor grad_output)
     {
-        var saved = ctx.get_saved_variables();
         Tensor s = saved[0], rowSums = saved[1];
         var c = (double)ctx.get_data("scale")!;
         var g = grad_output.to_type(s.dtype);
         var gradChosen = g.mul(rowSums).mul_(-c);
         var gradRejected = s.t().mv(g).mul_(c);
-        return new List<Tensor> { gradChosen, gradRejected, null!, null!, null! };
+        return new Tensor?[] { gradChosen, gradRejected, null, null, null };
     }
 }

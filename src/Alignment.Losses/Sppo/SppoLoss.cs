@@ -20,11 +20,11 @@ public enum SppoForm
 /// <summary>Options of <see cref="SppoLoss"/>.</summary>
 public sealed record SppoOptions : PreferenceLossOptions
 {
-    /// <summary>beta &gt; 0; eta = 1 / beta. Default 0.001 (eta = 1000, the authors'), so initial losses near 1e5 are expected.</summary>
-    public double Beta { get; init => field = Guard.Positive(value, nameof(Beta)); } = 0.001;
+    /// <summary>beta in [1e-12, 1e12]; eta = 1 / beta. Default 0.001 (eta = 1000, the authors'), so initial losses near 1e5 are expected.</summary>
+    public double Beta { get; init => field = Guard.Scale(value, nameof(Beta)); } = 0.001;
 
     /// <summary>Which form. Default <see cref="SppoForm.Sppo"/>.</summary>
-    public SppoForm Form { get; init; } = SppoForm.Sppo;
+    public SppoForm Form { get; init => field = Guard.Defined(value, nameof(Form)); } = SppoForm.Sppo;
 }
 
 /// <summary>
@@ -50,9 +50,11 @@ public sealed class SppoLoss : PreferenceLoss<SppoOptions>
     /// <summary>eta = 1 / beta.</summary>
     public double Eta => 1 / Options.Beta;
 
-    private protected override double RewardScale => Options.Beta;
+    /// <inheritdoc />
+    protected override double RewardScale => Options.Beta;
 
-    private protected override IEnumerable<(Tensor? Tensor, string Name)> Validate(PreferenceBatch batch, DeferredChecks checks)
+    /// <inheritdoc />
+    protected override IEnumerable<(Tensor? Tensor, string Name)> Validate(PreferenceBatch batch, ValueChecks checks)
     {
         if (Options.Form == SppoForm.Hard) return Array.Empty<(Tensor?, string)>();
         var rates = batch.WinRates ?? throw new ArgumentException(
@@ -81,7 +83,7 @@ public sealed class SppoLoss : PreferenceLoss<SppoOptions>
                 : stack(p.Select(t => t.to_type(ScalarType.Float64)).ToArray());
             checks.Add(((rows >= 0) & (rows <= 1)).all(), () => WinRateError(needed!));
         }
-        return Array.Empty<(Tensor?, string)>();
+        return needed;
     }
 
     /// <summary>Only on failure: names the win-rate tensor and rows that are not probabilities.</summary>
@@ -100,7 +102,8 @@ public sealed class SppoLoss : PreferenceLoss<SppoOptions>
         return new InvalidOperationException("A win-rate check failed but no row is outside [0, 1]; please report this.");
     }
 
-    private protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch)
+    /// <inheritdoc />
+    protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch)
     {
         Tensor targetChosen, targetRejected;
         double scale = 0.5;
@@ -112,12 +115,12 @@ public sealed class SppoLoss : PreferenceLoss<SppoOptions>
                 scale = 1.0;
                 break;
             case SppoForm.Single:
-                targetChosen = (Numerics.As(batch.WinRates!.Pairwise!.detach(), terms.DType) - 0.5) * Eta;
+                targetChosen = (terms.Upcast(batch.WinRates!.Pairwise!) - 0.5) * Eta;
                 targetRejected = -targetChosen;
                 break;
             default:
-                targetChosen = (Numerics.As(batch.WinRates!.Chosen!.detach(), terms.DType) - 0.5) * Eta;
-                targetRejected = (Numerics.As(batch.WinRates!.Rejected!.detach(), terms.DType) - 0.5) * Eta;
+                targetChosen = (terms.Upcast(batch.WinRates!.Chosen!) - 0.5) * Eta;
+                targetRejected = (terms.Upcast(batch.WinRates!.Rejected!) - 0.5) * Eta;
                 break;
         }
         var perExample = ((terms.ChosenLogRatio - targetChosen).square() + (terms.RejectedLogRatio - targetRejected).square()) * scale;

@@ -18,40 +18,52 @@ public sealed record SppoPairSelection(Tensor ChosenIndex, Tensor RejectedIndex,
 /// </summary>
 public static class SppoWinRateEstimator
 {
-    /// <summary>From per-candidate scalar scores s [P, K] (e.g. a reward model): P(k beats j) = sigmoid(s_k - s_j).</summary>
+    /// <summary>
+    /// From per-candidate scalar scores s [P, K] (e.g. a reward model): P(k beats j) = sigmoid(s_k - s_j). The differences
+    /// are taken in the scores' own precision (float64 stays float64, others in float32), so scores beyond float32's range
+    /// still give exact probabilities; the win-rates come back in that dtype.
+    /// </summary>
+    /// <exception cref="ArgumentException">scores is not a floating [P, K] tensor, is empty, or holds NaN/Inf.</exception>
     public static SppoPairSelection FromScores(Tensor scores)
     {
-        Guard.NotDisposed(scores, nameof(scores));
+        Guard.Usable(scores, nameof(scores));
         Guard.Rank(scores, 2, nameof(scores), "of candidate scores [prompts, K]");
         Guard.Floating(scores, nameof(scores));
         Guard.NotEmpty(scores, nameof(scores));
-        Guard.AllFinite((scores, nameof(scores)));
-        using var scope = NewDisposeScope();
-        using var noGrad = no_grad();
-        var s = Numerics.As(scores, ScalarType.Float32);
-        var logits = s.unsqueeze(2) - s.unsqueeze(1);   // [P, K, K]: k against j
-        return Select(torch.sigmoid(logits), scope);
+        return Native.Run("SppoWinRateEstimator.FromScores", () => $"scores {Native.Describe(scores)}", () =>
+        {
+            using var scope = NewDisposeScope();
+            Guard.AllFinite((scores, nameof(scores)));
+            using var noGrad = no_grad();
+            var s = Numerics.As(scores.detach(), Numerics.DTypeFor(scores));
+            var logits = s.unsqueeze(2) - s.unsqueeze(1);   // [P, K, K]: k against j (an overflow to +-Inf gives exactly 1 or 0)
+            return Select(torch.sigmoid(logits), scope);
+        });
     }
 
     /// <summary>
     /// From a pairwise logit matrix L [P, K, K] (e.g. PairRM): P(k beats j) = sigmoid(L_kj). The diagonal is ignored and
-    /// taken as 0.5.
+    /// taken as 0.5. Computed in float64 for float64 logits, float32 otherwise.
     /// </summary>
+    /// <exception cref="ArgumentException">pairwiseLogits is not a floating [P, K, K] tensor, is empty, or holds NaN/Inf.</exception>
     public static SppoPairSelection FromPairwiseLogits(Tensor pairwiseLogits)
     {
-        Guard.NotDisposed(pairwiseLogits, nameof(pairwiseLogits));
+        Guard.Usable(pairwiseLogits, nameof(pairwiseLogits));
         Guard.Rank(pairwiseLogits, 3, nameof(pairwiseLogits), "of pairwise logits [prompts, K, K]");
         Guard.Floating(pairwiseLogits, nameof(pairwiseLogits));
         Guard.NotEmpty(pairwiseLogits, nameof(pairwiseLogits));
         if (pairwiseLogits.shape[1] != pairwiseLogits.shape[2])
             throw new ArgumentException($"pairwiseLogits must be square in its last two dimensions; got {Guard.Shape(pairwiseLogits)}.", nameof(pairwiseLogits));
-        Guard.AllFinite((pairwiseLogits, nameof(pairwiseLogits)));
-        using var scope = NewDisposeScope();
-        using var noGrad = no_grad();
-        var k = pairwiseLogits.shape[1];
-        var eye = torch.eye(k, dtype: ScalarType.Bool, device: pairwiseLogits.device);
-        var prob = torch.sigmoid(Numerics.As(pairwiseLogits, ScalarType.Float32)).masked_fill(eye, 0.5);
-        return Select(prob, scope);
+        return Native.Run("SppoWinRateEstimator.FromPairwiseLogits", () => $"pairwise logits {Native.Describe(pairwiseLogits)}", () =>
+        {
+            using var scope = NewDisposeScope();
+            Guard.AllFinite((pairwiseLogits, nameof(pairwiseLogits)));
+            using var noGrad = no_grad();
+            var k = pairwiseLogits.shape[1];
+            var eye = torch.eye(k, dtype: ScalarType.Bool, device: pairwiseLogits.device);
+            var prob = torch.sigmoid(Numerics.As(pairwiseLogits.detach(), Numerics.DTypeFor(pairwiseLogits))).masked_fill(eye, 0.5);
+            return Select(prob, scope);
+        });
     }
 
     private static SppoPairSelection Select(Tensor probabilities, DisposeScope scope)

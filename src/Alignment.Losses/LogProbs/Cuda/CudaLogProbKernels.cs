@@ -100,16 +100,19 @@ internal static unsafe class CudaLogProbKernels
         return (lse, logp.view(n, t));
     }
 
-    /// <summary>Backward: grad [N, T, V] (contiguous, logits' dtype) from per-token upstream gradients g [N, T] (fp32, 0 where masked).</summary>
-    internal static Tensor LaunchBackward(Kernels k, Tensor logits, Tensor targets, Tensor lse, Tensor g)
+    /// <summary>
+    /// Backward: writes grad [N, T, V] (logits' dtype, unit stride along V) into <paramref name="grad"/> from per-token upstream
+    /// gradients g [N, T] (fp32, 0 where masked).
+    /// </summary>
+    internal static void LaunchBackward(Kernels k, Tensor logits, Tensor targets, Tensor lse, Tensor g, Tensor grad)
     {
         long n = logits.shape[0], t = logits.shape[1], v = logits.shape[2], rows = n * t;
-        var grad = empty(logits.shape, dtype: logits.dtype, device: logits.device);
+        if (grad.stride(2) != 1 || grad.dtype != logits.dtype || !grad.shape.SequenceEqual(logits.shape))
+            throw new InvalidOperationException($"the gradient buffer must match the logits with a unit stride along V; got {grad.dtype} {string.Join("x", grad.shape)}.");
         _driver!.UseDevice(logits.device.index < 0 ? 0 : logits.device.index);
         _driver.Launch(k.Backward, rows, LogProbKernelSource.BlockSize,
             DataPtr(logits), DataPtr(targets), DataPtr(lse), DataPtr(g), DataPtr(grad), rows, t, v,
             logits.stride(0), logits.stride(1), grad.stride(0), grad.stride(1));
-        return grad;
     }
 
     /// <summary>Compares the kernels with the chunked path on a small random problem (V not a multiple of the block, a masked row).</summary>

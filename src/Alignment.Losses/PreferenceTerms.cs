@@ -1,0 +1,141 @@
+using Alignment.Losses.Internal;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace Alignment.Losses;
+
+/// <summary>
+/// One batch in the compute dtype, as a loss's formula sees it: the policy log-probs l_pol (with grad), the reference
+/// log-probs l_ref (detached) and the log-ratios u_w = l_pol(y_w) - l_ref(y_w), u_l = l_pol(y_l) - l_ref(y_l) that
+/// every loss is written in.
+/// </summary>
+/// <remarks>
+/// Built by <see cref="PreferenceLoss{TOptions}"/> and handed to its <c>Evaluate</c>. The compute dtype is float32
+/// (bfloat16 and float16 inputs are upcast before any arithmetic), or float64 when an input is float64. Every tensor
+/// here lives in the loss call's dispose scope: use them freely, do not dispose them.
+/// </remarks>
+public sealed class PreferenceTerms
+{
+    private readonly PreferenceLogps _policy;
+
+    internal PreferenceTerms(PreferenceBatch batch, ScalarType dtype, ValueChecks checks)
+    {
+        DType = dtype;
+        Checks = checks;
+        _policy = batch.Policy;
+        IsPaired = batch.Policy.IsPaired;
+        PolicyChosen = Numerics.As(batch.Policy.Chosen, dtype);
+        PolicyRejected = Numerics.As(batch.Policy.Rejected, dtype);
+        if (batch.Reference is { } reference)
+        {
+            ReferenceChosen = Numerics.As(reference.Chosen.detach(), dtype);
+            ReferenceRejected = Numerics.As(reference.Rejected.detach(), dtype);
+            ChosenLogRatio = PolicyChosen - ReferenceChosen;
+            RejectedLogRatio = PolicyRejected - ReferenceRejected;
+        }
+        else
+        {
+            ChosenLogRatio = PolicyChosen;
+            RejectedLogRatio = PolicyRejected;
+        }
+    }
+
+    /// <summary>The compute dtype: float32, or float64 when an input is float64.</summary>
+    public ScalarType DType { get; }
+
+    /// <summary>Where value checks of side inputs are registered (read back once, after the formula).</summary>
+    public ValueChecks Checks { get; }
+
+    /// <summary>True when row i of the chosen and rejected tensors form a pair.</summary>
+    public bool IsPaired { get; }
+
+    /// <summary>l_pol(y_w) [B] (or [M] unpaired), with grad.</summary>
+    public Tensor PolicyChosen { get; }
+
+    /// <summary>l_pol(y_l) [B] (or [N] unpaired), with grad.</summary>
+    public Tensor PolicyRejected { get; }
+
+    /// <summary>l_ref(y_w), detached; null without a reference (reference-free).</summary>
+    public Tensor? ReferenceChosen { get; }
+
+    /// <summary>l_ref(y_l), detached; null without a reference.</summary>
+    public Tensor? ReferenceRejected { get; }
+
+    /// <summary>u_w = l_pol(y_w) - l_ref(y_w) (l_pol(y_w) without a reference).</summary>
+    public Tensor ChosenLogRatio { get; }
+
+    /// <summary>u_l = l_pol(y_l) - l_ref(y_l) (l_pol(y_l) without a reference).</summary>
+    public Tensor RejectedLogRatio { get; }
+
+    /// <summary>h = u_w - u_l (paired batches only).</summary>
+    public Tensor Margin => _margin ??= ChosenLogRatio - RejectedLogRatio;
+    private Tensor? _margin;
+
+    /// <summary>A side input (scores, weights, probabilities) detached and in the compute dtype.</summary>
+    public Tensor Upcast(Tensor sideInput)
+    {
+        ArgumentNullException.ThrowIfNull(sideInput);
+        return Numerics.As(sideInput.detach(), DType);
+    }
+
+    /// <summary>
+    /// The completion-token counts (n_w, n_l) in the compute dtype, for length-normalised losses; their values (finite,
+    /// &gt; 0) are checked with the call's other checks.
+    /// </summary>
+    /// <param name="lossName">The loss's name, for the error when the counts are missing.</param>
+    /// <param name="needRejected">Whether n_l is needed too (otherwise n_l is n_w when absent).</param>
+    /// <exception cref="ArgumentException">The policy log-probs carry no token counts.</exception>
+    public (Tensor Chosen, Tensor Rejected) TokenCounts(string lossName, bool needRejected = true) =>
+        Internal.TokenCounts.Require(_policy, DType, lossName, needRejected, Checks);
+
+    /// <summary>The names of the standard metrics of <see cref="LossAndStandardMetrics"/>, in order.</summary>
+    internal static readonly string[] StandardMetricNames =
+    {
+        MetricNames.RewardsChosen, MetricNames.RewardsRejected, MetricNames.RewardsMargins,
+        MetricNames.RewardsAccuracies, MetricNames.LogpsChosen, MetricNames.LogpsRejected,
+    };
+
+    /// <summary>
+    /// The loss value followed by the standard TRL metrics, as one detached [7] tensor in the order
+    /// [loss, <see cref="StandardMetricNames"/>], without a synchronisation. Paired batches take one stacked mean over
+    /// [per-example loss, u_w, u_l, h, h &gt; 0, l_w, l_l] and scale the reward rows in place: six kernels whatever B.
+    /// (A loss call is launch-bound on a GPU, so metrics cost kernels, not arithmetic.)
+    /// </summary>
+    internal Tensor LossAndStandardMetrics(Tensor perExample, double rewardScale)
+    {
+        using var _ = no_grad();
+        var chosen = ChosenLogRatio.detach();
+        var rejected = RejectedLogRatio.detach();
+        Tensor packed;
+        if (IsPaired && perExample.dim() == 1 && perExample.shape[0] == chosen.shape[0])
+        {
+            var margin = Margin.detach();
+            var wins = (margin > 0).to_type(DType);
+            packed = stack(new[] { Numerics.As(perExample.detach(), DType), chosen, rejected, margin, wins, PolicyChosen.detach(), PolicyRejected.detach() })
+                .mean(new long[] { 1 });
+        }
+        else
+        {
+            var accuracy = IsPaired
+                ? (chosen > rejected).to_type(DType).mean()
+                : (chosen.unsqueeze(1) > rejected.unsqueeze(0)).to_type(DType).mean();
+            var (meanChosen, meanRejected) = (chosen.mean(), rejected.mean());
+            packed = stack(new[]
+            {
+                Numerics.As(perExample.detach(), DType).mean(), meanChosen, meanRejected, meanChosen - meanRejected, accuracy,
+                PolicyChosen.detach().mean(), PolicyRejected.detach().mean(),
+            });
+        }
+        packed.narrow(0, 1, 3).mul_(rewardScale);                             // beta * [u_w, u_l, h] = rewards and margin
+        return packed;
+    }
+}
+
+/// <summary>What a loss's formula produces: per-example losses (with grad) and its own metrics.</summary>
+/// <param name="PerExample">[B] per-example losses (per chosen row for RPO); the loss is their mean.</param>
+/// <param name="Metrics">The loss's own metrics as 0-d tensors (detached or not), reported after the standard ones.</param>
+public readonly record struct LossOutput(Tensor PerExample, IReadOnlyList<(string Name, Tensor Value)> Metrics)
+{
+    /// <summary>Per-example losses without metrics of the loss's own.</summary>
+    public LossOutput(Tensor perExample) : this(perExample, Array.Empty<(string, Tensor)>()) { }
+}

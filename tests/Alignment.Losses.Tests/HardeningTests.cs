@@ -1,0 +1,406 @@
+using Alignment.Losses;
+using Alignment.Losses.Internal;
+
+namespace Alignment.Losses.Tests;
+
+/// <summary>
+/// The edges a hostile or new user reaches: silent NaN/Inf, scale-dependent weights, precision lost before a side input
+/// is combined, hyperparameters no float32 loss can represent, misleading messages, disposed or meta tensors, enum values
+/// outside their range, result lifetime, and variants that must be chosen explicitly. Each test failed on the code before
+/// these fixes.
+/// </summary>
+public class HardeningTests
+{
+    static Tensor F(params float[] v) => tensor(v);
+    static Tensor D(params double[] v) => tensor(v, dtype: ScalarType.Float64);
+    static PreferenceLogps Ok(int n = 3) => new(randn(n) - 10, randn(n) - 12);
+
+    // ---- silent NaN / Inf --------------------------------------------------------------------------------------
+
+    [Fact]
+    public void Fused_path_ignores_a_nan_hidden_state_at_a_masked_position_in_every_gradient()
+    {
+        using var scope = NewDisposeScope();
+        manual_seed(3);
+        var clean = randn(2, 4, 3, dtype: ScalarType.Float64);
+        var mask = ones(2, 4, dtype: ScalarType.Bool);
+        mask[1, 2] = tensor(false);
+        var labels = randint(0, 5, new long[] { 2, 4 });
+        var weight0 = randn(5, 3, dtype: ScalarType.Float64);
+        double[] Grads(Tensor hiddenValues)
+        {
+            var hidden = hiddenValues.clone().requires_grad_(true);
+            var weight = weight0.clone().requires_grad_(true);
+            using var r = FusedLinearLogProbs.Compute(hidden, weight, null, labels, mask, LabelAlignment.Aligned, new SequenceLogProbsOptions { ChunkTokens = 3 });
+            using (var total = r.Sum.sum()) total.backward();
+            return TensorUtil.Values(weight.grad!.flatten()).Concat(TensorUtil.Values(hidden.grad!.flatten())).ToArray();
+        }
+        var withNan = clean.clone();
+        withNan[1, 2] = full(3, double.NaN, dtype: ScalarType.Float64);
+        var expected = Grads(clean);
+        var actual = Grads(withNan);
+        Assert.All(actual, v => Assert.True(double.IsFinite(v), "a gradient is not finite"));
+        for (int i = 0; i < expected.Length; i++) Assert.Equal(expected[i], actual[i], 12);
+    }
+
+    [Theory]
+    [InlineData(1e39)]
+    [InlineData(1e-300)]
+    [InlineData(double.NaN)]
+    public void Listwise_spo_rejects_an_alpha_no_float32_loss_can_represent(double alpha)
+    {
+        var e = Assert.Throws<ArgumentOutOfRangeException>(() => SpoLoss.ListwisePreference(randn(2, 3) - 5, tensor(new long[] { 0, 1 }), alpha));
+        Assert.Equal("alpha", e.ParamName);
+    }
+
+    [Theory]
+    [InlineData(1e12)]
+    [InlineData(1e-12)]
+    public void Listwise_spo_is_finite_at_the_ends_of_the_alpha_range(double alpha)
+    {
+        using var scope = NewDisposeScope();
+        var candidates = F(-3, -5, -4, -9, -2, -7).reshape(2, 3);
+        var loss = SpoLoss.ListwisePreference(candidates, tensor(new long[] { 0, 2 }), alpha);
+        Assert.True(double.IsFinite(loss.ToDouble()));
+    }
+
+    [Fact]
+    public void Win_rates_from_float64_scores_beyond_float32_range_are_exact()
+    {
+        using var scope = NewDisposeScope();
+        // differences of +-1e39 and +-2e39 saturate the sigmoid at exactly 0 or 1; in float32 each score was Inf and Inf - Inf NaN
+        var s = SppoWinRateEstimator.FromScores(D(1e39, -1e39, 0).reshape(1, 3));
+        var rates = TensorUtil.Values(s.AllWinRates);
+        var expected = new[] { 2.5 / 3, 0.5 / 3, 1.5 / 3 };
+        for (int k = 0; k < 3; k++) Assert.Equal(expected[k], rates[k], 12);
+        Assert.Equal(ScalarType.Float64, s.AllWinRates.dtype);
+        Assert.Equal(0L, s.ChosenIndex.item<long>());
+        Assert.Equal(1L, s.RejectedIndex.item<long>());
+    }
+
+    [Fact]
+    public void Token_kl_rejects_a_mask_holding_nan()
+    {
+        var mask = ones(2, 3);
+        mask[0, 1] = tensor(float.NaN);
+        var e = Assert.Throws<ArgumentException>(() => TokenKl.Compute(randn(2, 3, 4), randn(2, 3, 4), mask));
+        Assert.Equal("mask", e.ParamName);
+    }
+
+    [Fact]
+    public void Sequence_log_probs_reject_a_mask_holding_nan()
+    {
+        var mask = ones(2, 3);
+        mask[1, 1] = tensor(float.NaN);
+        var e = Assert.Throws<ArgumentException>(() => SequenceLogProbs.Compute(randn(2, 3, 4), randint(0, 4, new long[] { 2, 3 }), mask, LabelAlignment.Aligned));
+        Assert.Equal("mask", e.ParamName);
+    }
+
+    // ---- RPO weights: scale-robust normalisation -----------------------------------------------------------------
+
+    [Theory]
+    [InlineData(1e19)]
+    [InlineData(1e-30)]
+    [InlineData(1e30)]
+    public void Cosine_weights_do_not_depend_on_the_embeddings_scale(double scale)
+    {
+        using var scope = NewDisposeScope();
+        manual_seed(5);
+        var e = randn(3, 4, dtype: ScalarType.Float64);
+        var weighting = new CosineSoftmaxWeighting(0.5);
+        var unit = weighting.ComputeWeights(e.to_type(ScalarType.Float32), e.to_type(ScalarType.Float32), ScalarType.Float32);
+        var scaled = weighting.ComputeWeights((e * scale).to_type(ScalarType.Float32), (e * scale).to_type(ScalarType.Float32), ScalarType.Float32);
+        Assert.True(allclose(unit, scaled, 1e-5, 1e-6), $"scale {scale:G}: {string.Join(", ", TensorUtil.Values(scaled.flatten()))} vs {string.Join(", ", TensorUtil.Values(unit.flatten()))}");
+        // the oracle: MathNet cosine distances of the same rows
+        var rows = Enumerable.Range(0, 3).Select(i => TensorUtil.Values(e.to_type(ScalarType.Float32)[i])).ToArray();
+        var oracle = Oracle.RpoWeights(rows, rows, 0.5);
+        Assert.Equal(oracle[0, 0], TensorUtil.Values(scaled)[0], 5);
+    }
+
+    [Fact]
+    public void An_all_zero_embedding_row_is_still_an_error_and_the_docs_define_zero()
+    {
+        var e = Assert.Throws<ArgumentException>(() =>
+            new CosineSoftmaxWeighting(0.5).ComputeWeights(F(1, 0, 0, 0).reshape(2, 2), F(1, 0).reshape(1, 2), ScalarType.Float32));
+        Assert.Contains("rows 1 have zero norm (every value is exactly 0)", e.Message);
+    }
+
+    [Fact]
+    public void A_tiny_valid_temperature_puts_each_row_on_its_nearest_prompt()
+    {
+        using var scope = NewDisposeScope();
+        var emb = F(1, 0, 0, 1, 0.6f, 0.8f).reshape(3, 2);
+        var w = new CosineSoftmaxWeighting(1e-12).ComputeWeights(emb, emb, ScalarType.Float32);
+        Assert.True(isfinite(w).all().item<bool>());
+        Assert.Equal(new[] { 1.0, 1.0, 1.0 }, TensorUtil.Values(w.diagonal()));
+        using var r = RpoLoss.Compute(Ok(), Ok(), emb, new RpoOptions { Temperature = 1e-12 });
+        Assert.Equal(1.0, r[MetricNames.RpoDiagonalWeight], 12);
+    }
+
+    // ---- side inputs keep their precision; hyperparameters; messages ---------------------------------------------
+
+    [Fact]
+    public void Odpo_float64_scores_closer_than_float32_resolution_give_the_exact_offset()
+    {
+        using var scope = NewDisposeScope();
+        var policy = new PreferenceLogps(F(-10, -20), F(-11, -19));
+        var reference = new PreferenceLogps(F(-10.5f, -20), F(-10.5f, -19.5f));
+        var scores = new ResponseScores(D(5.0000001, 3), D(5.0, 1));
+        using var r = OdpoLoss.Compute(policy, reference, scores, new OdpoOptions { Beta = 0.5, Alpha = 0.5 });
+        var x = new[] { -10.0, -20 }; var y = new[] { -11.0, -19 }; var rx = new[] { -10.5, -20 }; var ry = new[] { -10.5, -19.5 };
+        var expected = Oracle.Odpo(x, y, rx, ry, new[] { 5.0000001, 3 }, new[] { 5.0, 1 }, 0.5, 0.5, ratio: false);
+        Assert.Equal(expected.Loss, r.Loss.ToDouble(), 6);
+        Assert.Equal(0.5 * (Math.Log(1e-7) + Math.Log(2)) / 2, r[MetricNames.OdpoOffset], 4);
+    }
+
+    public static IEnumerable<object[]> UnrepresentableHyperparameters()
+    {
+        yield return Case("SpoOptions.KlWeight 1e39", () => _ = new SpoOptions { KlWeight = 1e39 }, "KlWeight");
+        yield return Case("SpoOptions.Alpha 1e-300", () => _ = new SpoOptions { Alpha = 1e-300 }, "Alpha");
+        yield return Case("RpoOptions.Temperature 1e-46", () => _ = new RpoOptions { Temperature = 1e-46 }, "Temperature");
+        yield return Case("CosineSoftmaxWeighting 1e-46", () => _ = new CosineSoftmaxWeighting(1e-46), "temperature");
+        yield return Case("DpoOptions.Beta 1e39", () => _ = new DpoOptions { Beta = 1e39 }, "Beta");
+        yield return Case("IpoOptions.Beta 1e-30", () => _ = new IpoOptions { Beta = 1e-30 }, "Beta");
+        yield return Case("SppoOptions.Beta 1e-300", () => _ = new SppoOptions { Beta = 1e-300 }, "Beta");
+        yield return Case("DpoNllOptions.NllWeight 1e40", () => _ = new DpoNllOptions { NllWeight = 1e40 }, "NllWeight");
+        yield return Case("OdpoOptions.Alpha 1e40", () => _ = new OdpoOptions { Alpha = 1e40 }, "Alpha");
+        yield return Case("OdpoOptions.MinimumScoreGap 1e-300", () => _ = new OdpoOptions { MinimumScoreGap = 1e-300 }, "MinimumScoreGap");
+        static object[] Case(string name, Action act, string param) => new object[] { name, act, param };
+    }
+
+    [Theory, MemberData(nameof(UnrepresentableHyperparameters))]
+    public void Hyperparameters_no_float32_loss_can_represent_are_rejected_on_construction(string name, Action create, string param)
+    {
+        var e = Assert.Throws<ArgumentOutOfRangeException>(create);
+        Assert.True(e.ParamName == param, $"{name}: ParamName {e.ParamName}");
+        Assert.Contains("1e12]", e.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void An_overflow_with_finite_inputs_names_the_options_and_the_magnitudes_not_the_log_probs()
+    {
+        var policy = new PreferenceLogps(F(1e30f, -3), F(-2, -4));
+        var e = Assert.Throws<ArithmeticException>(() => DpoLoss.Compute(policy, null, new DpoOptions { Beta = 1e12 }));
+        Assert.Contains("overflowed Float32", e.Message);
+        Assert.Contains("Beta = 1000000000000", e.Message);
+        Assert.Contains("1E+30", e.Message);
+        Assert.DoesNotContain("log-probs are too large", e.Message);
+    }
+
+    [Theory]
+    [InlineData(0.4999)]
+    [InlineData(0.49999)]
+    [InlineData(0.3)]
+    public void Robust_dpo_keeps_float32_accuracy_as_eps_approaches_one_half(double eps)
+    {
+        using var scope = NewDisposeScope();
+        double[] pc = { -10, -12, -30, -7 }, pr = { -12, -12, -29, -9 }, rc = { -10, -11, -30, -8 }, rr = { -12, -12, -28.5, -9 };
+        var policy = new PreferenceLogps(TensorUtil.Const(pc, ScalarType.Float32), TensorUtil.Const(pr, ScalarType.Float32));
+        var reference = new PreferenceLogps(TensorUtil.Const(rc, ScalarType.Float32), TensorUtil.Const(rr, ScalarType.Float32));
+        using var r = RobustDpoLoss.Compute(policy, reference, new RobustDpoOptions { LabelSmoothing = eps });
+        var expected = Oracle.Robust(pc, pr, rc, rr, 0.1, eps).Loss;
+        Assert.True(Math.Abs(r.Loss.ToDouble() - expected) <= 1e-6 * Math.Max(1, Math.Abs(expected)),
+            $"eps {eps}: float32 loss {r.Loss.ToDouble():R} vs float64 oracle {expected:R}");
+    }
+
+    // ---- disposed and meta tensors, enums, names of arguments ------------------------------------------------------
+
+    [Fact]
+    public void A_tensor_disposed_after_construction_is_named_when_the_loss_reads_it()
+    {
+        var chosen = randn(3);
+        var policy = new PreferenceLogps(chosen, randn(3));
+        chosen.Dispose();
+        Assert.Equal("policy.Chosen", Assert.Throws<ObjectDisposedException>(() => DpoLoss.Compute(policy)).ObjectName);
+
+        var rejected = randn(3);
+        var reference = new PreferenceLogps(randn(3), rejected);
+        rejected.Dispose();
+        Assert.Equal("reference.Rejected", Assert.Throws<ObjectDisposedException>(() => DpoLoss.Compute(Ok(), reference)).ObjectName);
+
+        var e = randn(3, 4);
+        var embeddings = PromptEmbeddings.Paired(e);
+        e.Dispose();
+        Assert.Equal("promptEmbeddings", Assert.Throws<ObjectDisposedException>(() => RpoLoss.Compute(Ok(), null, embeddings)).ObjectName);
+
+        var scores = randn(3);
+        var odpoScores = new ResponseScores(scores + 2, scores);
+        scores.Dispose();
+        Assert.Equal("scores.Rejected", Assert.Throws<ObjectDisposedException>(() => OdpoLoss.Compute(Ok(), null, odpoScores)).ObjectName);
+    }
+
+    public static IEnumerable<object[]> MetaTensors()
+    {
+        Tensor Meta(params long[] shape) => empty(shape, device: META);
+        yield return Case("PreferenceLogps", () => _ = new PreferenceLogps(Meta(3), Meta(3)), "chosen");
+        yield return Case("PromptEmbeddings", () => _ = PromptEmbeddings.Paired(Meta(3, 2)), "embeddings");
+        yield return Case("SequenceLogProbs", () => SequenceLogProbs.Compute(Meta(2, 3, 4), empty(2, 3, dtype: ScalarType.Int64, device: META), null, LabelAlignment.Aligned), "logits");
+        yield return Case("FusedLinearLogProbs", () => FusedLinearLogProbs.Compute(Meta(2, 3, 4), Meta(5, 4), null, zeros(2, 3, dtype: ScalarType.Int64), null, LabelAlignment.Aligned), "hidden");
+        yield return Case("TokenKl", () => TokenKl.Compute(Meta(2, 3, 4), Meta(2, 3, 4), Meta(2, 3)), "policyLogits");
+        yield return Case("ListwisePreference", () => SpoLoss.ListwisePreference(Meta(2, 3), empty(2, dtype: ScalarType.Int64, device: META)), "candidateLogps");
+        yield return Case("SppoWinRateEstimator", () => SppoWinRateEstimator.FromScores(Meta(2, 3)), "scores");
+        yield return Case("CosineSoftmaxWeighting", () => new CosineSoftmaxWeighting(0.5).ComputeWeights(Meta(2, 3), Meta(2, 3), ScalarType.Float32), "chosen");
+        yield return Case("RPO weight matrix", () => new RpoLoss().Compute(new PreferenceBatch(Ok()) { RpoWeights = Meta(3, 3) }), "batch.RpoWeights");
+        static object[] Case(string name, Action act, string param) => new object[] { name, act, param };
+    }
+
+    [Theory, MemberData(nameof(MetaTensors))]
+    public void Tensors_on_the_meta_device_are_a_clear_error_naming_the_argument(string name, Action act, string param)
+    {
+        var e = Assert.Throws<ArgumentException>(act);
+        Assert.True(e.ParamName == param, $"{name}: ParamName {e.ParamName}: {e.Message}");
+        Assert.Contains("meta device", e.Message);
+    }
+
+    public static IEnumerable<object[]> EnumsOutOfRange()
+    {
+        yield return Case(() => _ = new IpoOptions { LogRatio = (IpoLogRatio)7 }, "LogRatio");
+        yield return Case(() => _ = new RpoOptions { WeightPlacement = (RpoWeightPlacement)7 }, "WeightPlacement");
+        yield return Case(() => _ = new RpoOptions { Variant = (RpoVariant)7 }, "Variant");
+        yield return Case(() => _ = new OdpoOptions { OffsetForm = (OdpoOffsetForm)7 }, "OffsetForm");
+        yield return Case(() => _ = new SppoOptions { Form = (SppoForm)7 }, "Form");
+        yield return Case(() => SequenceLogProbs.Compute(randn(1, 2, 3), zeros(1, 2, dtype: ScalarType.Int64), null, (LabelAlignment)7), "alignment");
+        yield return Case(() => FusedLinearLogProbs.Compute(randn(1, 2, 3), randn(4, 3), null, zeros(1, 2, dtype: ScalarType.Int64), null, (LabelAlignment)7), "alignment");
+        static object[] Case(Action act, string param) => new object[] { act, param };
+    }
+
+    [Theory, MemberData(nameof(EnumsOutOfRange))]
+    public void Enum_values_outside_their_declared_values_are_rejected(Action act, string param) =>
+        Assert.Equal(param, Assert.Throws<ArgumentOutOfRangeException>(act).ParamName);
+
+    [Fact]
+    public void Fused_path_names_a_non_finite_weight_or_bias_and_checks_the_bias_dtype()
+    {
+        using var scope = NewDisposeScope();
+        var hidden = randn(2, 3, 4);
+        var labels = randint(0, 5, new long[] { 2, 3 });
+        var weight = randn(5, 4);
+        var nanWeight = weight.clone(); nanWeight[2, 1] = tensor(float.NaN);
+        var infBias = zeros(5); infBias[0] = tensor(float.PositiveInfinity);
+        Assert.Equal("weight", Assert.Throws<ArgumentException>(() => FusedLinearLogProbs.Compute(hidden, nanWeight, null, labels, null, LabelAlignment.Aligned)).ParamName);
+        Assert.Equal("bias", Assert.Throws<ArgumentException>(() => FusedLinearLogProbs.Compute(hidden, weight, infBias, labels, null, LabelAlignment.Aligned)).ParamName);
+        Assert.Equal("bias", Assert.Throws<ArgumentException>(() => FusedLinearLogProbs.Compute(hidden, weight, zeros(5, dtype: ScalarType.Int32), labels, null, LabelAlignment.Aligned)).ParamName);
+        var nanHidden = hidden.clone(); nanHidden[1, 0, 0] = tensor(float.NaN);
+        var e = Assert.Throws<ArgumentException>(() => FusedLinearLogProbs.Compute(nanHidden, weight, null, labels, null, LabelAlignment.Aligned));
+        Assert.Equal("hidden", e.ParamName);
+        Assert.Contains("sequence(s) 1", e.Message);
+    }
+
+    [Fact]
+    public void An_empty_vocabulary_names_the_tensor_that_has_it()
+    {
+        Assert.Equal("logits", Assert.Throws<ArgumentException>(() =>
+            SequenceLogProbs.Compute(zeros(2, 3, 0), zeros(2, 3, dtype: ScalarType.Int64), null, LabelAlignment.Aligned)).ParamName);
+        Assert.Equal("weight", Assert.Throws<ArgumentException>(() =>
+            FusedLinearLogProbs.Compute(randn(2, 3, 4), zeros(0, 4), null, zeros(2, 3, dtype: ScalarType.Int64), null, LabelAlignment.Aligned)).ParamName);
+    }
+
+    [Fact]
+    public void The_fused_loss_with_an_odd_row_count_names_hidden()
+    {
+        var e = Assert.Throws<ArgumentException>(() => FusedLinearLogProbs.ComputeLoss(new DpoLoss(), randn(3, 2, 4), randn(5, 4), null,
+            randint(0, 5, new long[] { 3, 2 }), null, LabelAlignment.Aligned));
+        Assert.Equal("hidden", e.ParamName);
+        Assert.Contains("odd", e.Message);
+    }
+
+    // ---- the log-prob step: vectorised, exact ----------------------------------------------------------------------
+
+    [Fact]
+    public void Many_short_sequences_run_in_a_few_large_blocks_and_equal_the_naive_computation()
+    {
+        Assert.Equal(79, ChunkMath.Blocks(20_000, 4, 1024).Count());          // not 20,000 per-sequence kernels
+        Assert.Equal(4 * 3, ChunkMath.Blocks(4, 2500, 1024).Count());           // long sequences: token ranges
+        using var scope = NewDisposeScope();
+        var logits = randn(3000, 5, 7, dtype: ScalarType.Float64).requires_grad_(true);
+        var labels = randint(0, 7, new long[] { 3000, 5 });
+        foreach (var alignment in new[] { LabelAlignment.Aligned, LabelAlignment.ShiftByOne })
+        {
+            using var r = SequenceLogProbs.Compute(logits, labels, null, alignment, new SequenceLogProbsOptions { ChunkTokens = 64 });
+            var (x, y) = alignment == LabelAlignment.ShiftByOne ? (logits.narrow(1, 0, 4), labels.narrow(1, 1, 4)) : (logits, labels);
+            var naive = nn.functional.log_softmax(x.detach(), 2).gather(2, y.unsqueeze(2)).squeeze(2).sum(1);
+            Assert.True(allclose(r.Sum.detach(), naive, 1e-12, 1e-12), alignment.ToString());
+        }
+    }
+
+    // ---- results and explicit variants ----------------------------------------------------------------------------
+
+    [Fact]
+    public void Reading_a_result_after_its_scope_ended_names_the_result()
+    {
+        PreferenceLossResult r;
+        SequenceLogProbsResult logps;
+        double accuracy;
+        using (NewDisposeScope())
+        {
+            r = DpoLoss.Compute(Ok());
+            accuracy = r[MetricNames.RewardsAccuracies];                         // read inside the scope: kept
+            logps = SequenceLogProbs.Compute(randn(2, 3, 4), zeros(2, 3, dtype: ScalarType.Int64), null, LabelAlignment.Aligned);
+        }
+        var e = Assert.Throws<ObjectDisposedException>(() => r.Loss);
+        Assert.Equal("PreferenceLossResult (dpo)", e.ObjectName);
+        Assert.Contains("dispose scope", e.Message);
+        Assert.Throws<ObjectDisposedException>(() => r.PerExample);
+        Assert.Equal(accuracy, r[MetricNames.RewardsAccuracies]);
+        Assert.Equal(nameof(SequenceLogProbsResult), Assert.Throws<ObjectDisposedException>(() => logps.Sum).ObjectName);
+
+        var unread = DpoLoss.Compute(Ok());
+        unread.Dispose();
+        Assert.Throws<ObjectDisposedException>(() => unread.Metrics);
+    }
+
+    [Fact]
+    public void Rpo_without_embeddings_is_an_error_unless_a_variant_without_them_is_chosen()
+    {
+        var e = Assert.Throws<ArgumentException>(() => RpoLoss.Compute(Ok(), Ok()));
+        Assert.Equal("batch.PromptEmbeddings", e.ParamName);
+        Assert.Contains("RpoVariant.AllPairs", e.Message);
+        using var allPairs = RpoLoss.Compute(Ok(), Ok(), new RpoOptions { Variant = RpoVariant.AllPairs });
+        Assert.True(double.IsFinite(allPairs.Loss.ToDouble()));
+        Assert.Equal("batch.PromptEmbeddings", Assert.Throws<ArgumentException>(() =>
+            RpoLoss.Compute(Ok(), Ok(), randn(3, 2), new RpoOptions { Variant = RpoVariant.AllPairs })).ParamName);
+    }
+
+    [Fact]
+    public void Every_variant_has_its_own_name()
+    {
+        IPreferenceLoss[] variants =
+        {
+            new DpoLoss(), new ConservativeDpoLoss(), new RobustDpoLoss(), new HingeLoss(), new DpoNllLoss(),
+            new IpoLoss(), new IpoLoss(new() { LogRatio = IpoLogRatio.PerTokenMean }),
+            new RpoLoss(), new RpoLoss(new() { WeightPlacement = RpoWeightPlacement.OutsideSigmoid }),
+            new RpoLoss(new() { Variant = RpoVariant.AllPairs }), new RpoLoss(new() { Variant = RpoVariant.AllPairs, WeightPlacement = RpoWeightPlacement.OutsideSigmoid }),
+            new RpoLoss(new() { Variant = RpoVariant.Diagonal }),
+            new SpoLoss(), new SpoLoss(new() { KlWeight = 0 }),
+            new OdpoLoss(), new OdpoLoss(new() { OffsetForm = OdpoOffsetForm.Ratio }),
+            new SppoLoss(), new SppoLoss(new() { Form = SppoForm.Single }), new SppoLoss(new() { Form = SppoForm.Hard }),
+        };
+        var names = variants.Select(v => v.Name).ToList();
+        Assert.Equal(names.Count, names.Distinct().Count());
+        Assert.Contains("rpo_diagonal", names);
+        Assert.Contains("rpo_all_pairs", names);
+        Assert.Contains("ipo_per_token", names);
+        Assert.Contains("spo_no_kl", names);
+    }
+
+    [Fact]
+    public void The_fused_loss_takes_the_reference_and_side_inputs_without_a_placeholder_policy()
+    {
+        using var scope = NewDisposeScope();
+        manual_seed(2);
+        var hidden = randn(4, 3, 5, dtype: ScalarType.Float64);
+        var weight = randn(6, 5, dtype: ScalarType.Float64);
+        var labels = randint(0, 6, new long[] { 4, 3 });
+        var reference = new PreferenceLogps(D(-9, -8), D(-10, -7));
+        using var logps = FusedLinearLogProbs.Compute(hidden, weight, null, labels, null, LabelAlignment.Aligned);
+        using var expected = DpoLoss.Compute(logps.ToPreferenceLogps(), reference);
+        using var fused = FusedLinearLogProbs.ComputeLoss(new DpoLoss(), hidden, weight, null, labels, null, LabelAlignment.Aligned, reference);
+        Assert.Equal(expected.Loss.ToDouble(), fused.Loss.ToDouble(), 12);
+        var scores = new ResponseScores(D(2, 3), D(1, 1));
+        using var odpo = FusedLinearLogProbs.ComputeLoss(new OdpoLoss(), p => new PreferenceBatch(p, reference) { Scores = scores },
+            hidden, weight, null, labels, null, LabelAlignment.Aligned);
+        Assert.True(double.IsFinite(odpo.Loss.ToDouble()));
+        Assert.Throws<InvalidOperationException>(() => FusedLinearLogProbs.ComputeLoss(new DpoLoss(), _ => new PreferenceBatch(Ok(2)),
+            hidden, weight, null, labels, null, LabelAlignment.Aligned));
+    }
+}
