@@ -27,7 +27,7 @@ internal static class CudaMemory
         int failures = 0;
         string Mib(long bytes) => $"{bytes / 1048576.0:F0} MiB";
 
-        // issue #7: extra memory of sequence log-probs from bf16 logits 8 x 1024 x 128256 (target: <= 64 MiB for the forward)
+        // extra memory of sequence log-probs from bf16 logits 8 x 1024 x 128256 (target: <= 64 MiB for the forward)
         foreach (var path in new[] { "kernel", "chunked", "naive" })
             foreach (var phase in new[] { "forward", "backward" })
             {
@@ -37,7 +37,7 @@ internal static class CudaMemory
                                   (phase == "backward" ? " beyond the logits' gradient" : ""));
             }
 
-        // issue #8: fused linear log-probs against the materialised logits, N = 16, H = 4096, V = 128256, over T
+        // fused linear log-probs against the materialised logits, N = 16, H = 4096, V = 128256, over T
         foreach (var t in new[] { 256, 512, 1024 })
             foreach (var path in new[] { "fused", "materialised" })
             {
@@ -47,7 +47,7 @@ internal static class CudaMemory
                     : $"INFO memory linear log-probs T={t} {path}: {text}");
             }
 
-        // issue #6: the largest RPO batch (D = 768, float32) whose forward + backward fits: doubling, then bisection to 1024
+        // the largest RPO batch (D = 768, float32) whose forward + backward fits: doubling, then bisection to 1024
         int good = 0, bad = 0;
         for (int b = 4096; b <= 1 << 20; b *= 2)
         {

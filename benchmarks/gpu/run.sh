@@ -5,7 +5,7 @@
 #   benchmarks/gpu/run.sh run [STAGE] [DIR]    # there, in the repository root with .gpu-bundle/ copied along
 #
 # Stages (default: all, in this order; each fits in a 10-minute command on an H100):
-#   check   correctness on CUDA: every loss vs float64 CPU, fused log-prob kernels vs the chunked path, issue #7's timing
+#   check   correctness on CUDA: every loss vs float64 CPU, fused log-prob kernels vs the chunked path, log-prob timing
 #   memory  peak GPU memory per case (fresh child processes, cuMemGetInfo) and the largest RPO batch that fits
 #   cuda    BenchmarkDotNet LossBenchmarks + RpoScalingBenchmarks, CUDA rows (in-process, short job, 100 ms iterations)
 #   cpu     BenchmarkDotNet LossBenchmarks, CPU rows, on the GPU machine's CPU

@@ -59,16 +59,28 @@ void Draw(string file, string title, double[] loss, double[] grad)
 {
     var plot = new Plot();
     var l = plot.Add.Scatter(h, loss);
-    l.LegendText = "loss";
+    l.LegendText = "loss (left axis)";
     l.MarkerSize = 0;
+    l.LineWidth = 2;
+    l.Color = Colors.Blue;
+    // the gradient on its own (right) axis: its scale differs from the loss's by orders of magnitude for most losses
     var g = plot.Add.Scatter(h, grad);
-    g.LegendText = "d loss / d h";
+    g.LegendText = "d loss / d h (right axis)";
     g.MarkerSize = 0;
+    g.LineWidth = 2;
+    g.Color = Colors.OrangeRed;
     g.LinePattern = LinePattern.Dashed;
-    plot.Add.HorizontalLine(0, 1, Colors.Gray);
+    g.Axes.YAxis = plot.Axes.Right;
+    var zero = plot.Add.HorizontalLine(0, 1, Colors.OrangeRed.WithAlpha(0.5));
+    zero.Axes.YAxis = plot.Axes.Right;
+    zero.LinePattern = LinePattern.Dotted;
+    plot.Axes.Left.Label.Text = "loss";
+    plot.Axes.Left.Label.ForeColor = Colors.Blue;
+    plot.Axes.Right.Label.Text = "d loss / d h";
+    plot.Axes.Right.Label.ForeColor = Colors.OrangeRed;
     plot.Title(title);
     plot.XLabel("margin h = u_w - u_l");
-    plot.ShowLegend(ScottPlot.Alignment.UpperRight);
-    plot.SavePng(Path.Combine(dir, file + ".png"), 640, 400);
+    plot.ShowLegend(Edge.Bottom);                                   // outside the data area: it never hides a curve
+    plot.SavePng(Path.Combine(dir, file + ".png"), 640, 430);
     Console.WriteLine($"wrote {Path.Combine(dir, file + ".png")}");
 }

@@ -24,7 +24,7 @@ internal sealed record PlaygroundOptions
 
         Options:
           --loss NAME[,NAME...]  losses to train (default: all). Names: dpo, cdpo, robust_dpo, ipo, hinge, dpo_nll,
-                                 rpo, rpo_diagonal, spo, spo_pref_only, odpo, sppo
+                                 rpo, rpo_diagonal, spo, spo_no_kl, odpo, sppo
           --steps N              optimisation steps per loss (default 300)
           --quick                a fast run: 60 steps (what the tests use)
           --seed N               seed of the data and the training (default 7); CPU runs are deterministic

@@ -4,6 +4,23 @@ namespace Alignment.Losses.Playground;
 
 internal static class Plots
 {
+    /// <summary>Fourteen clearly different colours: every series of a plot gets its own (no palette wrap-around at 12).</summary>
+    private static readonly Color[] Palette =
+    {
+        Color.FromHex("#1f77b4"), Color.FromHex("#ff7f0e"), Color.FromHex("#2ca02c"), Color.FromHex("#d62728"),
+        Color.FromHex("#9467bd"), Color.FromHex("#8c564b"), Color.FromHex("#e377c2"), Color.FromHex("#7f7f7f"),
+        Color.FromHex("#bcbd22"), Color.FromHex("#17becf"), Color.FromHex("#393b79"), Color.FromHex("#637939"),
+        Color.FromHex("#e7298a"), Color.FromHex("#000000"),
+    };
+
+    /// <summary>Marker shapes, cycled independently of the colours, so two series never share both.</summary>
+    private static readonly MarkerShape[] Markers =
+    {
+        MarkerShape.FilledCircle, MarkerShape.FilledSquare, MarkerShape.FilledTriangleUp, MarkerShape.FilledDiamond,
+        MarkerShape.FilledTriangleDown, MarkerShape.OpenCircle, MarkerShape.OpenSquare, MarkerShape.OpenTriangleUp,
+        MarkerShape.OpenDiamond, MarkerShape.OpenTriangleDown, MarkerShape.Cross, MarkerShape.Eks, MarkerShape.Asterisk,
+    };
+
     /// <summary>Writes the PNG plots (training curves; learned vs optimal distributions) and returns their file names.</summary>
     public static IReadOnlyList<string> Write(IReadOnlyList<RunResult> results, SyntheticWorld world, string dir)
     {
@@ -11,41 +28,62 @@ internal static class Plots
         if (results.Count == 0) return written;
 
         var curves = new Plot();
-        foreach (var r in results)
+        for (int s = 0; s < results.Count; s++)
         {
-            var line = curves.Add.Scatter(Enumerable.Range(0, r.RewardCurve.Length).Select(i => (double)i).ToArray(), r.RewardCurve);
-            line.LegendText = r.Name;
-            line.MarkerSize = 0;
-            line.LineWidth = 1.5f;
+            var r = results[s];
+            // about 40 points per curve: enough for the shape, few enough that each marker is readable
+            int stride = Math.Max(1, (r.RewardCurve.Length - 1) / 40);
+            var steps = Enumerable.Range(0, r.RewardCurve.Length).Where(i => i % stride == 0 || i == r.RewardCurve.Length - 1).ToArray();
+            var line = curves.Add.Scatter(steps.Select(i => (double)i).ToArray(), steps.Select(i => r.RewardCurve[i]).ToArray());
+            Style(line, s, r.Name);
         }
         curves.Title("Expected reward of the policy during training");
         curves.XLabel("step");
         curves.YLabel("E_pi[r], averaged over prompts");
-        curves.ShowLegend(ScottPlot.Alignment.UpperLeft);
-        curves.SavePng(Path.Combine(dir, "reward_curves.png"), 900, 560);
+        curves.ShowLegend(Edge.Right);                                  // outside the data area: it never hides a curve
+        curves.SavePng(Path.Combine(dir, "reward_curves.png"), 1100, 620);
         written.Add("reward_curves.png");
 
-        // learned vs optimal distribution on the first prompt, for the losses with a proven optimum
+        // learned vs optimal distribution on the first prompt, for the losses with a proven optimum; with label noise the
+        // DPO family is drawn against the clean-label DPO optimum, which robust DPO keeps and DPO does not
         int k = world.Candidates;
+        var shown = results.Where(r => r.OptimalPolicy is not null || (world.LabelNoise > 0 && r.DistanceToCleanDpo is not null)).ToList();
         var dist = new Plot();
         double[] xs = Enumerable.Range(0, k).Select(i => (double)i).ToArray();
-        foreach (var r in results.Where(r => r.OptimalPolicy is not null))
+        var drawnOptima = new HashSet<string>();
+        for (int s = 0; s < shown.Count; s++)
         {
+            var r = shown[s];
             var learned = dist.Add.Scatter(xs, r.FinalPolicy.Take(k).Select(v => (double)v).ToArray());
-            learned.LegendText = $"{r.Name}: learned";
-            learned.MarkerSize = 8;
-            var optimum = dist.Add.Scatter(xs, r.OptimalPolicy!.Take(k).Select(v => (double)v).ToArray());
-            optimum.LegendText = $"{r.Name}: optimum";
+            Style(learned, results.ToList().IndexOf(r), $"{r.Name}: learned");
+            if (r.OptimalPolicy is null) continue;
+            var values = r.OptimalPolicy.Take(k).Select(v => (double)v).ToArray();
+            var key = string.Join(",", values.Select(v => v.ToString("F4", System.Globalization.CultureInfo.InvariantCulture)));
+            if (!drawnOptima.Add(key)) continue;                          // robust DPO's optimum is DPO's: draw it once
+            var optimum = dist.Add.Scatter(xs, values);
+            optimum.LegendText = $"optimum of {r.Name}{(world.LabelNoise > 0 && r.Name == "robust_dpo" ? " (= clean DPO's)" : "")}";
             optimum.LinePattern = LinePattern.Dashed;
             optimum.Color = learned.Color;
             optimum.MarkerShape = MarkerShape.OpenCircle;
+            optimum.MarkerSize = 12;
         }
-        dist.Title("Prompt 0: learned policy vs the optimum the paper proves");
+        dist.Title(world.LabelNoise > 0
+            ? $"Prompt 0 with {world.LabelNoise:P0} of labels flipped: learned policies vs the clean-label optimum"
+            : "Prompt 0: learned policy vs the optimum the paper proves");
         dist.XLabel("candidate response");
         dist.YLabel("probability");
-        dist.ShowLegend(ScottPlot.Alignment.UpperRight);
-        dist.SavePng(Path.Combine(dir, "learned_vs_optimal.png"), 900, 560);
+        dist.ShowLegend(Edge.Right);
+        dist.SavePng(Path.Combine(dir, "learned_vs_optimal.png"), 1100, 620);
         written.Add("learned_vs_optimal.png");
         return written;
+    }
+
+    private static void Style(ScottPlot.Plottables.Scatter series, int index, string label)
+    {
+        series.LegendText = label;
+        series.Color = Palette[index % Palette.Length];
+        series.MarkerShape = Markers[index % Markers.Length];
+        series.MarkerSize = 6;
+        series.LineWidth = 1.5f;
     }
 }

@@ -8,13 +8,14 @@ internal static class Report
     public static string Table(IReadOnlyList<RunResult> results)
     {
         var sb = new StringBuilder();
-        sb.AppendLine($"{"loss",-14} {"setting",-30} {"loss 0",9} {"loss end",9} {"reward",7} {"ref rew",7} {"win vs ref",10} {"KL",6} {"TV to opt",9} {"time s",7}");
-        sb.AppendLine(new string('-', 120));
+        sb.AppendLine($"{"loss",-14} {"setting",-30} {"loss 0",9} {"loss end",9} {"reward",7} {"ref rew",7} {"win vs ref",10} {"KL",6} {"TV to opt",9} {"TV clean",8} {"time s",7}");
+        sb.AppendLine(new string('-', 129));
         foreach (var r in results)
         {
             string dist = r.DistanceToOptimum is { } d ? d.ToString("F4", CultureInfo.InvariantCulture) : "-";
+            string clean = r.DistanceToCleanDpo is { } c ? c.ToString("F4", CultureInfo.InvariantCulture) : "-";
             sb.AppendLine(string.Create(CultureInfo.InvariantCulture,
-                $"{r.Name,-14} {r.Setting,-30} {r.InitialLoss,9:G4} {r.FinalLoss,9:G4} {r.Reward,7:F3} {r.ReferenceReward,7:F3} {r.WinRate,10:F3} {r.Kl,6:F3} {dist,9} {r.Seconds,7:F2}"));
+                $"{r.Name,-14} {r.Setting,-30} {r.InitialLoss,9:G4} {r.FinalLoss,9:G4} {r.Reward,7:F3} {r.ReferenceReward,7:F3} {r.WinRate,10:F3} {r.Kl,6:F3} {dist,9} {clean,8} {r.Seconds,7:F2}"));
         }
         return sb.ToString();
     }
@@ -25,14 +26,16 @@ internal static class Report
         KL: mean KL(pi || pi_ref) over prompts. TV to opt: mean total-variation distance to the optimum the paper proves
         where its assumptions hold (clean labels: DPO -> pi_ref exp(r / beta), SPO's preference term -> softmax(r / alpha);
         labels flipped at rate eps: robust DPO with that eps -> the clean DPO optimum); '-' where none applies.
+        TV clean: distance of the DPO family to the clean-label DPO optimum pi_ref exp(r / beta). With --label-noise, DPO
+        fits the noisy preferences and drifts from it, while robust DPO (eps = the noise rate) is unbiased and stays near it.
         """;
 
     public static void WriteCsv(IReadOnlyList<RunResult> results, string dir)
     {
-        var table = new StringBuilder("loss,setting,initial_loss,final_loss,reward,reference_reward,win_rate,kl,tv_to_optimum,seconds\n");
+        var table = new StringBuilder("loss,setting,initial_loss,final_loss,reward,reference_reward,win_rate,kl,tv_to_optimum,tv_to_clean_dpo,seconds\n");
         foreach (var r in results)
             table.AppendLine(string.Create(CultureInfo.InvariantCulture,
-                $"{r.Name},\"{r.Setting}\",{r.InitialLoss:R},{r.FinalLoss:R},{r.Reward:R},{r.ReferenceReward:R},{r.WinRate:R},{r.Kl:R},{(r.DistanceToOptimum is { } d ? d.ToString("R", CultureInfo.InvariantCulture) : "")},{r.Seconds:R}"));
+                $"{r.Name},\"{r.Setting}\",{r.InitialLoss:R},{r.FinalLoss:R},{r.Reward:R},{r.ReferenceReward:R},{r.WinRate:R},{r.Kl:R},{(r.DistanceToOptimum is { } d ? d.ToString("R", CultureInfo.InvariantCulture) : "")},{(r.DistanceToCleanDpo is { } c ? c.ToString("R", CultureInfo.InvariantCulture) : "")},{r.Seconds:R}"));
         File.WriteAllText(Path.Combine(dir, "results.csv"), table.ToString());
 
         var curves = new StringBuilder("loss,step,expected_reward,training_loss\n");

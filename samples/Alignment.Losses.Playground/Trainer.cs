@@ -6,11 +6,12 @@ using static TorchSharp.torch;
 namespace Alignment.Losses.Playground;
 
 /// <summary>A loss to train with, and the optimum its paper proves (if any) as a function of the reference policy.</summary>
-internal sealed record RunSpec(string Name, IPreferenceLoss Loss, string Setting, Func<Tensor, Tensor, Tensor>? Optimum = null, bool NeedsKl = false, int SelfPlayIterations = 1);
+internal sealed record RunSpec(string Name, IPreferenceLoss Loss, string Setting, Func<Tensor, Tensor, Tensor>? Optimum = null, bool NeedsKl = false, int SelfPlayIterations = 1,
+    bool CompareToCleanDpo = false);
 
 internal sealed record RunResult(
     string Name, string Setting, double InitialLoss, double FinalLoss, double Reward, double ReferenceReward,
-    double WinRate, double Kl, double? DistanceToOptimum, double Seconds, double[] RewardCurve, double[] LossCurve,
+    double WinRate, double Kl, double? DistanceToOptimum, double? DistanceToCleanDpo, double Seconds, double[] RewardCurve, double[] LossCurve,
     float[] FinalPolicy, float[]? OptimalPolicy);
 
 internal static class Trainer
@@ -21,26 +22,29 @@ internal static class Trainer
     public static IEnumerable<RunSpec> Catalogue(PlaygroundOptions o)
     {
         // DPO's optimum under Bradley-Terry: pi* ∝ pi_ref exp(r / beta); robust DPO is unbiased, so it shares it.
-        Tensor DpoOptimum(Tensor refLogits, Tensor r) => nn.functional.softmax(nn.functional.log_softmax(refLogits, 1) + r / Beta, 1);
         const double alpha = 0.7;
         // The theorems hold for the population they assume: DPO's for clean labels, robust DPO's (the clean optimum)
         // when labels are flipped at exactly its eps. So robust DPO uses eps = the label-noise rate when there is noise.
         bool clean = o.LabelNoise == 0;
         double robustEps = clean ? 0.1 : o.LabelNoise;
-        yield return new("dpo", new DpoLoss(new() { Beta = Beta }), $"beta {Beta}", clean ? DpoOptimum : null);
-        yield return new("cdpo", new ConservativeDpoLoss(new() { Beta = Beta, LabelSmoothing = 0.1 }), $"beta {Beta}, eps 0.1");
-        yield return new("robust_dpo", new RobustDpoLoss(new() { Beta = Beta, LabelSmoothing = robustEps }), $"beta {Beta}, eps {robustEps}", clean ? null : DpoOptimum);
+        yield return new("dpo", new DpoLoss(new() { Beta = Beta }), $"beta {Beta}", clean ? DpoOptimum : null, CompareToCleanDpo: true);
+        yield return new("cdpo", new ConservativeDpoLoss(new() { Beta = Beta, LabelSmoothing = 0.1 }), $"beta {Beta}, eps 0.1", CompareToCleanDpo: true);
+        yield return new("robust_dpo", new RobustDpoLoss(new() { Beta = Beta, LabelSmoothing = robustEps }), $"beta {Beta}, eps {robustEps}", clean ? null : DpoOptimum,
+            CompareToCleanDpo: true);
         yield return new("ipo", new IpoLoss(new() { Beta = Beta }), $"beta {Beta}");
         yield return new("hinge", new HingeLoss(new() { Beta = Beta }), $"beta {Beta}");
         yield return new("dpo_nll", new DpoNllLoss(new() { Beta = Beta, NllWeight = 1 }), $"beta {Beta}, alpha 1");
         yield return new("rpo", new RpoLoss(new() { Beta = Beta, Temperature = 0.5 }), $"beta {Beta}, tau 0.5");
         yield return new("rpo_diagonal", new RpoLoss(new() { Beta = Beta, Variant = RpoVariant.Diagonal }), $"beta {Beta}, lambda 0.8");
         yield return new("spo", new SpoLoss(new() { Alpha = alpha, KlWeight = 0.05 }), $"alpha {alpha}, beta_r 0.05", NeedsKl: true);
-        yield return new("spo_pref_only", new SpoLoss(new() { Alpha = alpha, KlWeight = 0 }), $"alpha {alpha}, no KL",
+        yield return new("spo_no_kl", new SpoLoss(new() { Alpha = alpha, KlWeight = 0 }), $"alpha {alpha}, no KL",
             clean ? (_, r) => nn.functional.softmax(r / alpha, 1) : null);
         yield return new("odpo", new OdpoLoss(new() { Beta = Beta, Alpha = 0.5, MinimumScoreGap = 0.01 }), $"beta {Beta}, alpha 0.5");
         yield return new("sppo", new SppoLoss(new() { Beta = 1.0 }), "beta 1 (eta 1), 5 iterations", SelfPlayIterations: 5);
     }
+
+    /// <summary>DPO's optimum on clean Bradley-Terry labels: pi* ∝ pi_ref exp(r / beta) (robust DPO's too, at any noise rate it is told).</summary>
+    private static Tensor DpoOptimum(Tensor refLogits, Tensor r) => nn.functional.softmax(nn.functional.log_softmax(refLogits, 1) + r / Beta, 1);
 
     public static RunResult Train(SyntheticWorld world, RunSpec run, PlaygroundOptions o, Device device, Action<string> progress)
     {
@@ -112,8 +116,9 @@ internal static class Trainer
         double kl = (policy * (policy.log() - reference.log())).sum(1).mean().ToDouble();
         Tensor? optimum = run.Optimum?.Invoke(initial, rewards);
         double? distance = optimum is null ? null : 0.5 * (policy - optimum).abs().sum(1).mean().ToDouble();
+        double? toCleanDpo = run.CompareToCleanDpo ? 0.5 * (policy - DpoOptimum(initial, rewards)).abs().sum(1).mean().ToDouble() : null;
         watch.Stop();
-        return new RunResult(run.Name, run.Setting, firstLoss, lossCurve[^1], reward, referenceReward, winRate, kl, distance,
+        return new RunResult(run.Name, run.Setting, firstLoss, lossCurve[^1], reward, referenceReward, winRate, kl, distance, toCleanDpo,
             watch.Elapsed.TotalSeconds, rewardCurve, lossCurve,
             policy.cpu().data<float>().ToArray(), optimum?.cpu().data<float>().ToArray());
     }

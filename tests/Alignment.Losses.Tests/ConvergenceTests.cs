@@ -63,7 +63,7 @@ public class ConvergenceTests
         var refLogp = TensorUtil.Const(Enumerable.Repeat(Math.Log(1.0 / 3), 3).ToArray(), ScalarType.Float64);
         var pi = Train(3, logp => Weighted(DpoLoss.Compute(
             new PreferenceLogps(logp[tensor(i)], logp[tensor(j)]), new PreferenceLogps(refLogp[tensor(i)], refLogp[tensor(j)]), new DpoOptions { Beta = 0.5 }), w));
-        // softmax(log(1/3) + r / beta) = softmax(2, 0.6, -1) = (0.7714, 0.1902, 0.0384). The spec's example figure
+        // softmax(log(1/3) + r / beta) = softmax(2, 0.6, -1) = (0.7714, 0.1902, 0.0384). An example figure in circulation
         // (0.8042, 0.1469, 0.0489) does not satisfy its own formula (its log-ratios are 1.70 and 1.10, not r/beta's 1.4 and
         // 1.6), so the test asserts the theorem, computed independently here.
         AssertDistribution(DpoOptimum, pi, 1e-3);
@@ -88,6 +88,47 @@ public class ConvergenceTests
         var pi = Train(3, logp => Weighted(SpoLoss.Compute(new PreferenceLogps(logp[tensor(i)], logp[tensor(j)]), null,
             new SpoOptions { Alpha = 0.7, KlWeight = 0 }), w));
         AssertDistribution(new[] { 0.6733, 0.2477, 0.0790 }, pi, 1e-3);
+    }
+
+    [Fact]
+    public void Ipo_converges_to_the_optimum_of_its_paper()
+    {
+        // Azar et al. (Prop. / Eq. 17): with pairs drawn from a behaviour policy mu (here: all ordered pairs, uniform) the IPO
+        // optimum satisfies log(pi(y)/pi(y')) - log(pi_ref(y)/pi_ref(y')) = (P(y beats mu) - P(y' beats mu)) / tau, where
+        // P(y beats mu) is y's mean win probability against mu (itself included, at 1/2). With a uniform reference:
+        // pi* = softmax(P / beta). r = (1, 0.3, -0.5), beta = 0.5 gives about (0.4445, 0.3262, 0.2293).
+        const double beta = 0.5;
+        var (i, j, w) = Population(R);
+        var win = R.Select(a => R.Average(b => Oracle.Sigmoid(a - b))).ToArray();
+        var expected = Softmax(win.Select(p => p / beta).ToArray());
+        var pi = Train(3, logp => Weighted(IpoLoss.Compute(new PreferenceLogps(logp[tensor(i)], logp[tensor(j)]), null,
+            new IpoOptions { Beta = beta }), w), steps: 3000);
+        AssertDistribution(expected, pi, 1e-3);
+        AssertDistribution(new[] { 0.4445, 0.3262, 0.2293 }, pi, 2e-3);
+    }
+
+    [Fact]
+    public void Hinge_stops_exactly_at_its_margin_on_separable_preferences()
+    {
+        // SLiC / RSO's calibration loss: with the pair always preferred one way, training moves beta * h up to 1 and then
+        // the gradient is exactly zero, so the margin stays at 1 / beta (within the last step) instead of growing as DPO's does.
+        using var scope = NewDisposeScope();
+        const double beta = 0.5;
+        var h = new Parameter(zeros(1, dtype: ScalarType.Float64), requires_grad: true);
+        var opt = optim.SGD(new[] { h }, 0.01);
+        var zero = zeros(1, dtype: ScalarType.Float64);
+        int stoppedAt = -1;
+        for (int s = 0; s < 2000; s++)
+        {
+            using var step = NewDisposeScope();
+            opt.zero_grad();
+            using var r = HingeLoss.Compute(new PreferenceLogps(h * 1, zero), null, new HingeOptions { Beta = beta });
+            r.Loss.backward();
+            if (h.grad!.ToDouble() == 0 && stoppedAt < 0) stoppedAt = s;
+            opt.step();
+        }
+        Assert.True(stoppedAt > 0, "the gradient never became exactly zero");
+        Assert.InRange(beta * h.ToDouble(), 1.0, 1.0 + beta * 0.01 * beta + 1e-12);   // one SGD step of size lr * beta past the margin at most
     }
 
     [Fact]

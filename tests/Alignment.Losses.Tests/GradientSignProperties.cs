@@ -5,7 +5,7 @@ using FsCheck.Fluent;
 namespace Alignment.Losses.Tests;
 
 /// <summary>
-/// The gradient-sign table of the spec (§6) as FsCheck properties over random batches and hyperparameters (float64).
+/// The gradient-sign table of docs/losses.md as FsCheck properties over random batches and hyperparameters (float64).
 /// "Chosen up, rejected down" means d loss / d l_pol(y_w) &lt;= 0 and d loss / d l_pol(y_l) &gt;= 0 (gradient descent raises
 /// the chosen log-prob and lowers the rejected one). Thresholded losses are checked on both sides of their threshold.
 /// Failures shrink to the smallest batch and print it.

@@ -3,7 +3,7 @@ using FsCheck.Fluent;
 
 namespace Alignment.Losses.Tests;
 
-/// <summary>The closed-form oracles and identities of the spec (§1-§5, §7), each an exact statement about a loss.</summary>
+/// <summary>The closed-form oracles and identities the papers state, each an exact statement about a loss.</summary>
 public class SpecOracleTests
 {
     static readonly ScalarType F64 = ScalarType.Float64;
