@@ -54,7 +54,7 @@ public static class FusedLinearLogProbs
                 throw new ArgumentException($"bias must be [{weight.shape[0]}]; got {Guard.Shape(bias)}.", nameof(bias));
             Guard.SameDevice(hidden, nameof(hidden), bias, nameof(bias));
         }
-        return Native.Run("FusedLinearLogProbs.Compute", () => $"hidden {Native.Describe(hidden)}, weight {Native.Describe(weight)}, chunk {options.ChunkTokens} tokens", () =>
+        return Native.Run("FusedLinearLogProbs.Compute", () => $"hidden {Native.Describe(hidden)}, weight {Native.Describe(weight)}, chunk {options.TokensPerChunk(weight.shape[0], hidden.device_type)} tokens", () =>
         {
             using var scope = NewDisposeScope();
             var prepared = Targets.Prepare(hidden, nameof(hidden), weight.shape[0], nameof(weight), labels, mask, alignment, options);
@@ -64,8 +64,8 @@ public static class FusedLinearLogProbs
             // views, so that the gradients reach a leaf's AccumulateGrad as fresh tensors it adopts instead of copying
             Tensor ViewOf(Tensor t) => t.requires_grad ? t.view(t.shape) : t;
             var sum = bias is null
-                ? LinearFunction.apply(ViewOf(hidden), ViewOf(weight), prepared.Targets, weights, shift, options.ChunkTokens, dtype)
-                : LinearBiasFunction.apply(ViewOf(hidden), ViewOf(weight), ViewOf(bias), prepared.Targets, weights, shift, options.ChunkTokens, dtype);
+                ? LinearFunction.apply(ViewOf(hidden), ViewOf(weight), prepared.Targets, weights, shift, options.TokensPerChunk(weight.shape[0], hidden.device_type), dtype)
+                : LinearBiasFunction.apply(ViewOf(hidden), ViewOf(weight), ViewOf(bias), prepared.Targets, weights, shift, options.TokensPerChunk(weight.shape[0], hidden.device_type), dtype);
             var result = Targets.Finish(sum, weights, () => NonFinite(hidden, weight, bias, prepared.Valid, shift, sum, dtype));
             scope.MoveToOuter(result.Sum, result.TokenCounts, result.Mean);
             return result;

@@ -21,8 +21,33 @@ public sealed record SequenceLogProbsOptions
     /// <summary>Label value that marks a position to skip (besides the mask). Default -100 (the Hugging Face convention).</summary>
     public long IgnoreIndex { get; init; } = -100;
 
-    /// <summary>Tokens per fp32 chunk: bounds the extra memory to about ChunkTokens x V x 4 bytes. Default 1024.</summary>
-    public long ChunkTokens { get; init => field = value >= 1 ? value : throw new ArgumentOutOfRangeException(nameof(ChunkTokens), value, "ChunkTokens must be >= 1."); } = 1024;
+    /// <summary>
+    /// The logits per fp32 chunk on the CPU when <see cref="ChunkTokens"/> is not set: 2^22 (16 MiB), e.g. 512 tokens at
+    /// V = 8192. Measured on a 2-core VM, chunks of 16 MiB ran about 1.5x faster than chunks of 64 MiB (cache and page
+    /// faults of the fresh temporaries), while a whole batch of short sequences still fits in one chunk at a small V.
+    /// </summary>
+    public const long DefaultCpuChunkElements = 1L << 22;
+
+    /// <summary>
+    /// The logits per fp32 chunk on CUDA when <see cref="ChunkTokens"/> is not set: 2^26 (256 MiB), e.g. 512 tokens at
+    /// V = 131072: enough rows per chunk that the head's matrix products and the kernels are not launch-bound.
+    /// </summary>
+    public const long DefaultCudaChunkElements = 1L << 26;
+
+    /// <summary>
+    /// Tokens per fp32 chunk: bounds the extra memory to about ChunkTokens x V x 4 bytes. Default null: as many tokens as
+    /// fit in <see cref="DefaultCpuChunkElements"/> (CPU) or <see cref="DefaultCudaChunkElements"/> (CUDA) logits; many
+    /// short sequences then share one chunk instead of costing a few kernels each.
+    /// </summary>
+    public long? ChunkTokens
+    {
+        get;
+        init => field = value is null or >= 1 ? value : throw new ArgumentOutOfRangeException(nameof(ChunkTokens), value, "ChunkTokens must be >= 1 (or null for the default).");
+    }
+
+    /// <summary>The chunk size in tokens for a vocabulary of <paramref name="vocab"/> on <paramref name="device"/>.</summary>
+    internal long TokensPerChunk(long vocab, DeviceType device) =>
+        ChunkTokens ?? Math.Max(1, (device == DeviceType.CUDA ? DefaultCudaChunkElements : DefaultCpuChunkElements) / Math.Max(1, vocab));
 }
 
 /// <summary>Per-sequence log-probabilities from <see cref="SequenceLogProbs.Compute"/> or <see cref="FusedLinearLogProbs.Compute"/>.</summary>
@@ -130,7 +155,7 @@ public static class SequenceLogProbs
         Guard.Rank(logits, 3, nameof(logits), "of logits [N, T, V]");
         Guard.Floating(logits, nameof(logits));
         Guard.Defined(alignment, nameof(alignment));
-        return Native.Run("SequenceLogProbs.Compute", () => $"logits {Native.Describe(logits)}, chunk {options.ChunkTokens} tokens", () =>
+        return Native.Run("SequenceLogProbs.Compute", () => $"logits {Native.Describe(logits)}, chunk {options.TokensPerChunk(logits.shape[2], logits.device_type)} tokens", () =>
         {
             using var scope = NewDisposeScope();
             var prepared = Targets.Prepare(logits, nameof(logits), logits.shape[2], nameof(logits), labels, mask, alignment, options);
@@ -145,7 +170,7 @@ public static class SequenceLogProbs
                 && CudaLogProbKernels.TryGet(logits.device, logits.dtype) is { } kernels)
                 sum = KernelFunction.apply(input, prepared.Targets, weights, shift, kernels);
             else
-                sum = SequenceLogProbFunction.apply(input, prepared.Targets, weights, shift, options.ChunkTokens, dtype);
+                sum = SequenceLogProbFunction.apply(input, prepared.Targets, weights, shift, options.TokensPerChunk(logits.shape[2], logits.device_type), dtype);
             var result = Targets.Finish(sum, weights, () => Targets.NonFinite(nameof(logits), sum));
             scope.MoveToOuter(result.Sum, result.TokenCounts, result.Mean);
             return result;
