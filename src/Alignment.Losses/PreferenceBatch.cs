@@ -27,7 +27,12 @@ public sealed record PreferenceBatch(PreferenceLogps Policy, PreferenceLogps? Re
     /// <summary>SPPO: estimated win-rates (or a pairwise preference probability) of the responses against the current policy.</summary>
     public SppoWinRates? WinRates { get; init; }
 
-    /// <summary>SPO: optional detached non-negative per-pair weights mu [B] (default 1).</summary>
+    /// <summary>
+    /// Optional non-negative per-example weights [B] (per chosen row for RPO), detached: every loss's per-example losses
+    /// are multiplied by them, so the loss is mean_i w_i L_i. Use them for WPO (<see cref="SequenceLogProbsResult.WpoPairWeights"/>,
+    /// TRL's <c>use_weighting</c>) or any per-pair weighting. SPO weights its preference term only (the paper's mu); AOT
+    /// refuses weights (its per-example losses are per rank, not per pair).
+    /// </summary>
     public Tensor? ExampleWeights { get; init; }
 
     /// <summary>

@@ -61,12 +61,26 @@ public abstract class PreferenceLoss<TOptions> : IPreferenceLoss where TOptions 
     {
         using var scope = NewDisposeScope();
         var checks = new ValueChecks();
-        var extraTensors = Validate(batch, checks)?.ToArray() ?? Array.Empty<(Tensor?, string)>();
+        var extraTensors = (Validate(batch, checks) ?? Array.Empty<(Tensor?, string)>()).ToList();
+        if (batch.ExampleWeights is { } exampleWeights)
+        {
+            CheckPerExample(exampleWeights, batch, "batch.ExampleWeights", "per-example weights");
+            using (no_grad())
+                checks.Add((exampleWeights >= 0).all(), () => new ArgumentException(
+                    "batch.ExampleWeights must be non-negative and finite (a negative weight reverses a pair's preference).", "batch.ExampleWeights"));
+            extraTensors.Add((exampleWeights, "batch.ExampleWeights"));
+        }
         var dtype = Numerics.DTypeFor(batch.Policy.Chosen, batch.Policy.Rejected, batch.Reference?.Chosen, batch.Reference?.Rejected);
         var terms = new PreferenceTerms(batch, dtype, checks);
         var output = Evaluate(terms, batch);
         CheckOutput(output);
         var perExample = Numerics.As(output.PerExample, dtype);
+        if (batch.ExampleWeights is { } w)
+        {
+            perExample = ApplyExampleWeights(perExample, terms.Upcast(w));
+            if (perExample.dim() != 1 || perExample.shape[0] != w.shape[0])
+                throw new InvalidOperationException($"{GetType().Name}.ApplyExampleWeights must return [{w.shape[0]}] weighted per-example losses; got {Guard.Shape(perExample)}.");
+        }
         var loss = perExample.mean();
 
         // [loss, standard metrics, loss-specific metrics] in one device tensor: a handful of kernels and no synchronisation
@@ -143,6 +157,21 @@ public abstract class PreferenceLoss<TOptions> : IPreferenceLoss where TOptions 
     /// <returns>The side inputs to examine (with their names) when the loss or a metric is not finite.</returns>
     protected virtual IEnumerable<(Tensor? Tensor, string Name)> Validate(PreferenceBatch batch, ValueChecks checks) =>
         Array.Empty<(Tensor?, string)>();
+
+    /// <summary>
+    /// Applies <see cref="PreferenceBatch.ExampleWeights"/> (validated: one per example, non-negative, finite, detached, in the
+    /// compute dtype) to the per-example losses. The default multiplies, so the loss is mean_i w_i L_i: WPO's pair weights
+    /// (<see cref="SequenceLogProbsResult.WpoPairWeights"/>), density-ratio weights, or any weighting of your own. A loss
+    /// whose weights mean something else overrides it (SPO weights its preference term only; AOT, whose per-example losses
+    /// are per rank, refuses weights).
+    /// </summary>
+    /// <param name="perExample">The per-example losses from <see cref="Evaluate"/>.</param>
+    /// <param name="weights">The weights, one per per-example loss.</param>
+    protected virtual Tensor ApplyExampleWeights(Tensor perExample, Tensor weights)
+    {
+        ArgumentNullException.ThrowIfNull(perExample);
+        return perExample * weights;
+    }
 
     /// <summary>The formula: per-example losses and loss-specific metrics, computed from the upcast terms.</summary>
     /// <param name="terms">The batch in the compute dtype: log-probs, log-ratios, the margin, token counts, checks.</param>

@@ -91,6 +91,12 @@ public sealed class PreferenceLossResult : IDisposable
         ? v
         : throw new KeyNotFoundException($"No metric named '{metric}'. Available: {string.Join(", ", _metricNames)}.");
 
+    /// <summary>The loss's name ("custom" for results built with the public constructor).</summary>
+    internal string LossName => _lossName;
+
+    /// <summary>The metric values as one tensor, in <see cref="MetricNames"/> order (float64 on the CPU for public-constructor results).</summary>
+    internal Tensor MetricTensor => Alive(_metricValues);
+
     /// <summary>Moves the result's tensors out of <paramref name="scope"/> (to the enclosing scope, or to no scope).</summary>
     internal void MoveToOuter(DisposeScope scope) => scope.MoveToOuter(_loss, _perExample, _metricValues);
 

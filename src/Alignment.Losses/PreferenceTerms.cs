@@ -71,6 +71,27 @@ public sealed class PreferenceTerms
     public Tensor Margin => _margin ??= ChosenLogRatio - RejectedLogRatio;
     private Tensor? _margin;
 
+    /// <summary>The scores (s_w, s_l) = (f(u_w), f(u_l)) under <paramref name="map"/> (the log-ratios themselves for reverse KL).</summary>
+    public (Tensor Chosen, Tensor Rejected) Scores(ScoreMap map)
+    {
+        ArgumentNullException.ThrowIfNull(map);
+        if (map.Kind == ScoreMapKind.ReverseKl) return (ChosenLogRatio, RejectedLogRatio);
+        if (_scores is { } cached && cached.Map == map) return (cached.Chosen, cached.Rejected);
+        var scores = (map, map.Apply(ChosenLogRatio), map.Apply(RejectedLogRatio));
+        _scores = scores;
+        return (scores.Item2, scores.Item3);
+    }
+    private (ScoreMap Map, Tensor Chosen, Tensor Rejected)? _scores;
+
+    /// <summary>Delta = s_w - s_l under <paramref name="map"/> (paired batches; <see cref="Margin"/> for reverse KL).</summary>
+    public Tensor ScoreMargin(ScoreMap map)
+    {
+        ArgumentNullException.ThrowIfNull(map);
+        if (map.Kind == ScoreMapKind.ReverseKl) return Margin;
+        var (chosen, rejected) = Scores(map);
+        return chosen - rejected;
+    }
+
     /// <summary>A side input (scores, weights, probabilities) detached and in the compute dtype.</summary>
     public Tensor Upcast(Tensor sideInput)
     {

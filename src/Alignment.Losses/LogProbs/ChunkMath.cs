@@ -28,8 +28,14 @@ internal static class ChunkMath
         return gradient.masked_fill_((g == 0).unsqueeze(1), 0);
     }
 
-    /// <summary>Sums token log-probs over valid positions, selecting (not multiplying) so that masked NaN/Inf cannot leak in.</summary>
-    internal static Tensor MaskedSum(Tensor tokenLogp, Tensor weights) => tokenLogp.masked_fill(weights == 0, 0).sum(1);
+    /// <summary>
+    /// Sums token log-probs weighted by <paramref name="weights"/> (1 at a valid position, 0 elsewhere, LD-DPO's alpha in a
+    /// tail), selecting before multiplying so that NaN/Inf at a zero-weight position cannot leak in.
+    /// </summary>
+    internal static Tensor MaskedSum(Tensor tokenLogp, Tensor weights) => tokenLogp.masked_fill(weights == 0, 0).mul_(weights).sum(1);
+
+    /// <summary>WPO's per-token log sum_v p_v^2 = logsumexp(2 z) - 2 logsumexp(z) of a block of logits [rows, V] (no grad).</summary>
+    internal static Tensor LogSumSquares(Tensor block, Tensor lse) => (block * 2).logsumexp(1).sub_(lse * 2);
 
     /// <summary>
     /// The blocks a [N, T] grid of tokens is processed in, each of at most <paramref name="chunk"/> tokens: groups of whole

@@ -60,14 +60,16 @@ public static class FusedLinearLogProbs
             var prepared = Targets.Prepare(hidden, nameof(hidden), weight.shape[0], nameof(weight), labels, mask, alignment, options);
             bool shift = alignment == LabelAlignment.ShiftByOne;
             var dtype = Numerics.DTypeFor(hidden, weight, bias);
-            var weights = prepared.Valid.to_type(dtype);
+            var weights = Targets.TokenWeights(prepared.Valid, dtype, options.LdAlpha, nameof(hidden));
+            var extras = options.WpoTerms ? new LogProbExtras(prepared.Valid) : null;
+            long chunk = options.TokensPerChunk(weight.shape[0], hidden.device_type);
             // views, so that the gradients reach a leaf's AccumulateGrad as fresh tensors it adopts instead of copying
             Tensor ViewOf(Tensor t) => t.requires_grad ? t.view(t.shape) : t;
             var sum = bias is null
-                ? LinearFunction.apply(ViewOf(hidden), ViewOf(weight), prepared.Targets, weights, shift, options.TokensPerChunk(weight.shape[0], hidden.device_type), dtype)
-                : LinearBiasFunction.apply(ViewOf(hidden), ViewOf(weight), ViewOf(bias), prepared.Targets, weights, shift, options.TokensPerChunk(weight.shape[0], hidden.device_type), dtype);
-            var result = Targets.Finish(sum, weights, () => NonFinite(hidden, weight, bias, prepared.Valid, shift, sum, dtype));
-            scope.MoveToOuter(result.Sum, result.TokenCounts, result.Mean);
+                ? LinearFunction.apply(ViewOf(hidden), ViewOf(weight), prepared.Targets, weights, shift, chunk, dtype, extras)
+                : LinearBiasFunction.apply(ViewOf(hidden), ViewOf(weight), ViewOf(bias), prepared.Targets, weights, shift, chunk, dtype, extras);
+            var result = Targets.Finish(sum, prepared.Valid, extras, () => NonFinite(hidden, weight, bias, prepared.Valid, shift, sum, dtype));
+            result.MoveToOuter(scope);
             return result;
         });
     }
@@ -144,19 +146,24 @@ public static class FusedLinearLogProbs
     private static Tensor Logits(Tensor h, Tensor wt, Tensor? b) =>
         b is null ? h.mm(wt) : torch.addmm(b, h, wt, 1, 1);   // mm / addmm, never matmul: see Native
 
-    private static Tensor Forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor weights, bool shift, long chunk, ScalarType dtype)
+    private static Tensor Forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor weights, bool shift, long chunk, ScalarType dtype,
+        LogProbExtras? extras)
     {
         var x = SequenceLogProbs.Scored(hidden, shift);
         long n = x.shape[0], t = x.shape[1];
         var tokenLogp = empty(n, t, dtype: dtype, device: x.device);
+        var denominators = extras is null ? null : empty(n, t, dtype: dtype, device: x.device);
         var wt = weight.to_type(dtype).t();
         var b = bias?.to_type(dtype);
         foreach (var block in ChunkMath.Blocks(n, t, chunk))
         {
             using var inner = NewDisposeScope();
             var logits = Logits(block.Rows2D(x, dtype), wt, b);                              // [count, V]: the one live chunk
-            block.Of(tokenLogp).copy_(ChunkMath.Forward(logits, block.Flat(targets)).TargetLogp.view(block.Rows, block.Tokens));
+            var (lse, targetLogp) = ChunkMath.Forward(logits, block.Flat(targets));
+            block.Of(tokenLogp).copy_(targetLogp.view(block.Rows, block.Tokens));
+            if (denominators is not null) block.Of(denominators).copy_(ChunkMath.LogSumSquares(logits, lse).view(block.Rows, block.Tokens));
         }
+        extras?.Finish(tokenLogp, denominators!);
         return ChunkMath.MaskedSum(tokenLogp, weights);
     }
 
@@ -197,14 +204,14 @@ public static class FusedLinearLogProbs
             ctx.save_data("shift", vars[4]);
             ctx.save_data("chunk", vars[5]);
             ctx.save_data("dtype", vars[6]);
-            return FusedLinearLogProbs.Forward(hidden, weight, null, targets, weights, (bool)vars[4], (long)vars[5], (ScalarType)vars[6]);
+            return FusedLinearLogProbs.Forward(hidden, weight, null, targets, weights, (bool)vars[4], (long)vars[5], (ScalarType)vars[6], (LogProbExtras?)vars[7]);
         }
 
         protected override Tensor?[] Backward(autograd.AutogradContext ctx, IReadOnlyList<Tensor> s, Tensor grad_output)
         {
             var (gh, gw, _) = FusedLinearLogProbs.Backward(s[0], s[1], null, s[2], s[3], (bool)ctx.get_data("shift")!, (long)ctx.get_data("chunk")!,
                 (ScalarType)ctx.get_data("dtype")!, grad_output);
-            return new Tensor?[] { gh, gw, null, null, null, null, null };
+            return new Tensor?[] { gh, gw, null, null, null, null, null, null };
         }
     }
 
@@ -219,14 +226,14 @@ public static class FusedLinearLogProbs
             ctx.save_data("shift", vars[5]);
             ctx.save_data("chunk", vars[6]);
             ctx.save_data("dtype", vars[7]);
-            return FusedLinearLogProbs.Forward(hidden, weight, bias, targets, weights, (bool)vars[5], (long)vars[6], (ScalarType)vars[7]);
+            return FusedLinearLogProbs.Forward(hidden, weight, bias, targets, weights, (bool)vars[5], (long)vars[6], (ScalarType)vars[7], (LogProbExtras?)vars[8]);
         }
 
         protected override Tensor?[] Backward(autograd.AutogradContext ctx, IReadOnlyList<Tensor> s, Tensor grad_output)
         {
             var (gh, gw, gb) = FusedLinearLogProbs.Backward(s[0], s[1], s[2], s[3], s[4], (bool)ctx.get_data("shift")!, (long)ctx.get_data("chunk")!,
                 (ScalarType)ctx.get_data("dtype")!, grad_output);
-            return new Tensor?[] { gh, gw, gb, null, null, null, null, null };
+            return new Tensor?[] { gh, gw, gb, null, null, null, null, null, null };
         }
     }
 }

@@ -45,6 +45,26 @@ public sealed record SequenceLogProbsOptions
         init => field = value is null or >= 1 ? value : throw new ArgumentOutOfRangeException(nameof(ChunkTokens), value, "ChunkTokens must be >= 1 (or null for the default).");
     }
 
+    /// <summary>
+    /// LD-DPO (Liu et al. 2024, arXiv 2409.06411; TRL's <c>ld_alpha</c>): null (default) for plain sums. With a value in
+    /// [0, 1] the batch must be stacked as [B chosen rows; B rejected rows]; each pair's log-probs then sum the first
+    /// min(n_w, n_l) completion tokens at weight 1 and the rest (the longer response's tail) at weight alpha. Apply the same
+    /// value to the reference log-probs. alpha = 1 is plain sums; alpha = 0 drops the tail.
+    /// </summary>
+    public double? LdAlpha
+    {
+        get;
+        init => field = value is null ? null : Guard.InClosedRange(value.Value, 0, 1, nameof(LdAlpha));
+    }
+
+    /// <summary>
+    /// WPO (Zhou et al. 2024, arXiv 2406.11827; TRL's <c>use_weighting</c>): also compute, in the same chunked pass, each
+    /// sequence's sum over completion tokens of log p_t - log sum_v p_v^2 (<see cref="SequenceLogProbsResult.WpoTerm"/>),
+    /// from which <see cref="SequenceLogProbsResult.WpoPairWeights"/> gives the pair weights. Default false (it costs one more
+    /// logsumexp per chunk). On CUDA it uses the chunked path, not the fused kernels.
+    /// </summary>
+    public bool WpoTerms { get; init; }
+
     /// <summary>The chunk size in tokens for a vocabulary of <paramref name="vocab"/> on <paramref name="device"/>.</summary>
     internal long TokensPerChunk(long vocab, DeviceType device) =>
         ChunkTokens ?? Math.Max(1, (device == DeviceType.CUDA ? DefaultCudaChunkElements : DefaultCpuChunkElements) / Math.Max(1, vocab));
@@ -58,13 +78,39 @@ public sealed record SequenceLogProbsOptions
 public sealed class SequenceLogProbsResult : IDisposable
 {
     private readonly Tensor _sum, _tokenCounts, _mean;
+    private readonly Tensor? _wpoTerm;
     private bool _disposed;
 
-    internal SequenceLogProbsResult(Tensor sum, Tensor tokenCounts, Tensor mean)
+    internal SequenceLogProbsResult(Tensor sum, Tensor tokenCounts, Tensor mean, Tensor? wpoTerm)
     {
         _sum = sum;
         _tokenCounts = tokenCounts;
         _mean = mean;
+        _wpoTerm = wpoTerm;
+    }
+
+    /// <summary>
+    /// [N] WPO's per-sequence term, the sum over completion tokens of log p_t - log sum_v p_v^2 (no grad), or null unless
+    /// <see cref="SequenceLogProbsOptions.WpoTerms"/> was set. Computed from the plain token log-probs, LD-DPO or not.
+    /// </summary>
+    public Tensor? WpoTerm => _wpoTerm is null ? null : Alive(_wpoTerm);
+
+    /// <summary>
+    /// WPO's pair weights [B] for a batch stacked as [chosen rows; rejected rows]: w = exp(mean_t(log p_t - log sum_v p_v^2))
+    /// of the chosen response times that of the rejected one (means over completion tokens, at least 1), detached. Pass
+    /// them as <see cref="PreferenceBatch.ExampleWeights"/>: every pairwise loss then multiplies each pair's loss by them.
+    /// </summary>
+    /// <exception cref="InvalidOperationException">The WPO terms were not computed, or the number of rows is odd.</exception>
+    public Tensor WpoPairWeights()
+    {
+        var term = WpoTerm ?? throw new InvalidOperationException("WPO weights need SequenceLogProbsOptions { WpoTerms = true } when the log-probs are computed.");
+        long n = term.shape[0];
+        if (n % 2 != 0)
+            throw new InvalidOperationException($"WPO pair weights need a batch stacked as B chosen rows then B rejected rows; got {n} rows.");
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        var perSequence = (term / _tokenCounts.clamp_min(1)).exp_();
+        return (perSequence.narrow(0, 0, n / 2) * perSequence.narrow(0, n / 2, n / 2)).MoveToOuterDisposeScope();
     }
 
     /// <summary>[N] summed log-probs of the valid (completion) tokens, float32 (float64 for float64 inputs), differentiable.</summary>
@@ -95,7 +141,14 @@ public sealed class SequenceLogProbsResult : IDisposable
         return t;
     }
 
-    /// <summary>Releases the three tensors (and gradients the library's backward passes returned on this thread outside any scope).</summary>
+    /// <summary>Moves the result's tensors out of <paramref name="scope"/>.</summary>
+    internal void MoveToOuter(DisposeScope scope)
+    {
+        scope.MoveToOuter(_sum, _tokenCounts, _mean);
+        if (_wpoTerm is not null) scope.MoveToOuter(_wpoTerm);
+    }
+
+    /// <summary>Releases the tensors (and gradients the library's backward passes returned on this thread outside any scope).</summary>
     public void Dispose()
     {
         if (_disposed) return;
@@ -103,6 +156,7 @@ public sealed class SequenceLogProbsResult : IDisposable
         _sum.Dispose();
         _tokenCounts.Dispose();
         _mean.Dispose();
+        _wpoTerm?.Dispose();
         BackwardLeftovers.Release();
     }
 }
@@ -161,18 +215,19 @@ public static class SequenceLogProbs
             var prepared = Targets.Prepare(logits, nameof(logits), logits.shape[2], nameof(logits), labels, mask, alignment, options);
             bool shift = alignment == LabelAlignment.ShiftByOne;
             var dtype = logits.dtype == ScalarType.Float64 ? ScalarType.Float64 : ScalarType.Float32;
-            var weights = prepared.Valid.to_type(dtype);
+            var weights = Targets.TokenWeights(prepared.Valid, dtype, options.LdAlpha, nameof(logits));
+            var extras = options.WpoTerms ? new LogProbExtras(prepared.Valid) : null;
             // a view, so that the gradient this function returns reaches a leaf's AccumulateGrad as a fresh tensor it can
             // adopt (the library's own handle to it would otherwise make libtorch copy it: a second logits-sized buffer)
             var input = logits.requires_grad ? logits.view(logits.shape) : logits;
             Tensor sum;
-            if (allowKernels && logits.device_type == DeviceType.CUDA && logits.dtype != ScalarType.Float64 && logits.stride(2) == 1
+            if (allowKernels && extras is null && logits.device_type == DeviceType.CUDA && logits.dtype != ScalarType.Float64 && logits.stride(2) == 1
                 && CudaLogProbKernels.TryGet(logits.device, logits.dtype) is { } kernels)
                 sum = KernelFunction.apply(input, prepared.Targets, weights, shift, kernels);
             else
-                sum = SequenceLogProbFunction.apply(input, prepared.Targets, weights, shift, options.TokensPerChunk(logits.shape[2], logits.device_type), dtype);
-            var result = Targets.Finish(sum, weights, () => Targets.NonFinite(nameof(logits), sum));
-            scope.MoveToOuter(result.Sum, result.TokenCounts, result.Mean);
+                sum = SequenceLogProbFunction.apply(input, prepared.Targets, weights, shift, options.TokensPerChunk(logits.shape[2], logits.device_type), dtype, extras);
+            var result = Targets.Finish(sum, prepared.Valid, extras, () => Targets.NonFinite(nameof(logits), sum));
+            result.MoveToOuter(scope);
             return result;
         });
     }
@@ -231,17 +286,22 @@ public static class SequenceLogProbs
             var shift = (bool)vars[3];
             var chunk = (long)vars[4];
             var dtype = (ScalarType)vars[5];
+            var extras = (LogProbExtras?)vars[6];
             var x = Scored(logits, shift);
             long n = x.shape[0], t = x.shape[1];
             var tokenLogp = empty(n, t, dtype: dtype, device: x.device);
             var lse = empty(n, t, dtype: dtype, device: x.device);
+            var denominators = extras is null ? null : empty(n, t, dtype: dtype, device: x.device);
             foreach (var block in ChunkMath.Blocks(n, t, chunk))
             {
                 using var inner = NewDisposeScope();
-                var (blockLse, targetLogp) = ChunkMath.Forward(block.Rows2D(x, dtype), block.Flat(targets));   // the one live chunk
+                var z = block.Rows2D(x, dtype);                                             // the one live chunk
+                var (blockLse, targetLogp) = ChunkMath.Forward(z, block.Flat(targets));
                 block.Of(lse).copy_(blockLse.view(block.Rows, block.Tokens));
                 block.Of(tokenLogp).copy_(targetLogp.view(block.Rows, block.Tokens));
+                if (denominators is not null) block.Of(denominators).copy_(ChunkMath.LogSumSquares(z, blockLse).view(block.Rows, block.Tokens));
             }
+            extras?.Finish(tokenLogp, denominators!);
             ctx.save_for_backward(new List<Tensor> { logits, targets, weights, lse });
             ctx.save_data("shift", shift);
             ctx.save_data("chunk", chunk);
@@ -274,9 +334,24 @@ public static class SequenceLogProbs
                     target.copy_(work.view(block.Rows, block.Tokens, x.shape[2]));
                 }
             }
-            return new Tensor?[] { grad, null, null, null, null, null };
+            return new Tensor?[] { grad, null, null, null, null, null, null };
         }
     }
+}
+
+/// <summary>What the forward pass computes besides the sums, on request: WPO's per-sequence term.</summary>
+internal sealed class LogProbExtras
+{
+    internal LogProbExtras(Tensor valid) => Valid = valid;
+
+    /// <summary>[N, T'] positions that count.</summary>
+    internal Tensor Valid { get; }
+
+    /// <summary>[N] sum over valid positions of log p_t - log sum_v p_v^2 (set by the forward pass; no grad).</summary>
+    internal Tensor? WpoTerm { get; private set; }
+
+    internal void Finish(Tensor tokenLogp, Tensor denominators) =>
+        WpoTerm = (tokenLogp - denominators).masked_fill_(Valid.logical_not(), 0).sum(1);
 }
 
 /// <summary>Label and mask handling shared by the log-prob paths (from logits and from hidden states).</summary>
@@ -337,14 +412,34 @@ internal static class Targets
         return new Prepared(y.where(valid, zeros_like(y)).contiguous(), valid);   // masked positions gather id 0, weighted by 0
     }
 
-    /// <summary>Checks the sums are finite (<paramref name="diagnose"/> names the cause otherwise) and builds the result with counts and means.</summary>
-    internal static SequenceLogProbsResult Finish(Tensor sum, Tensor weights, Func<Exception> diagnose)
+    /// <summary>
+    /// The per-token weights of the sums: 1 at valid positions, 0 elsewhere; with LD-DPO's <paramref name="ldAlpha"/>, the
+    /// positions past the shorter response of each pair (rows i and B + i) get alpha.
+    /// </summary>
+    internal static Tensor TokenWeights(Tensor valid, ScalarType dtype, double? ldAlpha, string inputName)
     {
-        var counts = weights.sum(1);
+        var weights = valid.to_type(dtype);
+        if (ldAlpha is not { } alpha) return weights;
+        long n = valid.shape[0];
+        if (n % 2 != 0)
+            throw new ArgumentException(
+                $"LD-DPO (LdAlpha) pairs row i with row B + i of a batch stacked as B chosen rows then B rejected rows; {inputName} has {n} rows, an odd number.", inputName);
+        using var noGrad = no_grad();
+        var position = valid.to_type(ScalarType.Int64).cumsum(1);                           // 1-based index among valid tokens
+        var lengths = position.narrow(1, position.shape[1] - 1, 1);                        // [N, 1] valid tokens per row
+        var shared = minimum(lengths.narrow(0, 0, n / 2), lengths.narrow(0, n / 2, n / 2));
+        var tail = position > cat(new[] { shared, shared }, 0);                             // past the shared length
+        return weights.masked_fill_(tail & valid, alpha);
+    }
+
+    /// <summary>Checks the sums are finite (<paramref name="diagnose"/> names the cause otherwise) and builds the result with counts and means.</summary>
+    internal static SequenceLogProbsResult Finish(Tensor sum, Tensor valid, LogProbExtras? extras, Func<Exception> diagnose)
+    {
+        var counts = valid.to_type(sum.dtype).sum(1);
         bool finite;
         using (no_grad()) finite = isfinite(sum.detach()).all().item<bool>();
         if (!finite) throw diagnose();
-        return new SequenceLogProbsResult(sum, counts, sum / counts.clamp_min(1));   // outside no_grad: Mean is differentiable
+        return new SequenceLogProbsResult(sum, counts, sum / counts.clamp_min(1), extras?.WpoTerm);   // outside no_grad: Mean is differentiable
     }
 
     /// <summary>The error for non-finite sums whose inputs are the culprits at valid positions: names the sequences.</summary>

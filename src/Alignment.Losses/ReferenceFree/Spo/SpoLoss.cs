@@ -55,12 +55,6 @@ public sealed class SpoLoss : PreferenceLoss<SpoOptions>
     /// <inheritdoc />
     protected override IEnumerable<(Tensor? Tensor, string Name)> Validate(PreferenceBatch batch, ValueChecks checks)
     {
-        if (batch.ExampleWeights is { } w)
-        {
-            CheckPerExample(w, batch, "batch.ExampleWeights", "per-pair weights mu");
-            using (no_grad())
-                checks.Add((w >= 0).all(), () => new ArgumentException("batch.ExampleWeights must be non-negative and finite.", "batch.ExampleWeights"));
-        }
         if (batch.KlDivergence is null && Options.KlWeight > 0)
             throw new ArgumentException(
                 $"SPO's objective is the preference term plus KlWeight ({Options.KlWeight:G}) times KL(policy || reference): set batch.KlDivergence " +
@@ -74,7 +68,7 @@ public sealed class SpoLoss : PreferenceLoss<SpoOptions>
             Guard.NotEmpty(kl, "batch.KlDivergence");
             batch.Policy.CheckSameDevice(kl, "batch.KlDivergence");
         }
-        return new[] { (batch.ExampleWeights, "batch.ExampleWeights"), (batch.KlDivergence, "batch.KlDivergence") };
+        return new[] { (batch.KlDivergence, "batch.KlDivergence") };
     }
 
     /// <inheritdoc />
@@ -87,6 +81,9 @@ public sealed class SpoLoss : PreferenceLoss<SpoOptions>
         var perExample = preference + kl * Options.KlWeight;
         return new(perExample, new[] { (MetricNames.SpoPreference, preference.mean()), (MetricNames.SpoKl, kl) });
     }
+
+    /// <summary>The weights mu multiply the preference term only (in <see cref="Evaluate"/>), never the global KL.</summary>
+    protected override Tensor ApplyExampleWeights(Tensor perExample, Tensor weights) => perExample;
 
     /// <summary>SPO with default (or given) options.</summary>
     /// <param name="policy">Policy log-probs of the preference pairs (with grad).</param>

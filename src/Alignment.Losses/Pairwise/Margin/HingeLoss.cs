@@ -3,12 +3,8 @@ using static TorchSharp.torch;
 
 namespace Alignment.Losses;
 
-/// <summary>Options of <see cref="HingeLoss"/>.</summary>
-public sealed record HingeOptions : PreferenceLossOptions
-{
-    /// <summary>beta in [1e-12, 1e12]; the margin is 1 / beta in log-ratio units. Default 0.1.</summary>
-    public double Beta { get; init => field = Guard.Scale(value, nameof(Beta)); } = 0.1;
-}
+/// <summary>Options of <see cref="HingeLoss"/>: beta (the margin is 1 / beta in log-ratio units; default 0.1) and the score map.</summary>
+public sealed record HingeOptions : PairwiseOptions;
 
 /// <summary>
 /// Hinge preference loss (SLiC, Zhao et al. 2023, arXiv 2305.10425; RSO, Liu et al. 2023, arXiv 2309.06657); TRL loss_type "hinge".
@@ -23,14 +19,14 @@ public sealed class HingeLoss : PreferenceLoss<HingeOptions>
     public HingeLoss(HingeOptions? options = null) : base(options ?? new HingeOptions()) { }
 
     /// <inheritdoc />
-    public override string Name => "hinge";
+    public override string Name => "hinge" + Options.ScoreMap.NameSuffix;
 
     /// <inheritdoc />
     protected override double RewardScale => Options.Beta;
 
     /// <inheritdoc />
     protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch) =>
-        new(nn.functional.relu(1 - terms.Margin * Options.Beta));
+        new(nn.functional.relu(1 - terms.ScoreMargin(Options.ScoreMap) * Options.Beta));
 
     /// <summary>Hinge loss with default (or given) options.</summary>
     public static PreferenceLossResult Compute(PreferenceLogps policy, PreferenceLogps? reference = null, HingeOptions? options = null) =>

@@ -1,21 +1,17 @@
-using Alignment.Losses.Internal;
-
 namespace Alignment.Losses;
 
-/// <summary>Options of <see cref="DpoLoss"/>.</summary>
-public sealed record DpoOptions : PreferenceLossOptions
-{
-    /// <summary>beta in [1e-12, 1e12], the inverse temperature of the implicit reward beta * log(pi / pi_ref). Default 0.1.</summary>
-    public double Beta { get; init => field = Guard.Scale(value, nameof(Beta)); } = 0.1;
-}
+/// <summary>Options of <see cref="DpoLoss"/>: beta (default 0.1) and the score map (default reverse KL).</summary>
+public sealed record DpoOptions : PairwiseOptions;
 
 /// <summary>
 /// DPO, Direct Preference Optimization (Rafailov et al., NeurIPS 2023, arXiv 2305.18290); TRL loss_type "sigmoid".
 /// </summary>
 /// <remarks>
-/// <para>Per pair: L = softplus(-beta * h) = -log sigmoid(beta * h), h = u_w - u_l, u = l_pol - l_ref.</para>
-/// <para>Gradient: always pushes the chosen log-prob up and the rejected one down. Under Bradley-Terry preferences
-/// with rewards r the optimum is pi* proportional to pi_ref * exp(r / beta). Loss at initialisation: ln 2.</para>
+/// <para>Per pair: L = softplus(-beta * Delta) = -log sigmoid(beta * Delta), Delta = s_w - s_l with s = f(u) the score map
+/// (reverse KL: s = u, so Delta = h = u_w - u_l, u = l_pol - l_ref).</para>
+/// <para>Gradient: always pushes the chosen log-prob up and the rejected one down (every score map is increasing). Under
+/// Bradley-Terry preferences with rewards r the optimum is pi* proportional to pi_ref * exp(r / beta). Loss at
+/// initialisation: ln 2.</para>
 /// <para>Reference-free DPO: pass no reference (l_ref = 0).</para>
 /// </remarks>
 public sealed class DpoLoss : PreferenceLoss<DpoOptions>
@@ -24,14 +20,14 @@ public sealed class DpoLoss : PreferenceLoss<DpoOptions>
     public DpoLoss(DpoOptions? options = null) : base(options ?? new DpoOptions()) { }
 
     /// <inheritdoc />
-    public override string Name => "dpo";
+    public override string Name => "dpo" + Options.ScoreMap.NameSuffix;
 
     /// <inheritdoc />
     protected override double RewardScale => Options.Beta;
 
     /// <inheritdoc />
     protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch) =>
-        new(Numerics.NegLogSigmoid(terms.Margin * Options.Beta));
+        new(PreferenceMath.NegLogSigmoid(terms.ScoreMargin(Options.ScoreMap) * Options.Beta));
 
     /// <summary>DPO with default (or given) options: <c>DpoLoss.Compute(policyLogps, refLogps)</c>.</summary>
     /// <param name="policy">Policy log-probs (with grad).</param>

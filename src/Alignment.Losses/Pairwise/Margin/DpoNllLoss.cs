@@ -2,12 +2,9 @@ using Alignment.Losses.Internal;
 
 namespace Alignment.Losses;
 
-/// <summary>Options of <see cref="DpoNllLoss"/>.</summary>
-public sealed record DpoNllOptions : PreferenceLossOptions
+/// <summary>Options of <see cref="DpoNllLoss"/>: beta and the score map of the DPO term, and the NLL weight.</summary>
+public sealed record DpoNllOptions : PairwiseOptions
 {
-    /// <summary>beta in [1e-12, 1e12] of the DPO term. Default 0.1.</summary>
-    public double Beta { get; init => field = Guard.Scale(value, nameof(Beta)); } = 0.1;
-
     /// <summary>alpha in [0, 1e12], the weight of the NLL term (TRL's <c>rpo_alpha</c>). Default 1, as in Pang et al.</summary>
     public double NllWeight { get; init => field = Guard.Weight(value, nameof(NllWeight)); } = 1.0;
 }
@@ -29,7 +26,7 @@ public sealed class DpoNllLoss : PreferenceLoss<DpoNllOptions>
     public DpoNllLoss(DpoNllOptions? options = null) : base(options ?? new DpoNllOptions()) { }
 
     /// <inheritdoc />
-    public override string Name => "dpo_nll";
+    public override string Name => "dpo_nll" + Options.ScoreMap.NameSuffix;
 
     /// <inheritdoc />
     protected override double RewardScale => Options.Beta;
@@ -39,7 +36,7 @@ public sealed class DpoNllLoss : PreferenceLoss<DpoNllOptions>
     {
         var (nw, _) = terms.TokenCounts(Name, needRejected: false);
         var nll = -terms.PolicyChosen / nw;
-        var perExample = Numerics.NegLogSigmoid(terms.Margin * Options.Beta) + nll * Options.NllWeight;
+        var perExample = Numerics.NegLogSigmoid(terms.ScoreMargin(Options.ScoreMap) * Options.Beta) + nll * Options.NllWeight;
         return new(perExample, new[] { (MetricNames.NllLoss, nll.mean()) });
     }
 

@@ -2,12 +2,9 @@ using Alignment.Losses.Internal;
 
 namespace Alignment.Losses;
 
-/// <summary>Options of <see cref="RobustDpoLoss"/>.</summary>
-public sealed record RobustDpoOptions : PreferenceLossOptions
+/// <summary>Options of <see cref="RobustDpoLoss"/>: beta, the score map, and the label-flip rate.</summary>
+public sealed record RobustDpoOptions : PairwiseOptions
 {
-    /// <summary>beta in [1e-12, 1e12]. Default 0.1.</summary>
-    public double Beta { get; init => field = Guard.Scale(value, nameof(Beta)); } = 0.1;
-
     /// <summary>Label-flip rate eps in [0, 0.5) (the estimator divides by 1 - 2 eps). Default 0.1. eps = 0 is DPO.</summary>
     public double LabelSmoothing { get; init => field = Guard.InRange(value, 0, 0.5, nameof(LabelSmoothing)); } = 0.1;
 }
@@ -27,7 +24,7 @@ public sealed class RobustDpoLoss : PreferenceLoss<RobustDpoOptions>
     public RobustDpoLoss(RobustDpoOptions? options = null) : base(options ?? new RobustDpoOptions()) { }
 
     /// <inheritdoc />
-    public override string Name => "robust_dpo";
+    public override string Name => "robust_dpo" + Options.ScoreMap.NameSuffix;
 
     /// <inheritdoc />
     protected override double RewardScale => Options.Beta;
@@ -38,7 +35,7 @@ public sealed class RobustDpoLoss : PreferenceLoss<RobustDpoOptions>
         // [(1 - eps) softplus(-z) - eps softplus(z)] / (1 - 2 eps) = softplus(-z) - eps z / (1 - 2 eps), since
         // softplus(z) = softplus(-z) + z: the written form subtracts two nearly equal terms as eps -> 1/2 and loses
         // float32 precision (7.9e-5 at eps 0.4999); this one does not
-        var z = terms.Margin * Options.Beta;
+        var z = terms.ScoreMargin(Options.ScoreMap) * Options.Beta;
         var eps = Options.LabelSmoothing;
         return new(Numerics.NegLogSigmoid(z) - z * (eps / (1 - 2 * eps)));
     }

@@ -2,12 +2,9 @@ using Alignment.Losses.Internal;
 
 namespace Alignment.Losses;
 
-/// <summary>Options of <see cref="ConservativeDpoLoss"/>.</summary>
-public sealed record ConservativeDpoOptions : PreferenceLossOptions
+/// <summary>Options of <see cref="ConservativeDpoLoss"/>: beta, the score map, and the label smoothing.</summary>
+public sealed record ConservativeDpoOptions : PairwiseOptions
 {
-    /// <summary>beta in [1e-12, 1e12]. Default 0.1.</summary>
-    public double Beta { get; init => field = Guard.Scale(value, nameof(Beta)); } = 0.1;
-
     /// <summary>Label smoothing eps in [0, 0.5): the assumed probability that a label is flipped. Default 0.1. eps = 0 is DPO.</summary>
     public double LabelSmoothing { get; init => field = Guard.InRange(value, 0, 0.5, nameof(LabelSmoothing)); } = 0.1;
 }
@@ -27,7 +24,7 @@ public sealed class ConservativeDpoLoss : PreferenceLoss<ConservativeDpoOptions>
     public ConservativeDpoLoss(ConservativeDpoOptions? options = null) : base(options ?? new ConservativeDpoOptions()) { }
 
     /// <inheritdoc />
-    public override string Name => "cdpo";
+    public override string Name => "cdpo" + Options.ScoreMap.NameSuffix;
 
     /// <inheritdoc />
     protected override double RewardScale => Options.Beta;
@@ -35,7 +32,7 @@ public sealed class ConservativeDpoLoss : PreferenceLoss<ConservativeDpoOptions>
     /// <inheritdoc />
     protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch)
     {
-        return new(PreferenceMath.LabelSmoothed(terms.Margin * Options.Beta, Options.LabelSmoothing));
+        return new(PreferenceMath.LabelSmoothed(terms.ScoreMargin(Options.ScoreMap) * Options.Beta, Options.LabelSmoothing));
     }
 
     /// <summary>The margin h* = ln((1 - eps) / eps) / beta at which the loss is stationary (infinite for eps = 0).</summary>

@@ -25,6 +25,12 @@ public sealed record SppoOptions : PreferenceLossOptions
 
     /// <summary>Which form. Default <see cref="SppoForm.Sppo"/>.</summary>
     public SppoForm Form { get; init => field = Guard.Defined(value, nameof(Form)); } = SppoForm.Sppo;
+
+    /// <summary>
+    /// The score map applied to the log-ratios before they are regressed onto their targets. Default
+    /// <see cref="ScoreMap.ReverseKl"/> (the authors' SPPO); TRL applies its <c>f_divergence_type</c> to <c>sppo_hard</c>.
+    /// </summary>
+    public ScoreMap ScoreMap { get; init => field = value ?? throw new ArgumentNullException(nameof(ScoreMap)); } = ScoreMap.ReverseKl;
 }
 
 /// <summary>
@@ -45,7 +51,7 @@ public sealed class SppoLoss : PreferenceLoss<SppoOptions>
     public SppoLoss(SppoOptions? options = null) : base(options ?? new SppoOptions()) { }
 
     /// <inheritdoc />
-    public override string Name => Options.Form switch { SppoForm.Single => "sppo_single", SppoForm.Hard => "sppo_hard", _ => "sppo" };
+    public override string Name => Options.Form switch { SppoForm.Single => "sppo_single", SppoForm.Hard => "sppo_hard", _ => "sppo" } + Options.ScoreMap.NameSuffix;
 
     /// <summary>eta = 1 / beta.</summary>
     public double Eta => 1 / Options.Beta;
@@ -110,7 +116,7 @@ public sealed class SppoLoss : PreferenceLoss<SppoOptions>
         switch (Options.Form)
         {
             case SppoForm.Hard:
-                targetChosen = full_like(terms.ChosenLogRatio, 1 / (2 * Options.Beta)).detach();
+                targetChosen = full_like(terms.ChosenLogRatio.detach(), 1 / (2 * Options.Beta));
                 targetRejected = -targetChosen;
                 scale = 1.0;
                 break;
@@ -123,7 +129,8 @@ public sealed class SppoLoss : PreferenceLoss<SppoOptions>
                 targetRejected = (terms.Upcast(batch.WinRates!.Rejected!) - 0.5) * Eta;
                 break;
         }
-        var perExample = ((terms.ChosenLogRatio - targetChosen).square() + (terms.RejectedLogRatio - targetRejected).square()) * scale;
+        var (sw, sl) = terms.Scores(Options.ScoreMap);
+        var perExample = ((sw - targetChosen).square() + (sl - targetRejected).square()) * scale;
         return new(perExample, new[] { (MetricNames.SppoTargetChosen, targetChosen.mean()), (MetricNames.SppoTargetRejected, targetRejected.mean()) });
     }
 

@@ -12,12 +12,9 @@ public enum IpoLogRatio
     PerTokenMean,
 }
 
-/// <summary>Options of <see cref="IpoLoss"/>.</summary>
-public sealed record IpoOptions : PreferenceLossOptions
+/// <summary>Options of <see cref="IpoLoss"/>: beta (the paper's tau; the target margin is 1 / (2 beta)), the score map, and the log-ratio form.</summary>
+public sealed record IpoOptions : PairwiseOptions
 {
-    /// <summary>beta in [1e-12, 1e12] (the paper's tau); the target margin is 1 / (2 beta). Default 0.1.</summary>
-    public double Beta { get; init => field = Guard.Scale(value, nameof(Beta)); } = 0.1;
-
     /// <summary>Sum (default, the paper) or per-token mean (TRL) log-probs.</summary>
     public IpoLogRatio LogRatio { get; init => field = Guard.Defined(value, nameof(LogRatio)); } = IpoLogRatio.Sum;
 }
@@ -38,7 +35,7 @@ public sealed class IpoLoss : PreferenceLoss<IpoOptions>
 
     /// <inheritdoc />
     /// <remarks>"ipo" with summed log-probs, "ipo_per_token" with per-token means.</remarks>
-    public override string Name => Options.LogRatio == IpoLogRatio.PerTokenMean ? "ipo_per_token" : "ipo";
+    public override string Name => (Options.LogRatio == IpoLogRatio.PerTokenMean ? "ipo_per_token" : "ipo") + Options.ScoreMap.NameSuffix;
 
     /// <inheritdoc />
     protected override double RewardScale => Options.Beta;
@@ -49,11 +46,12 @@ public sealed class IpoLoss : PreferenceLoss<IpoOptions>
     /// <inheritdoc />
     protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch)
     {
-        var margin = terms.Margin;
+        var margin = terms.ScoreMargin(Options.ScoreMap);
         if (Options.LogRatio == IpoLogRatio.PerTokenMean)
         {
             var (nw, nl) = terms.TokenCounts(Name);
-            margin = terms.ChosenLogRatio / nw - terms.RejectedLogRatio / nl;
+            var (sw, sl) = terms.Scores(Options.ScoreMap);             // TRL maps the scores, then averages per token
+            margin = sw / nw - sl / nl;
         }
         return new((margin - TargetMargin).square());
     }

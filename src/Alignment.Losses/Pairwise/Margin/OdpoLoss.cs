@@ -14,12 +14,9 @@ public enum OdpoOffsetForm
     Ratio,
 }
 
-/// <summary>Options of <see cref="OdpoLoss"/>.</summary>
-public sealed record OdpoOptions : PreferenceLossOptions
+/// <summary>Options of <see cref="OdpoLoss"/>: beta (default 0.1; the authors' recipes: IMDB 0.7, toxicity 0.05, TL;DR 0.5), the score map, and the offset.</summary>
+public sealed record OdpoOptions : PairwiseOptions
 {
-    /// <summary>beta in [1e-12, 1e12]. Default 0.1. The authors' recipes: IMDB 0.7, toxicity 0.05, TL;DR 0.5.</summary>
-    public double Beta { get; init => field = Guard.Scale(value, nameof(Beta)); } = 0.1;
-
     /// <summary>alpha in [0, 1e12], the offset scale. Default 1 (IMDB recipe: 0.5). alpha = 0 is exactly DPO.</summary>
     public double Alpha { get; init => field = Guard.Weight(value, nameof(Alpha)); } = 1.0;
 
@@ -55,7 +52,7 @@ public sealed class OdpoLoss : PreferenceLoss<OdpoOptions>
 
     /// <inheritdoc />
     /// <remarks>"odpo" with the difference offset, "odpo_ratio" with the ratio offset.</remarks>
-    public override string Name => Options.OffsetForm == OdpoOffsetForm.Ratio ? "odpo_ratio" : "odpo";
+    public override string Name => (Options.OffsetForm == OdpoOffsetForm.Ratio ? "odpo_ratio" : "odpo") + Options.ScoreMap.NameSuffix;
 
     /// <inheritdoc />
     protected override double RewardScale => Options.Beta;
@@ -120,7 +117,7 @@ public sealed class OdpoLoss : PreferenceLoss<OdpoOptions>
     protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch)
     {
         var offset = Offset(batch.Scores!, terms.DType);
-        return new(Numerics.NegLogSigmoid(terms.Margin * Options.Beta - offset), new[] { (MetricNames.OdpoOffset, offset.mean()) });
+        return new(Numerics.NegLogSigmoid(terms.ScoreMargin(Options.ScoreMap) * Options.Beta - offset), new[] { (MetricNames.OdpoOffset, offset.mean()) });
     }
 
     /// <summary>ODPO with default (or given) options.</summary>
