@@ -91,6 +91,25 @@ public class BadInputTests
         yield return new("odpo min gap zero", () => _ = new OdpoOptions { MinimumScoreGap = 0 }, AOOR, "MinimumScoreGap");
         yield return new("sppo beta = 0", () => _ = new SppoOptions { Beta = 0 }, AOOR, "Beta");
         yield return new("cosine weighting tau = 0", () => _ = new CosineSoftmaxWeighting(0), AOOR, "temperature");
+        // the field's objectives, score maps, combinations, the TRL adapter
+        yield return new("exo eps = 0", () => _ = new ExoPairOptions { LabelSmoothing = 0 }, AOOR, "LabelSmoothing");
+        yield return new("exo eps = 1", () => _ = new ExoPairOptions { LabelSmoothing = 1 }, AOOR, "LabelSmoothing");
+        yield return new("discopop tau = 0", () => _ = new DiscoPopOptions { Tau = 0 }, AOOR, "Tau");
+        yield return new("aot eps = 0.5", () => _ = new AotOptions { LabelSmoothing = 0.5 }, AOOR, "LabelSmoothing");
+        yield return new("apo anchor out of range", () => _ = new ApoOptions { Anchor = (ApoAnchor)5 }, AOOR, "Anchor");
+        yield return new("alpha-divergence NaN", () => ScoreMap.AlphaDivergence(double.NaN), AOOR, "alpha");
+        yield return new("score map null", () => _ = new DpoOptions { ScoreMap = null! }, typeof(ArgumentNullException), "ScoreMap");
+        yield return new("sigmoid_norm without counts", () => SigmoidNormLoss.Compute(Ok(), Ok()), AE, "policy");
+        yield return new("sft without counts", () => SftLoss.Compute(Ok()), AE, "policy");
+        yield return new("aot with example weights", () => new AotLoss().Compute(new PreferenceBatch(Ok()) { ExampleWeights = F(1, 1, 1) }), AE, "batch.ExampleWeights");
+        yield return new("example weights wrong length", () => new DpoLoss().Compute(new PreferenceBatch(Ok()) { ExampleWeights = F(1, 1) }), AE, "batch.ExampleWeights");
+        yield return new("example weights negative", () => new NcaPairLoss().Compute(new PreferenceBatch(Ok()) { ExampleWeights = F(1, -1, 1) }), AE, "batch.ExampleWeights");
+        yield return new("example weights NaN", () => new BcoPairLoss().Compute(new PreferenceBatch(Ok()) { ExampleWeights = F(1, float.NaN, 1) }), AE, "batch.ExampleWeights");
+        yield return new("weighted loss negative weight", () => _ = new WeightedLoss((new DpoLoss(), -0.5)), AOOR, "parts[0].Weight");
+        yield return new("trl unknown loss type", () => TrlLosses.Create("kto_pair"), AE, "loss_type");
+        yield return new("trl exo without label smoothing", () => TrlLosses.Create("exo_pair"), AOOR, "label_smoothing");
+        yield return new("trl robust label smoothing 0.5", () => TrlLosses.Create("robust", new TrlDpoConfig { LabelSmoothing = 0.5 }), AOOR, "label_smoothing");
+        yield return new("trl beta negative", () => TrlLosses.Create("sigmoid", new TrlDpoConfig { Beta = -0.1 }), AOOR, "beta");
         // length-normalised losses
         yield return new("ipo per-token without counts", () => IpoLoss.Compute(Ok(), Ok(), new IpoOptions { LogRatio = IpoLogRatio.PerTokenMean }), AE, "policy");
         yield return new("dpo_nll without counts", () => DpoNllLoss.Compute(Ok(), Ok()), AE, "policy");

@@ -60,7 +60,11 @@ public class FusedLinearTests
         }
     }
 
-    public static IEnumerable<object[]> Losses => new[] { "dpo", "cdpo", "robust_dpo", "ipo", "ipo_per_token", "hinge", "dpo_nll", "rpo", "rpo_diagonal", "spo", "odpo", "sppo" }
+    public static IEnumerable<object[]> Losses => new[]
+        {
+            "dpo", "cdpo", "robust_dpo", "ipo", "ipo_per_token", "hinge", "dpo_nll", "rpo", "rpo_diagonal", "spo", "odpo", "sppo",
+            "exo_pair", "nca_pair_js", "bco_pair", "apo_down", "aot", "discopop", "sigmoid_norm", "sft", "mpo",
+        }
         .Select(n => new object[] { n });
 
     static IPreferenceLoss Create(string name) => name switch
@@ -77,6 +81,15 @@ public class FusedLinearTests
         "spo" => new SpoLoss(new() { Alpha = 0.7, KlWeight = 0 }),
         "odpo" => new OdpoLoss(new() { Beta = 0.5 }),
         "sppo" => new SppoLoss(new() { Beta = 0.1 }),
+        "exo_pair" => new ExoPairLoss(new() { Beta = 0.5, LabelSmoothing = 0.1 }),
+        "nca_pair_js" => new NcaPairLoss(new() { Beta = 0.5, ScoreMap = ScoreMap.JensenShannon }),
+        "bco_pair" => new BcoPairLoss(new() { Beta = 0.5 }),
+        "apo_down" => new ApoLoss(new() { Beta = 0.5, Anchor = ApoAnchor.Down }),
+        "aot" => new AotLoss(new() { Beta = 0.5, LabelSmoothing = 0.1 }),
+        "discopop" => new DiscoPopLoss(new() { Beta = 0.5 }),
+        "sigmoid_norm" => new SigmoidNormLoss(new() { Beta = 0.5 }),
+        "sft" => new SftLoss(),
+        "mpo" => new WeightedLoss((new DpoLoss(), 0.8), (new BcoPairLoss(), 0.2), (new SftLoss(), 1.0)),
         _ => throw new ArgumentException(name),
     };
 

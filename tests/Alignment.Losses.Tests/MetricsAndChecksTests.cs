@@ -33,7 +33,7 @@ public class MetricsAndChecksTests
                 uw = pc.Select((v, i) => v - rc[i]).ToArray();
                 ul = pr.Select((v, i) => v - rr[i]).ToArray();
             }
-            double scale = loss == "spo" ? x.Alpha : x.Beta;
+            double scale = loss switch { "spo" => x.Alpha, "sft" => 1, _ => x.Beta };
             double accuracy = batch.Policy.IsPaired
                 ? uw.Zip(ul).Count(p => p.First > p.Second) / (double)uw.Length
                 : uw.Sum(w => ul.Count(l => w > l)) / (double)(uw.Length * ul.Length);

@@ -7,7 +7,7 @@ namespace Alignment.Losses.Tests;
 /// Independent float64 re-implementation of every loss: plain loops over doubles, analytic gradients, MathNet for the
 /// special functions. Shares no code with the library. Gradients are d(mean loss)/d(policy log-prob).
 /// </summary>
-public static class Oracle
+public static partial class Oracle
 {
     public sealed record Result(double Loss, double[] GradChosen, double[] GradRejected);
 

@@ -127,7 +127,6 @@ public sealed class BatchTensors
         {
             Scores = new ResponseScores(Sw, Sl),
             WinRates = SppoWinRates.Individual(Pw, Pl),
-            ExampleWeights = Mu,
             KlDivergence = Kl,
         };
 }
@@ -158,7 +157,7 @@ public static class LossCatalog
         new("dpo_nll", x => new DpoNllLoss(new() { Beta = x.Beta, NllWeight = x.Alpha }), Full, x => Oracle.DpoNll(x.Pc, x.Pr, x.Rc, x.Rr, x.Nw, x.Beta, x.Alpha)),
         new("odpo", x => new OdpoLoss(new() { Beta = x.Beta, Alpha = x.Alpha }), Full, x => Oracle.Odpo(x.Pc, x.Pr, x.Rc, x.Rr, x.Sw, x.Sl, x.Beta, x.Alpha, ratio: false)),
         new("odpo_ratio", x => new OdpoLoss(new() { Beta = x.Beta, Alpha = x.Alpha, OffsetForm = OdpoOffsetForm.Ratio }), Full, x => Oracle.Odpo(x.Pc, x.Pr, x.Rc, x.Rr, x.Sw, x.Sl, x.Beta, x.Alpha, ratio: true)),
-        new("spo", x => new SpoLoss(new() { Alpha = x.Alpha, KlWeight = x.Beta }), Full, x => Oracle.Spo(x.Pc, x.Pr, x.Mu, x.Alpha, x.Beta, x.Kl)),
+        new("spo", x => new SpoLoss(new() { Alpha = x.Alpha, KlWeight = x.Beta }), t => t.Full() with { ExampleWeights = t.Mu }, x => Oracle.Spo(x.Pc, x.Pr, x.Mu, x.Alpha, x.Beta, x.Kl)),
         new("sppo", x => new SppoLoss(new() { Beta = x.Beta }), Full, x => Oracle.Sppo(x.Pc, x.Pr, x.Rc, x.Rr, x.Pw, x.Pl, x.Beta)),
         new("sppo_single", x => new SppoLoss(new() { Beta = x.Beta, Form = SppoForm.Single }),
             t => t.Full() with { WinRates = SppoWinRates.FromPairwise(t.Pw) },
@@ -191,6 +190,36 @@ public static class LossCatalog
                 var rejEmb = x.Emb.Reverse().Take(n).ToArray();
                 return Oracle.Rpo(x.Pc, x.Pr.Take(n).ToArray(), x.Rc, x.Rr.Take(n).ToArray(), Oracle.RpoWeights(x.Emb, rejEmb, x.Tau), x.Beta, inside: true);
             }),
+        // the field's pairwise objectives (TRL loss types) and the f-divergence score maps
+        new("dpo_forward_kl", x => new DpoLoss(new() { Beta = x.Beta, ScoreMap = ScoreMap.ForwardKl }), Full, x => Oracle.DpoMapped(x.Pc, x.Pr, x.Rc, x.Rr, x.Beta, Oracle.ForwardKl)),
+        new("dpo_js", x => new DpoLoss(new() { Beta = x.Beta, ScoreMap = ScoreMap.JensenShannon }), Full, x => Oracle.DpoMapped(x.Pc, x.Pr, x.Rc, x.Rr, x.Beta, Oracle.JensenShannon)),
+        new("dpo_alpha", x => new DpoLoss(new() { Beta = x.Beta, ScoreMap = ScoreMap.AlphaDivergence(x.Alpha - 0.7) }), Full,
+            x => Oracle.DpoMapped(x.Pc, x.Pr, x.Rc, x.Rr, x.Beta, Oracle.AlphaDivergence(x.Alpha - 0.7))),
+        new("robust_dpo_js", x => new RobustDpoLoss(new() { Beta = x.Beta, LabelSmoothing = x.Eps, ScoreMap = ScoreMap.JensenShannon }), Full,
+            x => Oracle.RobustMapped(x.Pc, x.Pr, x.Rc, x.Rr, x.Beta, x.Eps, Oracle.JensenShannon)),
+        new("exo_pair", x => new ExoPairLoss(new() { Beta = x.Beta, LabelSmoothing = x.Eps }), Full, x => Oracle.ExoPair(x.Pc, x.Pr, x.Rc, x.Rr, x.Beta, x.Eps, Oracle.ReverseKl)),
+        new("exo_pair_alpha", x => new ExoPairLoss(new() { Beta = x.Beta, LabelSmoothing = x.Eps, ScoreMap = ScoreMap.AlphaDivergence(0.5) }), Full,
+            x => Oracle.ExoPair(x.Pc, x.Pr, x.Rc, x.Rr, x.Beta, x.Eps, Oracle.AlphaDivergence(0.5))),
+        new("discopop", x => new DiscoPopLoss(new() { Beta = x.Beta, Tau = x.Tau }), Full, x => Oracle.DiscoPop(x.Pc, x.Pr, x.Rc, x.Rr, x.Beta, x.Tau, Oracle.ReverseKl)),
+        new("sigmoid_norm", x => new SigmoidNormLoss(new() { Beta = x.Beta }), Full, x => Oracle.SigmoidNorm(x.Pc, x.Pr, x.Rc, x.Rr, x.Nw, x.Nl, x.Beta, Oracle.ReverseKl)),
+        new("sigmoid_norm_forward_kl", x => new SigmoidNormLoss(new() { Beta = x.Beta, ScoreMap = ScoreMap.ForwardKl }), Full,
+            x => Oracle.SigmoidNorm(x.Pc, x.Pr, x.Rc, x.Rr, x.Nw, x.Nl, x.Beta, Oracle.ForwardKl)),
+        new("nca_pair", x => new NcaPairLoss(new() { Beta = x.Beta }), Full, x => Oracle.NcaPair(x.Pc, x.Pr, x.Rc, x.Rr, x.Beta, Oracle.ReverseKl)),
+        new("nca_pair_js", x => new NcaPairLoss(new() { Beta = x.Beta, ScoreMap = ScoreMap.JensenShannon }), Full, x => Oracle.NcaPair(x.Pc, x.Pr, x.Rc, x.Rr, x.Beta, Oracle.JensenShannon)),
+        new("bco_pair", x => new BcoPairLoss(new() { Beta = x.Beta }), Full, x => Oracle.BcoPair(x.Pc, x.Pr, x.Rc, x.Rr, x.Beta, Oracle.ReverseKl)),
+        new("apo_zero", x => new ApoLoss(new() { Beta = x.Beta }), Full, x => Oracle.ApoZero(x.Pc, x.Pr, x.Rc, x.Rr, x.Beta)),
+        new("apo_down", x => new ApoLoss(new() { Beta = x.Beta, Anchor = ApoAnchor.Down }), Full, x => Oracle.ApoDown(x.Pc, x.Pr, x.Rc, x.Rr, x.Beta, Oracle.ReverseKl)),
+        new("apo_down_forward_kl", x => new ApoLoss(new() { Beta = x.Beta, Anchor = ApoAnchor.Down, ScoreMap = ScoreMap.ForwardKl }), Full,
+            x => Oracle.ApoDown(x.Pc, x.Pr, x.Rc, x.Rr, x.Beta, Oracle.ForwardKl)),
+        new("aot", x => new AotLoss(new() { Beta = x.Beta, LabelSmoothing = x.Eps }), Full,
+            x => Oracle.Aot(x.Pc, x.Pr, x.Rc, x.Rr, x.Beta, x.Eps, unpaired: false)),
+        new("aot_unpaired", x => new AotLoss(new() { Beta = x.Beta, Form = AotForm.Unpaired }), Full,
+            x => Oracle.Aot(x.Pc, x.Pr, x.Rc, x.Rr, x.Beta, 0, unpaired: true)),
+        new("sft", _ => new SftLoss(), Full, x => Oracle.Sft(x.Pc, x.Pr, x.Nw)),
+        new("mpo", x => new WeightedLoss((new DpoLoss(new() { Beta = x.Beta }), 0.8), (new BcoPairLoss(new() { Beta = x.Beta }), 0.2), (new SftLoss(), 1.0)), Full,
+            x => Oracle.Weighted((Oracle.Dpo(x.Pc, x.Pr, x.Rc, x.Rr, x.Beta), 0.8), (Oracle.BcoPair(x.Pc, x.Pr, x.Rc, x.Rr, x.Beta, Oracle.ReverseKl), 0.2), (Oracle.Sft(x.Pc, x.Pr, x.Nw), 1.0))),
+        new("dpo_weighted", x => new DpoLoss(new() { Beta = x.Beta, ScoreMap = ScoreMap.AlphaDivergence(x.Alpha) }), t => t.Full() with { ExampleWeights = t.Mu },
+            x => Oracle.PerPairWeighted(x.Pc, x.Pr, x.Rc, x.Rr, x.Mu, (a, b, c, d) => Oracle.DpoMapped(a, b, c, d, x.Beta, Oracle.AlphaDivergence(x.Alpha)))),
     };
 
     public static IEnumerable<object[]> Names => All.Select(c => new object[] { c.Name });

@@ -100,7 +100,7 @@ public static class TrlLosses
         ArgumentNullException.ThrowIfNull(config);
         return (options ?? new SequenceLogProbsOptions()) with
         {
-            LdAlpha = Field("ld_alpha", () => config.LdAlpha),
+            LdAlpha = Field("ld_alpha", () => new SequenceLogProbsOptions { LdAlpha = config.LdAlpha }.LdAlpha),
             WpoTerms = config.UseWeighting,
         };
     }

@@ -22,7 +22,7 @@ public sealed record ExoPairOptions : PairwiseOptions
 /// = q (log sigmoid(z) - ln(1 - eps)) + (1 - q) (log sigmoid(-z) - ln eps): the reverse KL from the model's two-way
 /// distribution over {chosen, rejected} to the smoothed label.</para>
 /// <para>Gradient: stationary at z* = ln((1 - eps) / eps) (where q = 1 - eps); below it the chosen response is pushed up
-/// and the rejected one down, past it the signs reverse. L = 0 exactly at z*, and L(0) = ln 2 - (ln(1 - eps) + ln eps) / 2.</para>
+/// and the rejected one down, past it the signs reverse. L = 0 exactly at z*, and L(0) = -ln 2 - (ln(1 - eps) + ln eps) / 2 (the KL of [1/2, 1/2] from the label).</para>
 /// </remarks>
 public sealed class ExoPairLoss : PreferenceLoss<ExoPairOptions>
 {
@@ -42,11 +42,14 @@ public sealed class ExoPairLoss : PreferenceLoss<ExoPairOptions>
     protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch)
     {
         var z = terms.ScoreMargin(Options.ScoreMap) * Options.Beta;
-        double eps = Options.LabelSmoothing;
-        var q = z.sigmoid();
-        var logQ = PreferenceMath.NegLogSigmoid(z).neg();                    // log sigmoid(z)
-        var logNotQ = PreferenceMath.NegLogSigmoid(-z).neg();                // log sigmoid(-z)
-        return new(q * (logQ - Math.Log(1 - eps)) + (1 - q) * (logNotQ - Math.Log(eps)));
+        double a = Math.Log(1 - Options.LabelSmoothing), b = Math.Log(Options.LabelSmoothing);
+        // q (log q - a) + (1 - q)(log(1 - q) - b), q = sigmoid(z), rewritten with log q = -softplus(-z) and
+        // log(1 - q) = -softplus(-z) - z so that only the small one of sigmoid(z), sigmoid(-z) appears: written with both,
+        // float32 loses the gradient where q saturates (1 - q is rounded to a multiple of 6e-8)
+        var c = z + (b - a);
+        var positive = PreferenceMath.NegLogSigmoid(z).neg() - (-z).sigmoid() * c - a;   // z >= 0
+        var negative = PreferenceMath.Softplus(z).neg() + z.sigmoid() * c - b;            // z < 0
+        return new(torch.where(z >= 0, positive, negative));
     }
 
     /// <summary>EXO with default (or given) options.</summary>
