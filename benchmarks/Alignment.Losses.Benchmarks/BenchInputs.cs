@@ -64,6 +64,18 @@ internal sealed class BenchInputs : IDisposable
         "spo" => new SpoLoss(new SpoOptions { KlWeight = 0 }),   // the peer times the preference term (no KL estimate in the batch)
         "odpo" => new OdpoLoss(),
         "sppo" => new SppoLoss(),
+        // the field's objectives, with the peer's settings (TRL's formulas, reverse KL unless named)
+        "exo_pair" => new ExoPairLoss(),
+        "nca_pair" => new NcaPairLoss(),
+        "bco_pair" => new BcoPairLoss(),
+        "apo_zero" => new ApoLoss(),
+        "apo_down" => new ApoLoss(new ApoOptions { Anchor = ApoAnchor.Down }),
+        "aot" => new AotLoss(),
+        "discopop" => new DiscoPopLoss(),
+        "sigmoid_norm" => new SigmoidNormLoss(),
+        "sft" => new SftLoss(),
+        "mpo" => new WeightedLoss((new DpoLoss(), 0.8), (new BcoPairLoss(), 0.2), (new SftLoss(), 1.0)),
+        "dpo_js" => new DpoLoss(new DpoOptions { ScoreMap = ScoreMap.JensenShannon }),
         _ => throw new ArgumentException($"unknown loss {name}", nameof(name)),
     };
 

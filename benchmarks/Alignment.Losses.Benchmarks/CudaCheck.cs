@@ -26,7 +26,7 @@ internal static class CudaCheck
             if (!ok) failures++;
         }
 
-        foreach (var name in new[] { "dpo", "cdpo", "robust_dpo", "ipo", "hinge", "dpo_nll", "rpo", "spo", "odpo", "sppo" })
+        foreach (var name in new[] { "dpo", "cdpo", "robust_dpo", "ipo", "hinge", "dpo_nll", "rpo", "spo", "odpo", "sppo", "exo_pair", "nca_pair", "bco_pair", "apo_zero", "apo_down", "aot", "discopop", "sigmoid_norm", "sft", "mpo", "dpo_js" })
         {
             using var scope = NewDisposeScope();
             var loss = BenchInputs.Create(name);

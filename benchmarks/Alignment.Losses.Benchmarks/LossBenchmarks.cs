@@ -9,7 +9,8 @@ namespace Alignment.Losses.Benchmarks;
 [MemoryDiagnoser]
 public class LossBenchmarks
 {
-    [Params("dpo", "cdpo", "robust_dpo", "ipo", "hinge", "dpo_nll", "rpo", "spo", "odpo", "sppo")]
+    [Params("dpo", "cdpo", "robust_dpo", "ipo", "hinge", "dpo_nll", "rpo", "spo", "odpo", "sppo",
+        "exo_pair", "nca_pair", "bco_pair", "apo_zero", "apo_down", "aot", "discopop", "sigmoid_norm", "sft", "mpo", "dpo_js")]
     public string Loss { get; set; } = "dpo";
 
     [Params(8, 64, 1024, 4096)]

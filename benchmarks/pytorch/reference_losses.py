@@ -97,7 +97,69 @@ def sppo(x, beta=0.001):
     return (0.5 * ((uw - eta * (x["pw"] - 0.5)) ** 2 + (ul - eta * (x["pl"] - 0.5)) ** 2)).mean()
 
 
-LOSSES = dict(dpo=dpo, cdpo=cdpo, robust_dpo=robust_dpo, ipo=ipo, hinge=hinge, dpo_nll=dpo_nll, rpo=rpo, spo=spo, odpo=odpo, sppo=sppo)
+# TRL DPOTrainer loss types, written as TRL writes them (reverse-KL scores unless named)
+def exo_pair(x, eps=1e-3):
+    uw, ul, _, _ = logratios(x)
+    z = BETA * (uw - ul)
+    qw, ql = torch.sigmoid(z), torch.sigmoid(-z)
+    return (qw * (F.logsigmoid(z) - torch.log1p(torch.tensor(-eps))) + ql * (F.logsigmoid(-z) - torch.log(torch.tensor(eps)))).mean()
+
+
+def nca_pair(x):
+    uw, ul, _, _ = logratios(x)
+    rw, rl = BETA * uw, BETA * ul
+    return (-F.logsigmoid(rw) - 0.5 * F.logsigmoid(-rw) - 0.5 * F.logsigmoid(-rl)).mean()
+
+
+def bco_pair(x):
+    uw, ul, _, _ = logratios(x)
+    return (-F.logsigmoid(BETA * uw) - F.logsigmoid(-BETA * ul)).mean()
+
+
+def apo_zero(x):
+    uw, ul, _, _ = logratios(x)
+    return ((1 - torch.sigmoid(BETA * uw)) + torch.sigmoid(BETA * ul)).mean()
+
+
+def apo_down(x):
+    uw, ul, _, _ = logratios(x)
+    return (torch.sigmoid(BETA * uw) + (1 - torch.sigmoid(BETA * (uw - ul)))).mean()
+
+
+def aot(x, eps=0.0):
+    pc, pr = x["pc"].float(), x["pr"].float()
+    d = torch.sort(pc - pr, dim=0)[0] - torch.sort(x["rc"].float() - x["rr"].float(), dim=0)[0]
+    return (-F.logsigmoid(BETA * d) * (1 - eps) - F.logsigmoid(-BETA * d) * eps).mean()
+
+
+def discopop(x, tau=0.05):
+    uw, ul, _, _ = logratios(x)
+    z = BETA * (uw - ul)
+    m = torch.sigmoid(z / tau)
+    return (-F.logsigmoid(z) * (1 - m) + torch.exp(-z) * m).mean()
+
+
+def sigmoid_norm(x):
+    uw, ul, _, _ = logratios(x)
+    return -F.logsigmoid(BETA * (uw / x["counts"] - ul / x["counts"])).mean()
+
+
+def sft(x):
+    return -x["pc"].float().sum() / x["counts"].sum()
+
+
+def mpo(x):
+    return 0.8 * dpo(x) + 0.2 * bco_pair(x) + sft(x)
+
+
+def dpo_js(x):
+    uw, ul, _, _ = logratios(x)
+    return -F.logsigmoid(BETA * (F.logsigmoid(uw) - F.logsigmoid(ul))).mean()
+
+
+LOSSES = dict(dpo=dpo, cdpo=cdpo, robust_dpo=robust_dpo, ipo=ipo, hinge=hinge, dpo_nll=dpo_nll, rpo=rpo, spo=spo, odpo=odpo, sppo=sppo,
+              exo_pair=exo_pair, nca_pair=nca_pair, bco_pair=bco_pair, apo_zero=apo_zero, apo_down=apo_down, aot=aot,
+              discopop=discopop, sigmoid_norm=sigmoid_norm, sft=sft, mpo=mpo, dpo_js=dpo_js)
 
 
 def time_call(fn, repeats, warmup=20):

@@ -6,6 +6,7 @@ namespace Alignment.Losses.Playground;
 internal sealed record PlaygroundOptions
 {
     public IReadOnlySet<string> Losses { get; init; } = new HashSet<string>();
+    public IReadOnlySet<string> Groups { get; init; } = new HashSet<string>();
     public int Steps { get; init; } = 300;
     public int Seed { get; init; } = 7;
     public string Device { get; init; } = "cpu";
@@ -15,7 +16,13 @@ internal sealed record PlaygroundOptions
     public double LabelNoise { get; init; }
     public bool Help { get; init; }
 
-    public const string HelpText = """
+    /// <summary>The help text, with the groups and loss names of the catalogue.</summary>
+    public static string HelpText => HelpTemplate
+        .Replace("{GROUPS}", string.Join(", ", Trainer.Catalogue(new PlaygroundOptions()).Select(r => r.Group).Distinct()), StringComparison.Ordinal)
+        .Replace("{LOSSES}", string.Join(Environment.NewLine + "                                 ", Trainer.Catalogue(new PlaygroundOptions())
+            .GroupBy(r => r.Group).Select(g => $"{g.Key}: {string.Join(", ", g.Select(r => r.Name))}")), StringComparison.Ordinal);
+
+    private const string HelpTemplate = """
         Alignment playground: aligns a small tabular policy with every loss in Alignment.Losses on built-in synthetic
         preference data and prints, per loss, the policy's reward, its win-rate against the reference, its KL to the
         reference and its distance to the optimum the paper proves (where there is one).
@@ -23,8 +30,10 @@ internal sealed record PlaygroundOptions
         Usage: dotnet run --project samples/Alignment.Losses.Playground -- [options]
 
         Options:
-          --loss NAME[,NAME...]  losses to train (default: all). Names: dpo, cdpo, robust_dpo, ipo, hinge, dpo_nll,
-                                 rpo, rpo_diagonal, spo, spo_no_kl, odpo, sppo
+          --loss NAME[,NAME...]  losses to train (default: all), by group:
+                                 {LOSSES}
+          --group NAME[,NAME...] train the losses of these groups only ({GROUPS}); each group gets its own
+                                 section of the table and its own reward-curve plot
           --steps N              optimisation steps per loss (default 300)
           --quick                a fast run: 60 steps (what the tests use)
           --seed N               seed of the data and the training (default 7); CPU runs are deterministic
@@ -50,6 +59,7 @@ internal sealed record PlaygroundOptions
             {
                 case "--help" or "-h": o = o with { Help = true }; break;
                 case "--loss": o = o with { Losses = Value().Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).ToHashSet() }; break;
+                case "--group": o = o with { Groups = Value().Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).ToHashSet() }; break;
                 case "--steps": o = o with { Steps = Int(Value(), 1) }; break;
                 case "--quick": o = o with { Steps = 60 }; break;
                 case "--seed": o = o with { Seed = Int(Value(), 0) }; break;

@@ -27,22 +27,30 @@ internal static class Plots
         var written = new List<string>();
         if (results.Count == 0) return written;
 
-        var curves = new Plot();
-        for (int s = 0; s < results.Count; s++)
+        // one curve plot per group: each stays readable (at most a dozen series), and DPO is drawn in every one as the baseline
+        var baseline = results.FirstOrDefault(r => r.Name == "dpo");
+        foreach (var group in results.GroupBy(r => r.Group))
         {
-            var r = results[s];
-            // about 40 points per curve: enough for the shape, few enough that each marker is readable
-            int stride = Math.Max(1, (r.RewardCurve.Length - 1) / 40);
-            var steps = Enumerable.Range(0, r.RewardCurve.Length).Where(i => i % stride == 0 || i == r.RewardCurve.Length - 1).ToArray();
-            var line = curves.Add.Scatter(steps.Select(i => (double)i).ToArray(), steps.Select(i => r.RewardCurve[i]).ToArray());
-            Style(line, s, r.Name);
+            var curves = new Plot();
+            var series = group.ToList();
+            if (baseline is not null && !series.Contains(baseline)) series.Insert(0, baseline);
+            for (int s = 0; s < series.Count; s++)
+            {
+                var r = series[s];
+                // about 40 points per curve: enough for the shape, few enough that each marker is readable
+                int stride = Math.Max(1, (r.RewardCurve.Length - 1) / 40);
+                var steps = Enumerable.Range(0, r.RewardCurve.Length).Where(i => i % stride == 0 || i == r.RewardCurve.Length - 1).ToArray();
+                var line = curves.Add.Scatter(steps.Select(i => (double)i).ToArray(), steps.Select(i => r.RewardCurve[i]).ToArray());
+                Style(line, s, ReferenceEquals(r, baseline) && group.Key != r.Group ? "dpo (baseline)" : r.Name);
+            }
+            curves.Title($"Expected reward of the policy during training: {group.Key}");
+            curves.XLabel("step");
+            curves.YLabel("E_pi[r], averaged over prompts");
+            curves.ShowLegend(Edge.Right);                              // outside the data area: it never hides a curve
+            var file = $"reward_curves_{group.Key}.png";
+            curves.SavePng(Path.Combine(dir, file), 1100, 620);
+            written.Add(file);
         }
-        curves.Title("Expected reward of the policy during training");
-        curves.XLabel("step");
-        curves.YLabel("E_pi[r], averaged over prompts");
-        curves.ShowLegend(Edge.Right);                                  // outside the data area: it never hides a curve
-        curves.SavePng(Path.Combine(dir, "reward_curves.png"), 1100, 620);
-        written.Add("reward_curves.png");
 
         // learned vs optimal distribution on the first prompt, for the losses with a proven optimum; with label noise the
         // DPO family is drawn against the clean-label DPO optimum, which robust DPO keeps and DPO does not

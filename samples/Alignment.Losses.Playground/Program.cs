@@ -34,11 +34,18 @@ if (options.Device == "cuda" && !cuda.is_available())
 }
 
 var world = new SyntheticWorld(options.Seed, labelNoise: options.LabelNoise);
-var runs = Trainer.Catalogue(options).Where(r => options.Losses.Count == 0 || options.Losses.Contains(r.Name)).ToList();
-var unknown = options.Losses.Except(Trainer.Catalogue(options).Select(r => r.Name)).ToList();
+var catalogue = Trainer.Catalogue(options).ToList();
+var runs = catalogue.Where(r => (options.Losses.Count == 0 || options.Losses.Contains(r.Name)) && (options.Groups.Count == 0 || options.Groups.Contains(r.Group))).ToList();
+var unknown = options.Losses.Except(catalogue.Select(r => r.Name)).ToList();
 if (unknown.Count > 0)
 {
-    Console.Error.WriteLine($"error: unknown loss(es): {string.Join(", ", unknown)}. Known: {string.Join(", ", Trainer.Catalogue(options).Select(r => r.Name))}.");
+    Console.Error.WriteLine($"error: unknown loss(es): {string.Join(", ", unknown)}. Known: {string.Join(", ", catalogue.Select(r => r.Name))}.");
+    return 2;
+}
+var unknownGroups = options.Groups.Except(catalogue.Select(r => r.Group)).ToList();
+if (unknownGroups.Count > 0)
+{
+    Console.Error.WriteLine($"error: unknown group(s): {string.Join(", ", unknownGroups)}. Known: {string.Join(", ", catalogue.Select(r => r.Group).Distinct())}.");
     return 2;
 }
 

@@ -10,8 +10,9 @@ internal static class Report
         var sb = new StringBuilder();
         sb.AppendLine($"{"loss",-14} {"setting",-30} {"loss 0",9} {"loss end",9} {"reward",7} {"ref rew",7} {"win vs ref",10} {"KL",6} {"TV to opt",9} {"TV clean",8} {"time s",7}");
         sb.AppendLine(new string('-', 129));
-        foreach (var r in results)
+        foreach (var (r, i) in results.Select((r, i) => (r, i)))
         {
+            if (i == 0 || results[i - 1].Group != r.Group) sb.AppendLine($"[{r.Group}]");
             string dist = r.DistanceToOptimum is { } d ? d.ToString("F4", CultureInfo.InvariantCulture) : "-";
             string clean = r.DistanceToCleanDpo is { } c ? c.ToString("F4", CultureInfo.InvariantCulture) : "-";
             sb.AppendLine(string.Create(CultureInfo.InvariantCulture,
@@ -32,10 +33,10 @@ internal static class Report
 
     public static void WriteCsv(IReadOnlyList<RunResult> results, string dir)
     {
-        var table = new StringBuilder("loss,setting,initial_loss,final_loss,reward,reference_reward,win_rate,kl,tv_to_optimum,tv_to_clean_dpo,seconds\n");
+        var table = new StringBuilder("loss,setting,initial_loss,final_loss,reward,reference_reward,win_rate,kl,tv_to_optimum,tv_to_clean_dpo,seconds,group\n");
         foreach (var r in results)
             table.AppendLine(string.Create(CultureInfo.InvariantCulture,
-                $"{r.Name},\"{r.Setting}\",{r.InitialLoss:R},{r.FinalLoss:R},{r.Reward:R},{r.ReferenceReward:R},{r.WinRate:R},{r.Kl:R},{(r.DistanceToOptimum is { } d ? d.ToString("R", CultureInfo.InvariantCulture) : "")},{(r.DistanceToCleanDpo is { } c ? c.ToString("R", CultureInfo.InvariantCulture) : "")},{r.Seconds:R}"));
+                $"{r.Name},\"{r.Setting}\",{r.InitialLoss:R},{r.FinalLoss:R},{r.Reward:R},{r.ReferenceReward:R},{r.WinRate:R},{r.Kl:R},{(r.DistanceToOptimum is { } d ? d.ToString("R", CultureInfo.InvariantCulture) : "")},{(r.DistanceToCleanDpo is { } c ? c.ToString("R", CultureInfo.InvariantCulture) : "")},{r.Seconds:R},{r.Group}"));
         File.WriteAllText(Path.Combine(dir, "results.csv"), table.ToString());
 
         var curves = new StringBuilder("loss,step,expected_reward,training_loss\n");

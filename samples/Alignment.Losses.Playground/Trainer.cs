@@ -7,10 +7,14 @@ namespace Alignment.Losses.Playground;
 
 /// <summary>A loss to train with, and the optimum its paper proves (if any) as a function of the reference policy.</summary>
 internal sealed record RunSpec(string Name, IPreferenceLoss Loss, string Setting, Func<Tensor, Tensor, Tensor>? Optimum = null, bool NeedsKl = false, int SelfPlayIterations = 1,
-    bool CompareToCleanDpo = false);
+    bool CompareToCleanDpo = false)
+{
+    /// <summary>The family the run is shown with (one table section and one curve plot per group).</summary>
+    public string Group { get; init; } = "dpo";
+}
 
 internal sealed record RunResult(
-    string Name, string Setting, double InitialLoss, double FinalLoss, double Reward, double ReferenceReward,
+    string Name, string Group, string Setting, double InitialLoss, double FinalLoss, double Reward, double ReferenceReward,
     double WinRate, double Kl, double? DistanceToOptimum, double? DistanceToCleanDpo, double Seconds, double[] RewardCurve, double[] LossCurve,
     float[] FinalPolicy, float[]? OptimalPolicy);
 
@@ -34,13 +38,29 @@ internal static class Trainer
         yield return new("ipo", new IpoLoss(new() { Beta = Beta }), $"beta {Beta}");
         yield return new("hinge", new HingeLoss(new() { Beta = Beta }), $"beta {Beta}");
         yield return new("dpo_nll", new DpoNllLoss(new() { Beta = Beta, NllWeight = 1 }), $"beta {Beta}, alpha 1");
-        yield return new("rpo", new RpoLoss(new() { Beta = Beta, Temperature = 0.5 }), $"beta {Beta}, tau 0.5");
-        yield return new("rpo_diagonal", new RpoLoss(new() { Beta = Beta, Variant = RpoVariant.Diagonal }), $"beta {Beta}, lambda 0.8");
-        yield return new("spo", new SpoLoss(new() { Alpha = alpha, KlWeight = 0.05 }), $"alpha {alpha}, beta_r 0.05", NeedsKl: true);
+        yield return new("sigmoid_norm", new SigmoidNormLoss(new() { Beta = Beta * 50 }), $"beta {Beta * 50} (per token)");
+        yield return new("exo_pair", new ExoPairLoss(new() { Beta = Beta, LabelSmoothing = 0.01 }), $"beta {Beta}, eps 0.01");
+        yield return new("discopop", new DiscoPopLoss(new() { Beta = Beta }), $"beta {Beta}, tau 0.05");
+        yield return new("dpo_js", new DpoLoss(new() { Beta = Beta, ScoreMap = ScoreMap.JensenShannon }), $"beta {Beta}, Jensen-Shannon");
+        yield return new("dpo_forward_kl", new DpoLoss(new() { Beta = Beta, ScoreMap = ScoreMap.ForwardKl }), $"beta {Beta}, forward KL");
+
+        yield return new("nca_pair", new NcaPairLoss(new() { Beta = Beta }), $"beta {Beta}") { Group = "absolute" };
+        yield return new("bco_pair", new BcoPairLoss(new() { Beta = Beta }), $"beta {Beta}") { Group = "absolute" };
+        yield return new("apo_zero", new ApoLoss(new() { Beta = Beta }), $"beta {Beta}") { Group = "absolute" };
+        yield return new("apo_down", new ApoLoss(new() { Beta = Beta, Anchor = ApoAnchor.Down }), $"beta {Beta}") { Group = "absolute" };
+        yield return new("mpo", new WeightedLoss((new DpoLoss(new() { Beta = Beta }), 0.8), (new BcoPairLoss(new() { Beta = Beta }), 0.2), (new SftLoss(), 1.0)),
+            "0.8 dpo + 0.2 bco_pair + sft") { Group = "absolute" };
+
+        yield return new("rpo", new RpoLoss(new() { Beta = Beta, Temperature = 0.5 }), $"beta {Beta}, tau 0.5") { Group = "batch" };
+        yield return new("rpo_diagonal", new RpoLoss(new() { Beta = Beta, Variant = RpoVariant.Diagonal }), $"beta {Beta}, lambda 0.8") { Group = "batch" };
+        yield return new("aot", new AotLoss(new() { Beta = Beta }), $"beta {Beta}, sorted margins") { Group = "batch" };
+        yield return new("aot_unpaired", new AotLoss(new() { Beta = Beta, Form = AotForm.Unpaired }), $"beta {Beta}, sorted log-ratios") { Group = "batch" };
+
+        yield return new("spo", new SpoLoss(new() { Alpha = alpha, KlWeight = 0.05 }), $"alpha {alpha}, beta_r 0.05", NeedsKl: true) { Group = "other" };
         yield return new("spo_no_kl", new SpoLoss(new() { Alpha = alpha, KlWeight = 0 }), $"alpha {alpha}, no KL",
-            clean ? (_, r) => nn.functional.softmax(r / alpha, 1) : null);
-        yield return new("odpo", new OdpoLoss(new() { Beta = Beta, Alpha = 0.5, MinimumScoreGap = 0.01 }), $"beta {Beta}, alpha 0.5");
-        yield return new("sppo", new SppoLoss(new() { Beta = 1.0 }), "beta 1 (eta 1), 5 iterations", SelfPlayIterations: 5);
+            clean ? (_, r) => nn.functional.softmax(r / alpha, 1) : null) { Group = "other" };
+        yield return new("odpo", new OdpoLoss(new() { Beta = Beta, Alpha = 0.5, MinimumScoreGap = 0.01 }), $"beta {Beta}, alpha 0.5") { Group = "other" };
+        yield return new("sppo", new SppoLoss(new() { Beta = 1.0 }), "beta 1 (eta 1), 5 iterations", SelfPlayIterations: 5) { Group = "other" };
     }
 
     /// <summary>DPO's optimum on clean Bradley-Terry labels: pi* ∝ pi_ref exp(r / beta) (robust DPO's too, at any noise rate it is told).</summary>
@@ -118,7 +138,7 @@ internal static class Trainer
         double? distance = optimum is null ? null : 0.5 * (policy - optimum).abs().sum(1).mean().ToDouble();
         double? toCleanDpo = run.CompareToCleanDpo ? 0.5 * (policy - DpoOptimum(initial, rewards)).abs().sum(1).mean().ToDouble() : null;
         watch.Stop();
-        return new RunResult(run.Name, run.Setting, firstLoss, lossCurve[^1], reward, referenceReward, winRate, kl, distance, toCleanDpo,
+        return new RunResult(run.Name, run.Group, run.Setting, firstLoss, lossCurve[^1], reward, referenceReward, winRate, kl, distance, toCleanDpo,
             watch.Elapsed.TotalSeconds, rewardCurve, lossCurve,
             policy.cpu().data<float>().ToArray(), optimum?.cpu().data<float>().ToArray());
     }

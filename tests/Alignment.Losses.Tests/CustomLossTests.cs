@@ -2,7 +2,7 @@ using Alignment.Losses;
 
 namespace Alignment.Losses.Tests;
 
-/// <summary>Options of the test's own loss: DPO with a target margin gamma and caller weights.</summary>
+/// <summary>Options of the test's own loss: DPO with a per-pair target margin gamma * (s_w - s_l) from response scores.</summary>
 public sealed record MarginDpoOptions : PreferenceLossOptions
 {
     public double Beta { get; init; } = 0.5;
@@ -10,8 +10,8 @@ public sealed record MarginDpoOptions : PreferenceLossOptions
 }
 
 /// <summary>
-/// A loss written the way a user writes one, through the public extension point: softplus(-(beta h - gamma)) times a
-/// per-pair weight. The base provides validation, the upcast, the standard metrics, the NaN/Inf check, the value checks
+/// A loss written the way a user writes one, through the public extension point: softplus(-(beta h - gamma (s_w - s_l))),
+/// with a required side input and a value check of its own. The base provides validation, the upcast, the standard metrics, the NaN/Inf check, the value checks
 /// and the single synchronisation.
 /// </summary>
 public sealed class MarginDpo(MarginDpoOptions? options = null) : PreferenceLoss<MarginDpoOptions>(options ?? new())
@@ -22,22 +22,24 @@ public sealed class MarginDpo(MarginDpoOptions? options = null) : PreferenceLoss
 
     protected override IEnumerable<(Tensor? Tensor, string Name)> Validate(PreferenceBatch batch, ValueChecks checks)
     {
-        CheckPerExample(batch.ExampleWeights, batch, "batch.ExampleWeights", "per-pair weights");
-        checks.Add((batch.ExampleWeights! >= 0).all(), () => new ArgumentException("batch.ExampleWeights must be non-negative.", "batch.ExampleWeights"));
-        return new (Tensor?, string)[] { (batch.ExampleWeights, "batch.ExampleWeights") };
+        var scores = batch.Scores ?? throw new ArgumentException("margin_dpo needs response scores.", "batch.Scores");
+        CheckPerExample(scores.Chosen, batch, "scores.Chosen", "chosen scores");
+        CheckPerExample(scores.Rejected, batch, "scores.Rejected", "rejected scores");
+        checks.Add((scores.Chosen >= scores.Rejected).all(), () => new ArgumentException("chosen scores must not be below rejected ones.", "batch.Scores"));
+        return new (Tensor?, string)[] { (scores.Chosen, "scores.Chosen"), (scores.Rejected, "scores.Rejected") };
     }
 
     protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch)
     {
-        var z = terms.Margin * Options.Beta - Options.Gamma;
-        var perExample = PreferenceMath.NegLogSigmoid(z) * terms.Upcast(batch.ExampleWeights!);
-        return new(perExample, new[] { ("margin_dpo/past_gamma", (z > 0).to_type(terms.DType).mean()) });
+        var target = (terms.Upcast(batch.Scores!.Chosen) - terms.Upcast(batch.Scores.Rejected)) * Options.Gamma;
+        var z = terms.Margin * Options.Beta - target;
+        return new(PreferenceMath.NegLogSigmoid(z), new[] { ("margin_dpo/past_target", (z > 0).to_type(terms.DType).mean()) });
     }
 }
 
 public class CustomLossTests
 {
-    static readonly double[] Pc = { -10, -20, -15 }, Pr = { -12, -19, -18 }, Rc = { -11, -20, -15.5 }, Rr = { -11, -19.5, -17 }, W = { 1, 0.5, 2 };
+    static readonly double[] Pc = { -10, -20, -15 }, Pr = { -12, -19, -18 }, Rc = { -11, -20, -15.5 }, Rr = { -11, -19.5, -17 }, Sw = { 2, 1.5, 1 }, Sl = { 1, 1.5, 0.5 };
 
     static PreferenceBatch Batch(ScalarType dtype, out Tensor chosen, out Tensor rejected)
     {
@@ -45,7 +47,7 @@ public class CustomLossTests
         rejected = TensorUtil.Leaf(Pr, dtype);
         return new PreferenceBatch(new PreferenceLogps(chosen, rejected), new PreferenceLogps(TensorUtil.Const(Rc, dtype), TensorUtil.Const(Rr, dtype)))
         {
-            ExampleWeights = TensorUtil.Const(W, dtype),
+            Scores = new ResponseScores(TensorUtil.Const(Sw, dtype), TensorUtil.Const(Sl, dtype)),
         };
     }
 
@@ -56,18 +58,20 @@ public class CustomLossTests
         var batch = Batch(ScalarType.Float64, out var chosen, out var rejected);
         using var r = new MarginDpo(new MarginDpoOptions { Gamma = 0.5 }).Compute(batch);
         r.Loss.backward();
-        // float64 oracle: mean_i w_i softplus(-(0.5 h_i - 0.5)), d/dl_w = -0.5 w_i sigmoid(-(0.5 h_i - 0.5)) / B
+        // float64 oracle: mean_i softplus(-z_i), z = 0.5 h - 0.5 (s_w - s_l); d/dl_w = -0.5 sigmoid(-z) / B
         double loss = 0;
+        var z = new double[3];
         for (int i = 0; i < 3; i++)
         {
-            double h = (Pc[i] - Rc[i]) - (Pr[i] - Rr[i]), z = 0.5 * h - 0.5;
-            loss += W[i] * Oracle.Softplus(-z) / 3;
-            Assert.Equal(-0.5 * W[i] * Oracle.Sigmoid(-z) / 3, TensorUtil.Values(chosen.grad!)[i], 12);
-            Assert.Equal(0.5 * W[i] * Oracle.Sigmoid(-z) / 3, TensorUtil.Values(rejected.grad!)[i], 12);
+            double h = (Pc[i] - Rc[i]) - (Pr[i] - Rr[i]);
+            z[i] = 0.5 * h - 0.5 * (Sw[i] - Sl[i]);
+            loss += Oracle.Softplus(-z[i]) / 3;
+            Assert.Equal(-0.5 * Oracle.Sigmoid(-z[i]) / 3, TensorUtil.Values(chosen.grad!)[i], 12);
+            Assert.Equal(0.5 * Oracle.Sigmoid(-z[i]) / 3, TensorUtil.Values(rejected.grad!)[i], 12);
         }
         Assert.Equal(loss, r.Loss.ToDouble(), 12);
         Assert.Equal(0.5 * ((-10 + 11) + 0 + 0.5) / 3, r[MetricNames.RewardsChosen], 12);
-        Assert.Equal(2.0 / 3, r["margin_dpo/past_gamma"], 12);   // z = 0.5 h - 0.5 = 0.5, -0.75, 0.25
+        Assert.Equal(z.Count(v => v > 0) / 3.0, r["margin_dpo/past_target"], 12);
         Assert.Equal(PreferenceTermsNames, r.MetricNames.Take(6));
     }
 
@@ -90,9 +94,9 @@ public class CustomLossTests
         var batch = Batch(ScalarType.Float32, out _, out _);
         var nan = batch with { Policy = new PreferenceLogps(F(-1, float.NaN, -3), batch.Policy.Rejected) };
         Assert.Equal("policy.Chosen", Assert.Throws<ArgumentException>(() => new MarginDpo().Compute(nan)).ParamName);
-        var negative = batch with { ExampleWeights = F(1, -1, 1) };
-        Assert.Equal("batch.ExampleWeights", Assert.Throws<ArgumentException>(() => new MarginDpo().Compute(negative)).ParamName);
-        Assert.Equal("batch.ExampleWeights", Assert.Throws<ArgumentException>(() => new MarginDpo().Compute(batch with { ExampleWeights = null })).ParamName);
+        var inverted = batch with { Scores = new ResponseScores(F(1, 1, 1), F(0, 2, 0)) };
+        Assert.Equal("batch.Scores", Assert.Throws<ArgumentException>(() => new MarginDpo().Compute(inverted)).ParamName);
+        Assert.Equal("batch.Scores", Assert.Throws<ArgumentException>(() => new MarginDpo().Compute(batch with { Scores = null })).ParamName);
     }
 
     static Tensor F(params float[] v) => tensor(v);
@@ -106,7 +110,7 @@ public class CustomLossTests
         var weight = randn(7, 5, dtype: ScalarType.Float64).requires_grad_(true);
         var labels = randint(0, 7, new long[] { 6, 4 });
         var reference = new PreferenceLogps(TensorUtil.Const(Rc, ScalarType.Float64), TensorUtil.Const(Rr, ScalarType.Float64));
-        PreferenceBatch Side(PreferenceLogps p) => new(p, reference) { ExampleWeights = TensorUtil.Const(W, ScalarType.Float64) };
+        PreferenceBatch Side(PreferenceLogps p) => new(p, reference) { Scores = new ResponseScores(TensorUtil.Const(Sw, ScalarType.Float64), TensorUtil.Const(Sl, ScalarType.Float64)) };
         using var fused = FusedLinearLogProbs.ComputeLoss(new MarginDpo(), Side, hidden, weight, null, labels, null, LabelAlignment.Aligned);
         var logits = hidden.matmul(weight.t());
         var sum = nn.functional.log_softmax(logits, 2).gather(2, labels.unsqueeze(2)).squeeze(2).sum(1);
