@@ -22,6 +22,13 @@ var cases = new (string File, string Title, Func<PreferenceLogps, PreferenceLoss
         new ResponseScores(full(n, Math.E + 1, dtype: ScalarType.Float64), ones(n, dtype: ScalarType.Float64)))),
     ("sppo", "SPPO (beta 0.1, p_w 0.8, p_l 0.2, u_l = 0)", p => SppoLoss.Compute(p, null,
         SppoWinRates.Individual(full(n, 0.8, dtype: ScalarType.Float64), full(n, 0.2, dtype: ScalarType.Float64)), new SppoOptions { Beta = 0.1 })),
+    ("exo_pair", "EXO (beta 0.1, eps 1e-3)", p => ExoPairLoss.Compute(p)),
+    ("nca_pair", "NCA pairwise (beta 0.1, u_l = 0)", p => NcaPairLoss.Compute(p)),
+    ("bco_pair", "BCO pairwise (beta 0.1, u_l = 0)", p => BcoPairLoss.Compute(p)),
+    ("apo_zero", "APO-zero (beta 0.1, u_l = 0)", p => ApoLoss.Compute(p)),
+    ("apo_down", "APO-down (beta 0.1, u_l = 0: the terms cancel)", p => ApoLoss.Compute(p, null, new ApoOptions { Anchor = ApoAnchor.Down })),
+    ("discopop", "DiscoPOP (beta 0.1, tau 0.05)", p => DiscoPopLoss.Compute(p)),
+    ("dpo_js", "DPO with the Jensen-Shannon score map (beta 0.1)", p => DpoLoss.Compute(p, null, new DpoOptions { ScoreMap = ScoreMap.JensenShannon })),
 };
 
 foreach (var (file, title, compute) in cases)

@@ -6,7 +6,7 @@ namespace Alignment.Losses.Tests;
 
 /// <summary>
 /// Native memory: only what a loss returns survives a call. RSS is process-wide, so this collection runs with no other
-/// test in parallel (their allocations would otherwise count against the bound). 2,000 forward+backward calls of each loss in a caller's scope keep the thread's
+/// test in parallel (their allocations would otherwise count against the bound). 1,000 forward+backward calls of each loss in a caller's scope keep the thread's
 /// live tensor count flat and the process RSS bounded; a loss inside a caller's scope leaves exactly its result there.
 /// </summary>
 [Collection("Memory")]
@@ -19,7 +19,7 @@ public class MemoryTests
     }.Select(n => new object[] { n });
 
     [Theory, MemberData(nameof(OnePerLossClass))]
-    public void Two_thousand_forward_backward_calls_in_a_scope_leak_no_tensor_and_keep_rss_flat(string name)
+    public void A_thousand_forward_backward_calls_in_a_scope_leak_no_tensor_and_keep_rss_flat(string name)
     {
         var c = LossCatalog.Get(name);
         var x = Generators.One(32, 32);
@@ -33,14 +33,14 @@ public class MemoryTests
             using var r = loss.Compute(batch);
             r.Loss.backward();
         }
-        for (int i = 0; i < 500; i++) Step();                     // warm-up: allocator pools, JIT
+        for (int i = 0; i < 200; i++) Step();                     // warm-up: allocator pools, JIT
         var stats = DisposeScopeManager.Statistics;
         long liveBefore = stats.ThreadTotalLiveCount;
         long rssBefore = ProcessMemory.Rss();
-        for (int i = 0; i < 2_000; i++) Step();
+        for (int i = 0; i < 1_000; i++) Step();
         long rssGrowth = ProcessMemory.Rss() - rssBefore;
         Assert.Equal(liveBefore, stats.ThreadTotalLiveCount);
-        Assert.True(rssGrowth < 64L << 20, $"{name}: RSS grew by {rssGrowth / (1 << 20)} MiB over 2,000 calls");
+        Assert.True(rssGrowth < 64L << 20, $"{name}: RSS grew by {rssGrowth / (1 << 20)} MiB over 1,000 calls");
     }
 
     [Fact]
