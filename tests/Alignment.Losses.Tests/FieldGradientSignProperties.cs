@@ -6,47 +6,14 @@ namespace Alignment.Losses.Tests;
 
 /// <summary>
 /// Gradient signs of the field's objectives (TRL's loss types) and of the score maps, as FsCheck properties in float64:
-/// the always-correct ones, both sides of every threshold (EXO, NCA, DiscoPOP's band, apo_down's exception, AOT's
+/// (the always-correct ones are in <see cref="GradientSignProperties"/>) both sides of every threshold (EXO, NCA, DiscoPOP's band, apo_down's exception, AOT's
 /// smoothed ranks), and the sign of every row against the float64 oracle.
 /// </summary>
 public class FieldGradientSignProperties
 {
     static readonly Config Cfg = PropertyConfig.Quick(60);
 
-    static (double[] Chosen, double[] Rejected) Grads(IPreferenceLoss loss, PreferenceBatch batch, BatchTensors t)
-    {
-        using var r = loss.Compute(batch);
-        r.Loss.backward();
-        static double[] G(Tensor leaf) => leaf.grad is { } g ? TensorUtil.Values(g) : new double[leaf.shape[0]];
-        return (G(t.PolicyChosen), G(t.PolicyRejected));
-    }
-
-    static (double[] Chosen, double[] Rejected) Grads(LossCase c, Inputs x)
-    {
-        using var scope = NewDisposeScope();
-        var t = new BatchTensors(x, ScalarType.Float64);
-        return Grads(c.Make(x), c.Batch(t), t);
-    }
-
     static string Show(double[] g) => "[" + string.Join(", ", g.Select(v => v.ToString("G3"))) + "]";
-
-    public static IEnumerable<object[]> AlwaysCorrect => new[]
-    {
-        "dpo_forward_kl", "dpo_js", "dpo_alpha", "robust_dpo_js", "sigmoid_norm", "sigmoid_norm_forward_kl", "bco_pair", "apo_zero",
-        "aot_unpaired", "mpo", "dpo_weighted",
-    }.Select(n => new object[] { n });
-
-    [Theory, MemberData(nameof(AlwaysCorrect))]
-    public void Gradient_always_pushes_chosen_up_and_rejected_down(string name)
-    {
-        var c = LossCatalog.Get(name);
-        Check.One(Cfg, Prop.ForAll(Generators.Arb(minB: 2), x =>
-        {
-            var (gc, gr) = Grads(c, x);
-            bool ok = gc.All(g => g <= 0) && gr.All(g => g >= 0) && gc.Sum() < 0 && gr.Sum() >= 0;
-            return ok.Label($"{name}: chosen {Show(gc)}, rejected {Show(gr)}");
-        }));
-    }
 
     [Fact]
     public void Sft_raises_every_chosen_response_and_leaves_the_rejected_alone()
@@ -54,18 +21,9 @@ public class FieldGradientSignProperties
         var c = LossCatalog.Get("sft");
         Check.One(Cfg, Prop.ForAll(Generators.Arb(minB: 2), x =>
         {
-            var (gc, gr) = Grads(c, x);
+            var (gc, gr) = GradientSignProperties.Grads(c, x);
             return (gc.All(g => g < 0) && gr.All(g => g == 0)).Label($"sft: chosen {Show(gc)}, rejected {Show(gr)}");
         }));
-    }
-
-    /// <summary>Puts row i's log-ratios at u_w = threshold ± (0.01 + mu_i) (alternating sides) and u_l = 0.</summary>
-    static (Inputs X, bool[] Above) ChosenAround(Inputs x, Func<Inputs, double> threshold)
-    {
-        double t = threshold(x);
-        var above = Enumerable.Range(0, x.B).Select(i => i % 2 == 0).ToArray();
-        var uw = Enumerable.Range(0, x.B).Select(i => t + (above[i] ? 1 : -1) * (0.01 + x.Mu[i])).ToArray();
-        return (x with { Rr = x.Pr, Rc = x.Pc.Select((p, i) => p - uw[i]).ToArray() }, above);
     }
 
     [Fact]
@@ -74,8 +32,8 @@ public class FieldGradientSignProperties
         var c = LossCatalog.Get("exo_pair");
         Check.One(Cfg, Prop.ForAll(Generators.Arb(minB: 2), raw =>
         {
-            var (x, above) = ChosenAround(raw, v => Math.Log((1 - v.Eps) / v.Eps) / v.Beta);
-            var (gc, gr) = Grads(c, x);
+            var (x, above) = GradientSignProperties.AroundThreshold(raw, v => Math.Log((1 - v.Eps) / v.Eps) / v.Beta);
+            var (gc, gr) = GradientSignProperties.Grads(c, x);
             return Enumerable.Range(0, x.B).All(i => above[i] ? gc[i] > 0 && gr[i] < 0 : gc[i] < 0 && gr[i] > 0)
                 .Label($"exo_pair: chosen {Show(gc)}, rejected {Show(gr)}");
         }));
@@ -87,8 +45,8 @@ public class FieldGradientSignProperties
         var c = LossCatalog.Get("nca_pair");
         Check.One(Cfg, Prop.ForAll(Generators.Arb(minB: 2), raw =>
         {
-            var (x, above) = ChosenAround(raw, v => Math.Log(2) / v.Beta);
-            var (gc, gr) = Grads(c, x);
+            var (x, above) = GradientSignProperties.AroundThreshold(raw, v => Math.Log(2) / v.Beta);
+            var (gc, gr) = GradientSignProperties.Grads(c, x);
             return Enumerable.Range(0, x.B).All(i => (above[i] ? gc[i] > 0 : gc[i] < 0) && gr[i] > 0)
                 .Label($"nca_pair: chosen {Show(gc)}, rejected {Show(gr)}");
         }));
@@ -101,7 +59,7 @@ public class FieldGradientSignProperties
         var c = LossCatalog.Get("apo_down");
         Check.One(Cfg, Prop.ForAll(Generators.Arb(minB: 2), x =>
         {
-            var (gc, gr) = Grads(c, x);
+            var (gc, gr) = GradientSignProperties.Grads(c, x);
             double D(double z) => Oracle.Sigmoid(z) * (1 - Oracle.Sigmoid(z));
             bool ok = Enumerable.Range(0, x.B).All(i =>
             {
@@ -154,7 +112,7 @@ public class FieldGradientSignProperties
         var c = LossCatalog.Get(name);
         Check.One(Cfg, Prop.ForAll(Generators.Arb(minB: 2), x =>
         {
-            var (gc, gr) = Grads(c, x);
+            var (gc, gr) = GradientSignProperties.Grads(c, x);
             var o = c.Expected(x);
             double scale = o.GradChosen.Concat(o.GradRejected).Max(Math.Abs);
             bool Same(double a, double b) => Math.Abs(b) <= 1e-9 * scale || Math.Sign(a) == Math.Sign(b);

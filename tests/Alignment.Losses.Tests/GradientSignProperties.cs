@@ -14,19 +14,24 @@ public class GradientSignProperties
 {
     static readonly Config Cfg = PropertyConfig.Quick(80);
 
-    static (double[] Chosen, double[] Rejected) Grads(LossCase c, Inputs x)
+    /// <summary>The gradients with respect to the policy log-probs (0 where none flows, e.g. the rejected side of sft).</summary>
+    internal static (double[] Chosen, double[] Rejected) Grads(LossCase c, Inputs x)
     {
         using var scope = NewDisposeScope();
         var t = new BatchTensors(x, ScalarType.Float64);
         using var r = c.Make(x).Compute(c.Batch(t));
         r.Loss.backward();
-        return (TensorUtil.Values(t.PolicyChosen.grad!), TensorUtil.Values(t.PolicyRejected.grad!));
+        static double[] G(Tensor leaf) => leaf.grad is { } g ? TensorUtil.Values(g) : new double[leaf.shape[0]];
+        return (G(t.PolicyChosen), G(t.PolicyRejected));
     }
 
     public static IEnumerable<object[]> AlwaysCorrect => new[]
     {
         "dpo", "dpo_reference_free", "robust_dpo", "hinge", "odpo", "odpo_ratio", "spo",
         "rpo", "rpo_weight_outside", "rpo_all_pairs", "rpo_diagonal", "rpo_unpaired",
+        // the field's objectives and the score maps (every map is increasing, so it keeps the sign rule)
+        "dpo_forward_kl", "dpo_js", "dpo_alpha", "robust_dpo_js", "sigmoid_norm", "sigmoid_norm_forward_kl", "bco_pair", "apo_zero",
+        "aot_unpaired", "mpo", "dpo_weighted",
     }.Select(n => new object[] { n });
 
     [Theory, MemberData(nameof(AlwaysCorrect))]
@@ -43,7 +48,7 @@ public class GradientSignProperties
     }
 
     /// <summary>Puts row i's margin at threshold ± (0.01 + mu_i), alternating sides, via the reference log-probs.</summary>
-    static (Inputs X, bool[] Above) AroundThreshold(Inputs x, Func<Inputs, double> threshold)
+    internal static (Inputs X, bool[] Above) AroundThreshold(Inputs x, Func<Inputs, double> threshold)
     {
         double t = threshold(x);
         var above = Enumerable.Range(0, x.B).Select(i => i % 2 == 0).ToArray();
