@@ -29,11 +29,15 @@ IPreferenceLoss[] losses =
 {
     new DpoLoss(), new ConservativeDpoLoss(), new RobustDpoLoss(), new IpoLoss(), new HingeLoss(), new DpoNllLoss(),
     new RpoLoss(), new SpoLoss(new SpoOptions { KlWeight = 0 }), new OdpoLoss(), new SppoLoss(),
+    new ExoPairLoss(), new NcaPairLoss(), new BcoPairLoss(), new ApoLoss(), new ApoLoss(new ApoOptions { Anchor = ApoAnchor.Down }),
+    new AotLoss(), new DiscoPopLoss(), new SigmoidNormLoss(), new SftLoss(),
+    new DpoLoss(new DpoOptions { ScoreMap = ScoreMap.JensenShannon }),
+    TrlLosses.Create(new TrlDpoConfig { LossType = new[] { "sigmoid", "bco_pair", "sft" }, LossWeights = new[] { 0.8, 0.2, 1.0 } }),   // MPO
 };
-Console.WriteLine($"{"loss",-12} {"value",12} {"accuracy",9} {"margin",9}");
+Console.WriteLine($"{"loss",-26} {"value",12} {"accuracy",9} {"margin",9}");
 foreach (var loss in losses)
 {
     using var scope = NewDisposeScope();
     using var result = loss.Compute(batch);
-    Console.WriteLine($"{loss.Name,-12} {result.Loss.ToSingle(),12:G6} {result[MetricNames.RewardsAccuracies],9:F2} {result[MetricNames.RewardsMargins],9:F4}");
+    Console.WriteLine($"{loss.Name,-26} {result.Loss.ToSingle(),12:G6} {result[MetricNames.RewardsAccuracies],9:F2} {result[MetricNames.RewardsMargins],9:F4}");
 }
