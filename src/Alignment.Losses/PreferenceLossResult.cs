@@ -91,9 +91,6 @@ public sealed class PreferenceLossResult : IDisposable
         ? v
         : throw new KeyNotFoundException($"No metric named '{metric}'. Available: {string.Join(", ", _metricNames)}.");
 
-    /// <summary>The loss's name ("custom" for results built with the public constructor).</summary>
-    internal string LossName => _lossName;
-
     /// <summary>The metric values as one tensor, in <see cref="MetricNames"/> order (float64 on the CPU for public-constructor results).</summary>
     internal Tensor MetricTensor => Alive(_metricValues);
 

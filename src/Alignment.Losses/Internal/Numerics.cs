@@ -3,7 +3,7 @@ using static TorchSharp.torch;
 
 namespace Alignment.Losses.Internal;
 
-/// <summary>Numeric conventions shared by the losses: the compute dtype and the upcast.</summary>
+/// <summary>Numeric conventions shared by the losses: the compute dtype and the upcast (the stable forms are <see cref="PreferenceMath"/>).</summary>
 internal static class Numerics
 {
     /// <summary>float64 when any input is float64 (so float64 oracles can be matched), float32 otherwise (bf16/fp16 are upcast).</summary>
@@ -12,10 +12,4 @@ internal static class Numerics
 
     /// <summary>Upcasts to the compute dtype; a no-op alias when the dtype already matches.</summary>
     internal static Tensor As(Tensor t, ScalarType dtype) => t.dtype == dtype ? t.alias() : t.to_type(dtype);
-
-    /// <summary>-log sigmoid(z) (see <see cref="PreferenceMath.NegLogSigmoid"/>).</summary>
-    internal static Tensor NegLogSigmoid(Tensor z) => PreferenceMath.NegLogSigmoid(z);
-
-    /// <summary>softplus(x) (see <see cref="PreferenceMath.Softplus"/>).</summary>
-    internal static Tensor Softplus(Tensor x) => PreferenceMath.Softplus(x);
 }

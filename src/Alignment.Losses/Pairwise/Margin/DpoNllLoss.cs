@@ -36,7 +36,7 @@ public sealed class DpoNllLoss : PreferenceLoss<DpoNllOptions>
     {
         var (nw, _) = terms.TokenCounts(Name, needRejected: false);
         var nll = -terms.PolicyChosen / nw;
-        var perExample = Numerics.NegLogSigmoid(terms.ScoreMargin(Options.ScoreMap) * Options.Beta) + nll * Options.NllWeight;
+        var perExample = PreferenceMath.NegLogSigmoid(terms.ScoreMargin(Options.ScoreMap) * Options.Beta) + nll * Options.NllWeight;
         return new(perExample, new[] { (MetricNames.NllLoss, nll.mean()) });
     }
 

@@ -117,7 +117,7 @@ public sealed class OdpoLoss : PreferenceLoss<OdpoOptions>
     protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch)
     {
         var offset = Offset(batch.Scores!, terms.DType);
-        return new(Numerics.NegLogSigmoid(terms.ScoreMargin(Options.ScoreMap) * Options.Beta - offset), new[] { (MetricNames.OdpoOffset, offset.mean()) });
+        return new(PreferenceMath.NegLogSigmoid(terms.ScoreMargin(Options.ScoreMap) * Options.Beta - offset), new[] { (MetricNames.OdpoOffset, offset.mean()) });
     }
 
     /// <summary>ODPO with default (or given) options.</summary>

@@ -37,7 +37,7 @@ public sealed class RobustDpoLoss : PreferenceLoss<RobustDpoOptions>
         // float32 precision (7.9e-5 at eps 0.4999); this one does not
         var z = terms.ScoreMargin(Options.ScoreMap) * Options.Beta;
         var eps = Options.LabelSmoothing;
-        return new(Numerics.NegLogSigmoid(z) - z * (eps / (1 - 2 * eps)));
+        return new(PreferenceMath.NegLogSigmoid(z) - z * (eps / (1 - 2 * eps)));
     }
 
     /// <summary>Robust DPO with default (or given) options.</summary>

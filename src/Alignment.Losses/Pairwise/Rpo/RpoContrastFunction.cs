@@ -36,7 +36,7 @@ internal sealed class RpoContrastFunction : LibraryFunction<RpoContrastFunction>
         if (inside) z.mul_(w);                                     // W ∘ A
         z.mul_(-beta);                                             // z = -beta W^p A
         Tensor perRow;
-        using (var loss = Numerics.Softplus(z))                   // the one temporary [M, N]: freed at once, not with the scope
+        using (var loss = PreferenceMath.Softplus(z))                   // the one temporary [M, N]: freed at once, not with the scope
             perRow = inside ? loss.sum(1).div_(n) : loss.mul_(w).sum(1);
         var s = z.sigmoid_().mul_(w);                              // S = W ∘ sigmoid(z), in z's storage
         ctx.save_for_backward(new List<Tensor> { s, s.sum(1) });

@@ -189,8 +189,8 @@ public sealed class RpoLoss : PreferenceLoss<RpoOptions>
     {
         var contrast = chosenLogRatio.unsqueeze(1) - rejectedLogRatio.unsqueeze(0);                // A [M, N]
         return inside
-            ? Numerics.NegLogSigmoid(contrast * weights * beta).mean(new long[] { 1 })
-            : (Numerics.NegLogSigmoid(contrast * beta) * weights).sum(1);
+            ? PreferenceMath.NegLogSigmoid(contrast * weights * beta).mean(new long[] { 1 })
+            : (PreferenceMath.NegLogSigmoid(contrast * beta) * weights).sum(1);
     }
 
     private Tensor Weights(PreferenceTerms terms, PreferenceBatch batch)

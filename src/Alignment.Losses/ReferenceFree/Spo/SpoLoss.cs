@@ -75,7 +75,7 @@ public sealed class SpoLoss : PreferenceLoss<SpoOptions>
     protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch)
     {
         var alpha = Options.Alpha;
-        var preference = Numerics.NegLogSigmoid((terms.PolicyChosen - terms.PolicyRejected) * alpha) / alpha;
+        var preference = PreferenceMath.NegLogSigmoid((terms.PolicyChosen - terms.PolicyRejected) * alpha) / alpha;
         if (batch.ExampleWeights is { } mu) preference = preference * terms.Upcast(mu);
         var kl = batch.KlDivergence is { } k ? Numerics.As(k, terms.DType).mean() : zeros(1, dtype: terms.DType, device: preference.device).squeeze();
         var perExample = preference + kl * Options.KlWeight;
