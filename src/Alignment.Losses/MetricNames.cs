@@ -32,4 +32,15 @@ public static class MetricNames
     public const string SppoTargetChosen = "sppo/target_chosen";
     /// <summary>SPPO: mean target of the rejected log-ratio.</summary>
     public const string SppoTargetRejected = "sppo/target_rejected";
+
+    /// <summary>Log-prob step: mean token entropy over all completion tokens (<see cref="LogProbStatistics.Entropy"/>).</summary>
+    public const string Entropy = "entropy";
+    /// <summary>Log-prob step: fraction of chosen completion tokens whose argmax is the label.</summary>
+    public const string MeanTokenAccuracy = "mean_token_accuracy";
+    /// <summary>Log-prob step: mean logit over the chosen completion tokens and the vocabulary.</summary>
+    public const string LogitsChosen = "logits/chosen";
+    /// <summary>Log-prob step: mean logit over the rejected completion tokens and the vocabulary.</summary>
+    public const string LogitsRejected = "logits/rejected";
+    /// <summary>The mean training loss (the metrics accumulator's name for it).</summary>
+    public const string Loss = "loss";
 }

@@ -82,6 +82,7 @@ public class CudaKernelPlumbingTests
         {
             Assert.Contains(".entry " + LogProbKernelSource.ForwardName(dtype), ptx);
             Assert.Contains(".entry " + LogProbKernelSource.BackwardName(dtype), ptx);
+            Assert.Contains(".entry " + LogProbKernelSource.StatsForwardName(dtype), ptx);
         }
     }
 
@@ -113,5 +114,20 @@ public class CudaKernelPlumbingTests
         double tol = dtype == ScalarType.Float32 ? 1e-5 : 1e-3;
         Assert.True((fused.Sum - chunked.Sum).abs().max().ToDouble() <= tol * chunked.Sum.abs().max().ToDouble());
         Assert.True((a.grad!.to_type(ScalarType.Float32) - b.grad!.to_type(ScalarType.Float32)).abs().max().ToDouble() <= (dtype == ScalarType.Float32 ? 1e-6 : 1e-2));
+    }
+
+    [CudaTheory, MemberData(nameof(KernelDTypes))]
+    public void On_cuda_the_statistics_kernel_matches_the_chunked_path(ScalarType dtype)
+    {
+        using var scope = NewDisposeScope();
+        var logits = (randn(4, 17, 32_000, device: CUDA) * 3).to_type(dtype);
+        var labels = randint(0, 32_000, new long[] { 4, 17 }, device: CUDA);
+        var options = new SequenceLogProbsOptions { StepStatistics = true, WpoTerms = true };
+        using var fused = SequenceLogProbs.Compute(logits, labels, null, LabelAlignment.ShiftByOne, options);
+        Assert.StartsWith("fused CUDA kernels active", SequenceLogProbs.CudaKernelStatus);
+        using var chunked = SequenceLogProbs.ComputeChunked(logits, labels, null, LabelAlignment.ShiftByOne, options);
+        double tol = dtype == ScalarType.Float32 ? 1e-4 : 1e-2;
+        foreach (var (a, b) in new[] { (fused.EntropySum!, chunked.EntropySum!), (fused.LogitMeanSum!, chunked.LogitMeanSum!), (fused.CorrectTokens!, chunked.CorrectTokens!), (fused.WpoTerm!, chunked.WpoTerm!) })
+            Assert.True((a - b).abs().max().ToDouble() <= tol * Math.Max(1, b.abs().max().ToDouble()));
     }
 }

@@ -28,11 +28,18 @@ internal static class ChunkMath
         return gradient.masked_fill_((g == 0).unsqueeze(1), 0);
     }
 
+    /// <summary>Per-token values with exact zeros where <paramref name="valid"/> is false (selecting, so NaN/Inf there cannot leak in).</summary>
+    internal static Tensor Masked(Tensor perToken, Tensor valid) => perToken.masked_fill(valid.logical_not(), 0);
+
     /// <summary>
-    /// Sums token log-probs weighted by <paramref name="weights"/> (1 at a valid position, 0 elsewhere, LD-DPO's alpha in a
-    /// tail), selecting before multiplying so that NaN/Inf at a zero-weight position cannot leak in.
+    /// Per-token entropy -sum_v p_v log p_v of a block of logits [rows, V] with its logsumexp (no grad); a logit of -inf
+    /// (probability 0) contributes 0.
     /// </summary>
-    internal static Tensor MaskedSum(Tensor tokenLogp, Tensor weights) => tokenLogp.masked_fill(weights == 0, 0).mul_(weights).sum(1);
+    internal static Tensor Entropy(Tensor block, Tensor lse)
+    {
+        var logp = block - lse.unsqueeze(1);
+        return logp.exp().mul_(logp).nan_to_num_(0, 0, 0).sum(1).neg_();
+    }
 
     /// <summary>WPO's per-token log sum_v p_v^2 = logsumexp(2 z) - 2 logsumexp(z) of a block of logits [rows, V] (no grad).</summary>
     internal static Tensor LogSumSquares(Tensor block, Tensor lse) => (block * 2).logsumexp(1).sub_(lse * 2);

@@ -17,7 +17,7 @@ namespace Alignment.Losses;
 /// <para>Chunks hold whole sequences when they fit, token ranges otherwise, so peak memory is bounded by the chunk size
 /// whatever T and V are: about ChunkTokens x V fp32 values plus the gradients of W (and h) themselves. Masked positions
 /// contribute nothing, even when their hidden states hold NaN or Inf.</para>
-/// <para>Use it with <see cref="Compute"/> then any loss, or with <see cref="ComputeLoss(IPreferenceLoss, Tensor, Tensor, Tensor?, Tensor, Tensor?, LabelAlignment, PreferenceLogps?, SequenceLogProbsOptions?)"/>
+/// <para>Use it with <see cref="Compute(Tensor, Tensor, Tensor?, Tensor, Tensor?, LabelAlignment, SequenceLogProbsOptions?)"/> then any loss, or with <see cref="ComputeLoss(IPreferenceLoss, Tensor, Tensor, Tensor?, Tensor, Tensor?, LabelAlignment, PreferenceLogps?, SequenceLogProbsOptions?)"/>
 /// in one call.</para>
 /// </remarks>
 public static class FusedLinearLogProbs
@@ -29,11 +29,34 @@ public static class FusedLinearLogProbs
     /// <param name="labels">[N, T] int64 target ids.</param>
     /// <param name="mask">Optional [N, T] mask of the tokens that count.</param>
     /// <param name="alignment">Aligned or shifted labels (explicit).</param>
-    /// <param name="options">Ignore index and chunk size (tokens per chunk).</param>
+    /// <param name="options">Ignore index, chunk size (tokens per chunk), LD-DPO, WPO terms and step statistics.</param>
     /// <exception cref="ArgumentException">A shape, dtype, device or value is invalid; the message names the argument.</exception>
     /// <exception cref="InsufficientMemoryException">A chunk or a gradient cannot be allocated.</exception>
     public static SequenceLogProbsResult Compute(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor? mask,
-        LabelAlignment alignment, SequenceLogProbsOptions? options = null)
+        LabelAlignment alignment, SequenceLogProbsOptions? options = null) =>
+        ComputeCore(hidden, weight, bias, labels, mask, null, alignment, options);
+
+    /// <summary>
+    /// Per-sequence log-probs of a packed (padding-free) batch from hidden states: S sequences laid end to end in one row,
+    /// with the <paramref name="boundaries"/> between them; each sequence's result equals that of its own padded row.
+    /// </summary>
+    /// <param name="hidden">[1, Total, H] last hidden states of the packed row.</param>
+    /// <param name="weight">[V, H] head weight.</param>
+    /// <param name="bias">Optional [V] head bias.</param>
+    /// <param name="labels">[1, Total] int64 target ids.</param>
+    /// <param name="mask">Optional [1, Total] mask of the tokens that count.</param>
+    /// <param name="boundaries">The sequences' cumulative lengths.</param>
+    /// <param name="alignment">Aligned or shifted labels; shifted, no logit scores a token of the next sequence.</param>
+    /// <param name="options">As for padded batches.</param>
+    public static SequenceLogProbsResult Compute(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor? mask,
+        SequenceBoundaries boundaries, LabelAlignment alignment, SequenceLogProbsOptions? options = null)
+    {
+        ArgumentNullException.ThrowIfNull(boundaries);
+        return ComputeCore(hidden, weight, bias, labels, mask, boundaries, alignment, options);
+    }
+
+    private static SequenceLogProbsResult ComputeCore(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor? mask,
+        SequenceBoundaries? boundaries, LabelAlignment alignment, SequenceLogProbsOptions? options)
     {
         options ??= new SequenceLogProbsOptions();
         Guard.Usable(hidden, nameof(hidden));
@@ -57,18 +80,18 @@ public static class FusedLinearLogProbs
         return Native.Run("FusedLinearLogProbs.Compute", () => $"hidden {Native.Describe(hidden)}, weight {Native.Describe(weight)}, chunk {options.TokensPerChunk(weight.shape[0], hidden.device_type)} tokens", () =>
         {
             using var scope = NewDisposeScope();
-            var prepared = Targets.Prepare(hidden, nameof(hidden), weight.shape[0], nameof(weight), labels, mask, alignment, options);
+            var prepared = Targets.Prepare(hidden, nameof(hidden), weight.shape[0], nameof(weight), labels, mask, boundaries, alignment, options);
             bool shift = alignment == LabelAlignment.ShiftByOne;
             var dtype = Numerics.DTypeFor(hidden, weight, bias);
-            var weights = Targets.TokenWeights(prepared.Valid, dtype, options.LdAlpha, nameof(hidden));
-            var extras = options.WpoTerms ? new LogProbExtras(prepared.Valid) : null;
+            var extras = LogProbExtras.For(options, prepared.Valid, dtype);
             long chunk = options.TokensPerChunk(weight.shape[0], hidden.device_type);
             // views, so that the gradients reach a leaf's AccumulateGrad as fresh tensors it adopts instead of copying
             Tensor ViewOf(Tensor t) => t.requires_grad ? t.view(t.shape) : t;
-            var sum = bias is null
-                ? LinearFunction.apply(ViewOf(hidden), ViewOf(weight), prepared.Targets, weights, shift, chunk, dtype, extras)
-                : LinearBiasFunction.apply(ViewOf(hidden), ViewOf(weight), ViewOf(bias), prepared.Targets, weights, shift, chunk, dtype, extras);
-            var result = Targets.Finish(sum, prepared.Valid, extras, () => NonFinite(hidden, weight, bias, prepared.Valid, shift, sum, dtype));
+            var tokens = bias is null
+                ? LinearFunction.apply(ViewOf(hidden), ViewOf(weight), prepared.Targets, prepared.Valid, shift, chunk, dtype, extras)
+                : LinearBiasFunction.apply(ViewOf(hidden), ViewOf(weight), ViewOf(bias), prepared.Targets, prepared.Valid, shift, chunk, dtype, extras);
+            var result = Targets.Finish(tokens, prepared, dtype, options.LdAlpha, extras, nameof(hidden),
+                sum => NonFinite(hidden, weight, bias, prepared.Valid, shift, sum, dtype));
             result.MoveToOuter(scope);
             return result;
         });
@@ -146,35 +169,34 @@ public static class FusedLinearLogProbs
     private static Tensor Logits(Tensor h, Tensor wt, Tensor? b) =>
         b is null ? h.mm(wt) : torch.addmm(b, h, wt, 1, 1);   // mm / addmm, never matmul: see Native
 
-    private static Tensor Forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor weights, bool shift, long chunk, ScalarType dtype,
+    private static Tensor Forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor valid, bool shift, long chunk, ScalarType dtype,
         LogProbExtras? extras)
     {
         var x = SequenceLogProbs.Scored(hidden, shift);
         long n = x.shape[0], t = x.shape[1];
         var tokenLogp = empty(n, t, dtype: dtype, device: x.device);
-        var denominators = extras is null ? null : empty(n, t, dtype: dtype, device: x.device);
         var wt = weight.to_type(dtype).t();
         var b = bias?.to_type(dtype);
         foreach (var block in ChunkMath.Blocks(n, t, chunk))
         {
             using var inner = NewDisposeScope();
             var logits = Logits(block.Rows2D(x, dtype), wt, b);                              // [count, V]: the one live chunk
-            var (lse, targetLogp) = ChunkMath.Forward(logits, block.Flat(targets));
+            var y = block.Flat(targets);
+            var (lse, targetLogp) = ChunkMath.Forward(logits, y);
             block.Of(tokenLogp).copy_(targetLogp.view(block.Rows, block.Tokens));
-            if (denominators is not null) block.Of(denominators).copy_(ChunkMath.LogSumSquares(logits, lse).view(block.Rows, block.Tokens));
+            extras?.Record(block, logits, lse, y);
         }
-        extras?.Finish(tokenLogp, denominators!);
-        return ChunkMath.MaskedSum(tokenLogp, weights);
+        return ChunkMath.Masked(tokenLogp, valid);
     }
 
-    private static (Tensor Hidden, Tensor Weight, Tensor? Bias) Backward(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor weights,
+    private static (Tensor Hidden, Tensor Weight, Tensor? Bias) Backward(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor valid,
         bool shift, long chunk, ScalarType dtype, Tensor gradOutput)
     {
         var x = SequenceLogProbs.Scored(hidden, shift);
         var (gradHidden, scored) = SequenceLogProbs.GradientBuffer(hidden, hidden.dtype, shift);
         var gradWeight = zeros(weight.shape, dtype: dtype, device: weight.device);
         var gradBias = bias is null ? null : zeros(bias.shape, dtype: dtype, device: weight.device);
-        var rowGrad = gradOutput.to_type(dtype).unsqueeze(1) * weights;                     // [N, T']: g_n * valid
+        var rowGrad = ChunkMath.Masked(gradOutput.to_type(dtype), valid);                   // [N, T']: d loss / d token log-prob
         var w = weight.to_type(dtype);
         var wt = w.t();
         var b = bias?.to_type(dtype);

@@ -61,39 +61,72 @@ public sealed record SequenceLogProbsOptions
     /// WPO (Zhou et al. 2024, arXiv 2406.11827; TRL's <c>use_weighting</c>): also compute, in the same chunked pass, each
     /// sequence's sum over completion tokens of log p_t - log sum_v p_v^2 (<see cref="SequenceLogProbsResult.WpoTerm"/>),
     /// from which <see cref="SequenceLogProbsResult.WpoPairWeights"/> gives the pair weights. Default false (it costs one more
-    /// logsumexp per chunk). On CUDA it uses the chunked path, not the fused kernels.
+    /// logsumexp per chunk; on CUDA the fused kernels carry it in the same read of the logits).
     /// </summary>
     public bool WpoTerms { get; init; }
+
+    /// <summary>
+    /// Also compute, in the same chunked pass (and in the fused CUDA kernels), the step statistics TRL logs: each token's
+    /// entropy -sum_v p_v log p_v, its mean logit over V, and whether the first argmax over V is the label. The result then
+    /// holds their per-sequence sums (<see cref="SequenceLogProbsResult.EntropySum"/>, <see cref="SequenceLogProbsResult.LogitMeanSum"/>,
+    /// <see cref="SequenceLogProbsResult.CorrectTokens"/>) and <see cref="SequenceLogProbsResult.Statistics"/> the batch's
+    /// entropy, mean_token_accuracy, logits/chosen and logits/rejected. Default false. No gradient flows through them.
+    /// </summary>
+    public bool StepStatistics { get; init; }
 
     /// <summary>The chunk size in tokens for a vocabulary of <paramref name="vocab"/> on <paramref name="device"/>.</summary>
     internal long TokensPerChunk(long vocab, DeviceType device) =>
         ChunkTokens ?? Math.Max(1, (device == DeviceType.CUDA ? DefaultCudaChunkElements : DefaultCpuChunkElements) / Math.Max(1, vocab));
 }
 
-/// <summary>Per-sequence log-probabilities from <see cref="SequenceLogProbs.Compute"/> or <see cref="FusedLinearLogProbs.Compute"/>.</summary>
+/// <summary>Per-sequence log-probabilities from <see cref="SequenceLogProbs.Compute(Tensor, Tensor, Tensor?, LabelAlignment, SequenceLogProbsOptions?)"/> or <see cref="FusedLinearLogProbs"/>.</summary>
 /// <remarks>
-/// The result owns its three tensors: dispose it (or let an enclosing dispose scope do it) after the backward pass.
-/// Reading a tensor after that throws <see cref="ObjectDisposedException"/>.
+/// The result owns its tensors: dispose it (or let an enclosing dispose scope do it) after the backward pass.
+/// Reading a tensor after that throws <see cref="ObjectDisposedException"/>. N is the number of sequences: the rows of a
+/// padded batch, or <see cref="SequenceBoundaries.Count"/> of a packed one.
 /// </remarks>
 public sealed class SequenceLogProbsResult : IDisposable
 {
-    private readonly Tensor _sum, _tokenCounts, _mean;
-    private readonly Tensor? _wpoTerm;
+    private readonly Tensor _sum, _tokenCounts, _mean, _tokens, _valid;
+    private readonly LogProbExtras? _extras;
+    private readonly bool _packed;
     private bool _disposed;
 
-    internal SequenceLogProbsResult(Tensor sum, Tensor tokenCounts, Tensor mean, Tensor? wpoTerm)
+    internal SequenceLogProbsResult(Tensor sum, Tensor tokenCounts, Tensor mean, Tensor tokens, Tensor valid, LogProbExtras? extras, bool packed)
     {
         _sum = sum;
         _tokenCounts = tokenCounts;
         _mean = mean;
-        _wpoTerm = wpoTerm;
+        _tokens = tokens;
+        _valid = valid;
+        _extras = extras;
+        _packed = packed;
     }
 
     /// <summary>
     /// [N] WPO's per-sequence term, the sum over completion tokens of log p_t - log sum_v p_v^2 (no grad), or null unless
     /// <see cref="SequenceLogProbsOptions.WpoTerms"/> was set. Computed from the plain token log-probs, LD-DPO or not.
     /// </summary>
-    public Tensor? WpoTerm => _wpoTerm is null ? null : Alive(_wpoTerm);
+    public Tensor? WpoTerm => _extras?.WpoTerm is { } t ? Alive(t) : null;
+
+    /// <summary>[N] sum over completion tokens of the token entropy (no grad), or null unless <see cref="SequenceLogProbsOptions.StepStatistics"/>.</summary>
+    public Tensor? EntropySum => _extras?.EntropySum is { } t ? Alive(t) : null;
+
+    /// <summary>[N] sum over completion tokens of the mean logit over V (no grad), or null unless <see cref="SequenceLogProbsOptions.StepStatistics"/>.</summary>
+    public Tensor? LogitMeanSum => _extras?.LogitMeanSum is { } t ? Alive(t) : null;
+
+    /// <summary>[N] completion tokens whose first argmax over V is the label (float, no grad), or null unless <see cref="SequenceLogProbsOptions.StepStatistics"/>.</summary>
+    public Tensor? CorrectTokens => _extras?.CorrectTokens is { } t ? Alive(t) : null;
+
+    /// <summary>
+    /// [R, T'] the log-prob of every scored token, differentiable, 0 at positions that do not count (R rows of the input;
+    /// T' = T, or T - 1 with <see cref="LabelAlignment.ShiftByOne"/>, where entry t scores label t + 1). Plain log-probs,
+    /// also under LD-DPO. It is the tensor the sums are taken over, so reading it costs nothing.
+    /// </summary>
+    public Tensor TokenLogProbs => Alive(_tokens);
+
+    /// <summary>[R, T'] true where a token counts (same layout as <see cref="TokenLogProbs"/>).</summary>
+    public Tensor TokenMask => Alive(_valid);
 
     /// <summary>
     /// WPO's pair weights [B] for a batch stacked as [chosen rows; rejected rows]: w = exp(mean_t(log p_t - log sum_v p_v^2))
@@ -113,6 +146,30 @@ public sealed class SequenceLogProbsResult : IDisposable
         return (perSequence.narrow(0, 0, n / 2) * perSequence.narrow(0, n / 2, n / 2)).MoveToOuterDisposeScope();
     }
 
+    /// <summary>
+    /// The batch's step statistics as sums and token counts (so that micro-batches and logging windows average correctly):
+    /// entropy over all completion tokens; for a batch stacked as [chosen; rejected], mean_token_accuracy over the chosen
+    /// completions and logits/chosen, logits/rejected (TRL's definitions). One synchronisation.
+    /// </summary>
+    /// <exception cref="InvalidOperationException"><see cref="SequenceLogProbsOptions.StepStatistics"/> was not set, or the number of sequences is odd.</exception>
+    public LogProbStatistics Statistics()
+    {
+        if (EntropySum is null)
+            throw new InvalidOperationException("Step statistics need SequenceLogProbsOptions { StepStatistics = true } when the log-probs are computed.");
+        long n = _sum.shape[0];
+        if (n % 2 != 0)
+            throw new InvalidOperationException($"Step statistics split chosen and rejected sequences: a batch stacked as B chosen then B rejected needs an even count; got {n}.");
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        Tensor Half(Tensor t, int which) => t.to_type(ScalarType.Float64).narrow(0, which * (n / 2), n / 2).sum();
+        var values = stack(new[]
+        {
+            Half(EntropySum!, 0) + Half(EntropySum!, 1), Half(_tokenCounts, 0) + Half(_tokenCounts, 1),
+            Half(CorrectTokens!, 0), Half(_tokenCounts, 0), Half(LogitMeanSum!, 0), Half(LogitMeanSum!, 1), Half(_tokenCounts, 1),
+        }).cpu().data<double>().ToArray();
+        return new LogProbStatistics(values[0], values[1], values[2], values[3], values[4], values[5], values[6]);
+    }
+
     /// <summary>[N] summed log-probs of the valid (completion) tokens, float32 (float64 for float64 inputs), differentiable.</summary>
     public Tensor Sum => Alive(_sum);
 
@@ -122,13 +179,16 @@ public sealed class SequenceLogProbsResult : IDisposable
     /// <summary>[N] per-token mean log-prob (Sum / TokenCounts; 0 for a sequence with no valid token), differentiable.</summary>
     public Tensor Mean => Alive(_mean);
 
-    /// <summary>Splits a batch stacked as [chosen rows; rejected rows] (first half chosen) into paired log-probs with token counts.</summary>
-    /// <exception cref="InvalidOperationException">The number of rows is odd.</exception>
+    /// <summary>Whether the batch was packed (<see cref="SequenceBoundaries"/>).</summary>
+    public bool IsPacked => _packed;
+
+    /// <summary>Splits a batch stacked as [chosen; rejected] (first half chosen) into paired log-probs with token counts.</summary>
+    /// <exception cref="InvalidOperationException">The number of sequences is odd.</exception>
     public PreferenceLogps ToPreferenceLogps()
     {
         long n = Sum.shape[0];
         if (n % 2 != 0)
-            throw new InvalidOperationException($"A stacked chosen/rejected batch needs an even number of rows (B chosen, then B rejected); got {n}.");
+            throw new InvalidOperationException($"A stacked chosen/rejected batch needs an even number of sequences (B chosen, then B rejected); got {n}.");
         long half = n / 2;
         return new PreferenceLogps(_sum.narrow(0, 0, half), _sum.narrow(0, half, half), _tokenCounts.narrow(0, 0, half), _tokenCounts.narrow(0, half, half));
     }
@@ -141,24 +201,62 @@ public sealed class SequenceLogProbsResult : IDisposable
         return t;
     }
 
+    private IEnumerable<Tensor> Owned() =>
+        new[] { _sum, _tokenCounts, _mean, _tokens, _valid }.Concat(_extras?.Results ?? Enumerable.Empty<Tensor>());
+
     /// <summary>Moves the result's tensors out of <paramref name="scope"/>.</summary>
-    internal void MoveToOuter(DisposeScope scope)
-    {
-        scope.MoveToOuter(_sum, _tokenCounts, _mean);
-        if (_wpoTerm is not null) scope.MoveToOuter(_wpoTerm);
-    }
+    internal void MoveToOuter(DisposeScope scope) => scope.MoveToOuter(Owned().ToArray());
 
     /// <summary>Releases the tensors (and gradients the library's backward passes returned on this thread outside any scope).</summary>
     public void Dispose()
     {
         if (_disposed) return;
         _disposed = true;
-        _sum.Dispose();
-        _tokenCounts.Dispose();
-        _mean.Dispose();
-        _wpoTerm?.Dispose();
+        foreach (var t in Owned()) t.Dispose();
         BackwardLeftovers.Release();
     }
+}
+
+/// <summary>
+/// A batch's log-prob step statistics as sums and counts (TRL's entropy, mean_token_accuracy, logits/chosen,
+/// logits/rejected), from <see cref="SequenceLogProbsResult.Statistics"/>. Sums add up over micro-batches and steps:
+/// combine with <see cref="op_Addition"/> and read the means.
+/// </summary>
+/// <param name="EntropySum">Sum of token entropies over all completion tokens.</param>
+/// <param name="Tokens">All completion tokens.</param>
+/// <param name="ChosenCorrect">Chosen completion tokens whose argmax is the label.</param>
+/// <param name="ChosenTokens">Chosen completion tokens.</param>
+/// <param name="ChosenLogitSum">Sum over chosen completion tokens of the mean logit over V.</param>
+/// <param name="RejectedLogitSum">Sum over rejected completion tokens of the mean logit over V.</param>
+/// <param name="RejectedTokens">Rejected completion tokens.</param>
+public readonly record struct LogProbStatistics(double EntropySum, double Tokens, double ChosenCorrect, double ChosenTokens,
+    double ChosenLogitSum, double RejectedLogitSum, double RejectedTokens)
+{
+    /// <summary>Mean token entropy over all completion tokens (TRL "entropy"); 0 without tokens.</summary>
+    public double Entropy => Tokens > 0 ? EntropySum / Tokens : 0;
+
+    /// <summary>Fraction of chosen completion tokens whose argmax is the label (TRL "mean_token_accuracy"); 0 without tokens.</summary>
+    public double MeanTokenAccuracy => ChosenTokens > 0 ? ChosenCorrect / ChosenTokens : 0;
+
+    /// <summary>Mean logit over chosen completion tokens and the vocabulary (TRL "logits/chosen"); 0 without tokens.</summary>
+    public double LogitsChosen => ChosenTokens > 0 ? ChosenLogitSum / ChosenTokens : 0;
+
+    /// <summary>Mean logit over rejected completion tokens and the vocabulary (TRL "logits/rejected"); 0 without tokens.</summary>
+    public double LogitsRejected => RejectedTokens > 0 ? RejectedLogitSum / RejectedTokens : 0;
+
+    /// <summary>The statistics as TRL names them: entropy, mean_token_accuracy, logits/chosen, logits/rejected.</summary>
+    public IReadOnlyDictionary<string, double> ToMetrics() => new Dictionary<string, double>
+    {
+        [MetricNames.Entropy] = Entropy,
+        [MetricNames.MeanTokenAccuracy] = MeanTokenAccuracy,
+        [MetricNames.LogitsChosen] = LogitsChosen,
+        [MetricNames.LogitsRejected] = LogitsRejected,
+    };
+
+    /// <summary>Adds two sets of sums (micro-batches of one step, or steps of a logging window).</summary>
+    public static LogProbStatistics operator +(LogProbStatistics a, LogProbStatistics b) =>
+        new(a.EntropySum + b.EntropySum, a.Tokens + b.Tokens, a.ChosenCorrect + b.ChosenCorrect, a.ChosenTokens + b.ChosenTokens,
+            a.ChosenLogitSum + b.ChosenLogitSum, a.RejectedLogitSum + b.RejectedLogitSum, a.RejectedTokens + b.RejectedTokens);
 }
 
 /// <summary>
@@ -185,11 +283,28 @@ public static class SequenceLogProbs
     /// <param name="labels">[N, T] int64 target token ids (<see cref="SequenceLogProbsOptions.IgnoreIndex"/> marks skipped positions).</param>
     /// <param name="mask">Optional [N, T] mask, nonzero / true where the token counts (completion tokens); null = every non-ignored position.</param>
     /// <param name="alignment">Whether labels are already aligned with logits or must be shifted by one (stated explicitly: there is no default).</param>
-    /// <param name="options">Ignore index and chunk size.</param>
+    /// <param name="options">Ignore index, chunk size, LD-DPO, WPO terms and step statistics.</param>
     /// <exception cref="ArgumentException">A shape, dtype, device or value is invalid; the message names the argument.</exception>
     /// <exception cref="InsufficientMemoryException">A chunk or the gradient cannot be allocated.</exception>
     public static SequenceLogProbsResult Compute(Tensor logits, Tensor labels, Tensor? mask, LabelAlignment alignment, SequenceLogProbsOptions? options = null)
-        => ComputeCore(logits, labels, mask, alignment, options, allowKernels: true);
+        => ComputeCore(logits, labels, mask, null, alignment, options, allowKernels: true);
+
+    /// <summary>
+    /// Per-sequence log-probs of a packed (padding-free) batch: S sequences laid end to end in one row, with the
+    /// <paramref name="boundaries"/> between them. Each sequence's result equals that of its own padded row.
+    /// </summary>
+    /// <param name="logits">[1, Total, V] logits of the packed row (Total &gt;= boundaries.TotalTokens; positions past it are ignored).</param>
+    /// <param name="labels">[1, Total] int64 target ids.</param>
+    /// <param name="mask">Optional [1, Total] mask of the tokens that count (completion tokens).</param>
+    /// <param name="boundaries">The sequences' cumulative lengths.</param>
+    /// <param name="alignment">Aligned or shifted labels; with <see cref="LabelAlignment.ShiftByOne"/> no logit scores a token of the next sequence.</param>
+    /// <param name="options">As for padded batches; LD-DPO pairs sequence i with sequence S/2 + i.</param>
+    public static SequenceLogProbsResult Compute(Tensor logits, Tensor labels, Tensor? mask, SequenceBoundaries boundaries, LabelAlignment alignment,
+        SequenceLogProbsOptions? options = null)
+    {
+        ArgumentNullException.ThrowIfNull(boundaries);
+        return ComputeCore(logits, labels, mask, boundaries, alignment, options, allowKernels: true);
+    }
 
     /// <summary>
     /// What the fused CUDA kernels are doing: "fused CUDA kernels active on cuda:0 for BFloat16 (...)", or why the last
@@ -200,33 +315,33 @@ public static class SequenceLogProbs
 
     /// <summary>The chunked path only (never the CUDA kernels): the reference the kernels are checked against.</summary>
     internal static SequenceLogProbsResult ComputeChunked(Tensor logits, Tensor labels, Tensor? mask, LabelAlignment alignment, SequenceLogProbsOptions? options = null)
-        => ComputeCore(logits, labels, mask, alignment, options, allowKernels: false);
+        => ComputeCore(logits, labels, mask, null, alignment, options, allowKernels: false);
 
-    private static SequenceLogProbsResult ComputeCore(Tensor logits, Tensor labels, Tensor? mask, LabelAlignment alignment, SequenceLogProbsOptions? options, bool allowKernels)
+    private static SequenceLogProbsResult ComputeCore(Tensor logits, Tensor labels, Tensor? mask, SequenceBoundaries? boundaries, LabelAlignment alignment,
+        SequenceLogProbsOptions? options, bool allowKernels)
     {
         options ??= new SequenceLogProbsOptions();
         Guard.Usable(logits, nameof(logits));
-        Guard.Rank(logits, 3, nameof(logits), "of logits [N, T, V]");
+        Guard.Rank(logits, 3, nameof(logits), boundaries is null ? "of logits [N, T, V]" : "of packed logits [1, Total, V]");
         Guard.Floating(logits, nameof(logits));
         Guard.Defined(alignment, nameof(alignment));
         return Native.Run("SequenceLogProbs.Compute", () => $"logits {Native.Describe(logits)}, chunk {options.TokensPerChunk(logits.shape[2], logits.device_type)} tokens", () =>
         {
             using var scope = NewDisposeScope();
-            var prepared = Targets.Prepare(logits, nameof(logits), logits.shape[2], nameof(logits), labels, mask, alignment, options);
+            var prepared = Targets.Prepare(logits, nameof(logits), logits.shape[2], nameof(logits), labels, mask, boundaries, alignment, options);
             bool shift = alignment == LabelAlignment.ShiftByOne;
             var dtype = logits.dtype == ScalarType.Float64 ? ScalarType.Float64 : ScalarType.Float32;
-            var weights = Targets.TokenWeights(prepared.Valid, dtype, options.LdAlpha, nameof(logits));
-            var extras = options.WpoTerms ? new LogProbExtras(prepared.Valid) : null;
+            var extras = LogProbExtras.For(options, prepared.Valid, dtype);
             // a view, so that the gradient this function returns reaches a leaf's AccumulateGrad as a fresh tensor it can
             // adopt (the library's own handle to it would otherwise make libtorch copy it: a second logits-sized buffer)
             var input = logits.requires_grad ? logits.view(logits.shape) : logits;
-            Tensor sum;
-            if (allowKernels && extras is null && logits.device_type == DeviceType.CUDA && logits.dtype != ScalarType.Float64 && logits.stride(2) == 1
+            Tensor tokens;
+            if (allowKernels && logits.device_type == DeviceType.CUDA && logits.dtype != ScalarType.Float64 && logits.stride(2) == 1
                 && CudaLogProbKernels.TryGet(logits.device, logits.dtype) is { } kernels)
-                sum = KernelFunction.apply(input, prepared.Targets, weights, shift, kernels);
+                tokens = KernelFunction.apply(input, prepared.Targets, prepared.Valid, shift, kernels, extras);
             else
-                sum = SequenceLogProbFunction.apply(input, prepared.Targets, weights, shift, options.TokensPerChunk(logits.shape[2], logits.device_type), dtype, extras);
-            var result = Targets.Finish(sum, prepared.Valid, extras, () => Targets.NonFinite(nameof(logits), sum));
+                tokens = SequenceLogProbFunction.apply(input, prepared.Targets, prepared.Valid, shift, options.TokensPerChunk(logits.shape[2], logits.device_type), dtype, extras);
+            var result = Targets.Finish(tokens, prepared, dtype, options.LdAlpha, extras, nameof(logits), sum => Targets.NonFinite(nameof(logits), sum));
             result.MoveToOuter(scope);
             return result;
         });
@@ -243,7 +358,7 @@ public static class SequenceLogProbs
         return (full, Scored(full, shift));
     }
 
-    /// <summary>The fused CUDA path: one kernel pass forward, one backward (see <see cref="CudaLogProbKernels"/>).</summary>
+    /// <summary>The fused CUDA path: one kernel pass forward (with the statistics when asked), one backward (see <see cref="CudaLogProbKernels"/>).</summary>
     private sealed class KernelFunction : LibraryFunction<KernelFunction>
     {
         public override string Name => "AlignmentLosses.SequenceLogProbsCuda";
@@ -252,28 +367,37 @@ public static class SequenceLogProbs
         {
             var logits = (Tensor)vars[0];
             var targets = (Tensor)vars[1];
-            var weights = (Tensor)vars[2];
+            var valid = (Tensor)vars[2];
             var shift = (bool)vars[3];
             var kernels = (CudaLogProbKernels.Kernels)vars[4];
-            var (lse, tokenLogp) = CudaLogProbKernels.LaunchForward(kernels, Scored(logits, shift), targets);
-            ctx.save_for_backward(new List<Tensor> { logits, targets, weights, lse });
+            var extras = (LogProbExtras?)vars[5];
+            Tensor lse, tokenLogp;
+            if (extras is null)
+                (lse, tokenLogp) = CudaLogProbKernels.LaunchForward(kernels, Scored(logits, shift), targets);
+            else
+            {
+                Tensor stats;
+                (lse, tokenLogp, stats) = CudaLogProbKernels.LaunchStatsForward(kernels, Scored(logits, shift), targets);
+                extras.RecordKernelStatistics(stats);
+            }
+            ctx.save_for_backward(new List<Tensor> { logits, targets, valid, lse });
             ctx.save_data("kernels", kernels);
             ctx.save_data("shift", shift);
-            return ChunkMath.MaskedSum(tokenLogp, weights);
+            return ChunkMath.Masked(tokenLogp, valid);
         }
 
         protected override Tensor?[] Backward(autograd.AutogradContext ctx, IReadOnlyList<Tensor> s, Tensor grad_output)
         {
             var kernels = (CudaLogProbKernels.Kernels)ctx.get_data("kernels")!;
             var shift = (bool)ctx.get_data("shift")!;
-            var g = (grad_output.to_type(ScalarType.Float32).unsqueeze(1) * s[2].to_type(ScalarType.Float32)).contiguous();
+            var g = ChunkMath.Masked(grad_output.to_type(ScalarType.Float32), s[2]).contiguous();
             var (grad, scored) = GradientBuffer(s[0], s[0].dtype, shift);
             CudaLogProbKernels.LaunchBackward(kernels, Scored(s[0], shift), s[1], s[3], g, scored);
-            return new Tensor?[] { grad, null, null, null, null };
+            return new Tensor?[] { grad, null, null, null, null, null };
         }
     }
 
-    /// <summary>Forward: per-sequence sums from chunked logsumexp and target gathers. Backward: chunked g * (onehot - softmax).</summary>
+    /// <summary>Forward: per-token log-probs from chunked logsumexp and target gathers. Backward: chunked g * (onehot - softmax).</summary>
     private sealed class SequenceLogProbFunction : LibraryFunction<SequenceLogProbFunction>
     {
         public override string Name => "AlignmentLosses.SequenceLogProbs";
@@ -282,7 +406,7 @@ public static class SequenceLogProbs
         {
             var logits = (Tensor)vars[0];
             var targets = (Tensor)vars[1];
-            var weights = (Tensor)vars[2];
+            var valid = (Tensor)vars[2];
             var shift = (bool)vars[3];
             var chunk = (long)vars[4];
             var dtype = (ScalarType)vars[5];
@@ -291,32 +415,31 @@ public static class SequenceLogProbs
             long n = x.shape[0], t = x.shape[1];
             var tokenLogp = empty(n, t, dtype: dtype, device: x.device);
             var lse = empty(n, t, dtype: dtype, device: x.device);
-            var denominators = extras is null ? null : empty(n, t, dtype: dtype, device: x.device);
             foreach (var block in ChunkMath.Blocks(n, t, chunk))
             {
                 using var inner = NewDisposeScope();
                 var z = block.Rows2D(x, dtype);                                             // the one live chunk
-                var (blockLse, targetLogp) = ChunkMath.Forward(z, block.Flat(targets));
+                var y = block.Flat(targets);
+                var (blockLse, targetLogp) = ChunkMath.Forward(z, y);
                 block.Of(lse).copy_(blockLse.view(block.Rows, block.Tokens));
                 block.Of(tokenLogp).copy_(targetLogp.view(block.Rows, block.Tokens));
-                if (denominators is not null) block.Of(denominators).copy_(ChunkMath.LogSumSquares(z, blockLse).view(block.Rows, block.Tokens));
+                extras?.Record(block, z, blockLse, y);
             }
-            extras?.Finish(tokenLogp, denominators!);
-            ctx.save_for_backward(new List<Tensor> { logits, targets, weights, lse });
+            ctx.save_for_backward(new List<Tensor> { logits, targets, valid, lse });
             ctx.save_data("shift", shift);
             ctx.save_data("chunk", chunk);
             ctx.save_data("dtype", dtype);
-            return ChunkMath.MaskedSum(tokenLogp, weights);
+            return ChunkMath.Masked(tokenLogp, valid);
         }
 
         protected override Tensor?[] Backward(autograd.AutogradContext ctx, IReadOnlyList<Tensor> saved, Tensor grad_output)
         {
-            Tensor logits = saved[0], targets = saved[1], weights = saved[2], lse = saved[3];
+            Tensor logits = saved[0], targets = saved[1], valid = saved[2], lse = saved[3];
             var shift = (bool)ctx.get_data("shift")!;
             var chunk = (long)ctx.get_data("chunk")!;
             var dtype = (ScalarType)ctx.get_data("dtype")!;
             var x = Scored(logits, shift);
-            var rowGrad = grad_output.to_type(dtype).unsqueeze(1) * weights;             // [N, T]: g_n * valid
+            var rowGrad = ChunkMath.Masked(grad_output.to_type(dtype), valid);              // [N, T]: d loss / d token log-prob
             var (grad, scored) = GradientBuffer(logits, logits.dtype, shift);
             foreach (var block in ChunkMath.Blocks(x.shape[0], x.shape[1], chunk))
             {
@@ -339,32 +462,86 @@ public static class SequenceLogProbs
     }
 }
 
-/// <summary>What the forward pass computes besides the sums, on request: WPO's per-sequence term.</summary>
+/// <summary>
+/// What the forward pass computes besides the token log-probs, on request, chunk by chunk: WPO's log sum_v p_v^2 and the
+/// step statistics (entropy, mean logit, argmax hit) per token; then their per-sequence sums. No gradient.
+/// </summary>
 internal sealed class LogProbExtras
 {
-    internal LogProbExtras(Tensor valid) => Valid = valid;
+    private readonly Tensor? _logSumSquares, _entropy, _logitMean, _hit;   // [R, T'] per token
 
-    /// <summary>[N, T'] positions that count.</summary>
+    private LogProbExtras(Tensor valid, bool wpo, bool statistics, ScalarType dtype)
+    {
+        Valid = valid;
+        Tensor Buffer() => zeros(valid.shape, dtype: dtype, device: valid.device);
+        if (wpo) _logSumSquares = Buffer();
+        if (statistics) { _entropy = Buffer(); _logitMean = Buffer(); _hit = Buffer(); }
+    }
+
+    /// <summary>The extras the options ask for, or null.</summary>
+    internal static LogProbExtras? For(SequenceLogProbsOptions options, Tensor valid, ScalarType dtype) =>
+        options.WpoTerms || options.StepStatistics ? new LogProbExtras(valid, options.WpoTerms, options.StepStatistics, dtype) : null;
+
+    /// <summary>[R, T'] positions that count.</summary>
     internal Tensor Valid { get; }
 
-    /// <summary>[N] sum over valid positions of log p_t - log sum_v p_v^2 (set by the forward pass; no grad).</summary>
+    /// <summary>[N] sum over valid positions of log p_t - log sum_v p_v^2 (set by <see cref="Finish"/>).</summary>
     internal Tensor? WpoTerm { get; private set; }
 
-    internal void Finish(Tensor tokenLogp, Tensor denominators) =>
-        WpoTerm = (tokenLogp - denominators).masked_fill_(Valid.logical_not(), 0).sum(1);
+    /// <summary>[N] sums over valid positions of the entropy, the mean logit, and the argmax hits.</summary>
+    internal Tensor? EntropySum { get; private set; }
+    internal Tensor? LogitMeanSum { get; private set; }
+    internal Tensor? CorrectTokens { get; private set; }
+
+    internal IEnumerable<Tensor> Results => new[] { WpoTerm, EntropySum, LogitMeanSum, CorrectTokens }.OfType<Tensor>();
+
+    /// <summary>Records a block's per-token extras from its logits <paramref name="z"/> [count, V] (compute dtype) and logsumexp.</summary>
+    internal void Record(ChunkMath.Block block, Tensor z, Tensor lse, Tensor targets)
+    {
+        using var noGrad = no_grad();
+        Tensor Grid(Tensor perToken) => perToken.view(block.Rows, block.Tokens);
+        if (_logSumSquares is not null) block.Of(_logSumSquares).copy_(Grid(ChunkMath.LogSumSquares(z, lse)));
+        if (_entropy is null) return;
+        block.Of(_entropy).copy_(Grid(ChunkMath.Entropy(z, lse)));
+        block.Of(_logitMean!).copy_(Grid(z.mean(new long[] { 1 })));
+        block.Of(_hit!).copy_(Grid(z.argmax(1) == targets));
+    }
+
+    /// <summary>Records the fused kernels' statistics [4, R, T'] (rows as in LogProbKernelSource.StatsRows).</summary>
+    internal void RecordKernelStatistics(Tensor stats)
+    {
+        _logSumSquares?.copy_(stats[0]);
+        _entropy?.copy_(stats[1]);
+        _logitMean?.copy_(stats[2]);
+        _hit?.copy_(stats[3]);
+    }
+
+    /// <summary>Per-sequence sums over valid positions (values at other positions never leak in, even NaN).</summary>
+    internal void Finish(Tensor tokenLogp, Segments segments)
+    {
+        using var noGrad = no_grad();
+        Tensor Sum(Tensor perToken) => segments.Reduce(ChunkMath.Masked(perToken, Valid));
+        if (_logSumSquares is not null) WpoTerm = Sum(tokenLogp.detach() - _logSumSquares);
+        if (_entropy is null) return;
+        EntropySum = Sum(_entropy);
+        LogitMeanSum = Sum(_logitMean!);
+        CorrectTokens = Sum(_hit!);
+    }
 }
 
 /// <summary>Label and mask handling shared by the log-prob paths (from logits and from hidden states).</summary>
 internal static class Targets
 {
-    internal sealed record Prepared(Tensor Targets, Tensor Valid);
+    /// <summary>In-range target ids (0 where masked) and the validity mask, both [R, T'], and how positions map to sequences.</summary>
+    internal sealed record Prepared(Tensor Targets, Tensor Valid, Segments Segments);
 
     /// <summary>
-    /// Validates labels and mask against an [N, T, ...] input, applies the alignment, and returns in-range target ids
-    /// (0 where masked) and the validity mask, both [N, T'] with T' = T or T - 1. One synchronisation.
+    /// Validates labels and mask against an [N, T, ...] input (or a packed [1, Total, ...] one with its boundaries), applies
+    /// the alignment, and returns in-range target ids (0 where masked) and the validity mask, both [N, T'] with T' = T or
+    /// T - 1. One synchronisation.
     /// </summary>
     internal static Prepared Prepare(Tensor input, string inputName, long vocab, string vocabName, Tensor labels, Tensor? mask,
-        LabelAlignment alignment, SequenceLogProbsOptions options)
+        SequenceBoundaries? boundaries, LabelAlignment alignment, SequenceLogProbsOptions options)
     {
         Guard.Usable(labels, nameof(labels));
         Guard.Rank(labels, 2, nameof(labels), "of token ids [N, T]");
@@ -382,6 +559,13 @@ internal static class Targets
             if (mask.is_complex())
                 throw new ArgumentException($"mask must be bool, integer or floating; got {mask.dtype}.", nameof(mask));
         }
+        if (boundaries is not null)
+        {
+            if (input.shape[0] != 1)
+                throw new ArgumentException($"A packed batch is one row: {inputName} must be [1, Total, ...]; got {input.shape[0]} rows. Pass padded batches without boundaries.", inputName);
+            if (boundaries.TotalTokens > input.shape[1])
+                throw new ArgumentException($"boundaries cover {boundaries.TotalTokens} tokens but {inputName} has {input.shape[1]} positions.", nameof(boundaries));
+        }
         if (vocab == 0)
             throw new ArgumentException($"{vocabName} has an empty vocabulary (V = 0): there is no token to score.", vocabName);
         Guard.NotEmpty(input, inputName);
@@ -391,13 +575,26 @@ internal static class Targets
         using var noGrad = no_grad();
         Tensor y = labels, m = mask ?? ones_like(labels, dtype: ScalarType.Bool);
         var maskFinite = mask is not null && mask.is_floating_point() ? isfinite(mask).all() : ones(1, dtype: ScalarType.Bool, device: labels.device).squeeze();
+        long total = input.shape[1], scored = alignment == LabelAlignment.ShiftByOne ? total - 1 : total;
         if (alignment == LabelAlignment.ShiftByOne)
         {
-            long t = input.shape[1] - 1;
-            y = labels.narrow(1, 1, t);
-            m = m.narrow(1, 1, t);
+            y = labels.narrow(1, 1, scored);
+            m = m.narrow(1, 1, scored);
         }
         var valid = (m != 0) & (y != options.IgnoreIndex);
+        Segments segments;
+        if (boundaries is null)
+            segments = Segments.PerRow(input.shape[0]);
+        else
+        {
+            // position p scores label p (+1 when shifted): it counts only when both lie in the same sequence
+            var ids = boundaries.SegmentIds(total, input.device);
+            var scoredIds = ids.narrow(0, 0, scored);
+            var labelIds = ids.narrow(0, total - scored, scored);
+            var sameSequence = (scoredIds == labelIds) & (labelIds < boundaries.Count);
+            valid = valid & sameSequence.unsqueeze(0);
+            segments = Segments.Packed(boundaries.Count, labelIds.where(sameSequence, full_like(labelIds, boundaries.Count)));
+        }
         var outOfRange = valid & ((y < 0) | (y >= vocab));
         var verdicts = stack(new[] { outOfRange.any(), maskFinite.logical_not() }).cpu().data<bool>().ToArray();   // one synchronisation
         if (verdicts[1])
@@ -409,37 +606,48 @@ internal static class Targets
                 $"labels must be token ids in [0, {vocab}) (or {options.IgnoreIndex} to skip); label {y[first[0], first[1]].cpu().item<long>()} at sequence {first[0]}, position {first[1] + (alignment == LabelAlignment.ShiftByOne ? 1 : 0)} is not.",
                 nameof(labels));
         }
-        return new Prepared(y.where(valid, zeros_like(y)).contiguous(), valid);   // masked positions gather id 0, weighted by 0
+        return new Prepared(y.where(valid, zeros_like(y)).contiguous(), valid, segments);   // masked positions gather id 0, weighted by 0
     }
 
     /// <summary>
     /// The per-token weights of the sums: 1 at valid positions, 0 elsewhere; with LD-DPO's <paramref name="ldAlpha"/>, the
-    /// positions past the shorter response of each pair (rows i and B + i) get alpha.
+    /// positions past the shorter response of each pair (sequences i and S/2 + i) get alpha.
     /// </summary>
-    internal static Tensor TokenWeights(Tensor valid, ScalarType dtype, double? ldAlpha, string inputName)
+    internal static Tensor TokenWeights(Prepared prepared, ScalarType dtype, double? ldAlpha, string inputName)
     {
+        var valid = prepared.Valid;
         var weights = valid.to_type(dtype);
         if (ldAlpha is not { } alpha) return weights;
-        long n = valid.shape[0];
+        var segments = prepared.Segments;
+        long n = segments.Count;
         if (n % 2 != 0)
             throw new ArgumentException(
-                $"LD-DPO (LdAlpha) pairs row i with row B + i of a batch stacked as B chosen rows then B rejected rows; {inputName} has {n} rows, an odd number.", inputName);
+                $"LD-DPO (LdAlpha) pairs sequence i with sequence B + i of a batch stacked as B chosen then B rejected; {inputName} holds {n} sequences, an odd number.", inputName);
         using var noGrad = no_grad();
-        var position = valid.to_type(ScalarType.Int64).cumsum(1);                           // 1-based index among valid tokens
-        var lengths = position.narrow(1, position.shape[1] - 1, 1);                        // [N, 1] valid tokens per row
+        var counted = valid.to_type(ScalarType.Int64);
+        var lengths = segments.Reduce(counted);                                             // [S] valid tokens per sequence
+        var position = counted.cumsum(1);                                                   // 1-based index among valid tokens
+        if (segments.IsPacked) position = position - segments.Expand(lengths.cumsum(0) - lengths);
         var shared = minimum(lengths.narrow(0, 0, n / 2), lengths.narrow(0, n / 2, n / 2));
-        var tail = position > cat(new[] { shared, shared }, 0);                             // past the shared length
+        var tail = position > segments.Expand(cat(new[] { shared, shared }, 0));           // past the shared length
         return weights.masked_fill_(tail & valid, alpha);
     }
 
-    /// <summary>Checks the sums are finite (<paramref name="diagnose"/> names the cause otherwise) and builds the result with counts and means.</summary>
-    internal static SequenceLogProbsResult Finish(Tensor sum, Tensor valid, LogProbExtras? extras, Func<Exception> diagnose)
+    /// <summary>
+    /// Sums the (masked) token log-probs per sequence with their weights, checks the sums are finite (<paramref name="diagnose"/>
+    /// names the cause otherwise), and builds the result with counts, means and the extras.
+    /// </summary>
+    internal static SequenceLogProbsResult Finish(Tensor tokens, Prepared prepared, ScalarType dtype, double? ldAlpha, LogProbExtras? extras,
+        string inputName, Func<Tensor, Exception> diagnose)
     {
-        var counts = valid.to_type(sum.dtype).sum(1);
+        var weights = TokenWeights(prepared, dtype, ldAlpha, inputName);
+        var sum = prepared.Segments.Reduce(tokens * weights);
+        var counts = prepared.Segments.Reduce(prepared.Valid.to_type(dtype));
         bool finite;
         using (no_grad()) finite = isfinite(sum.detach()).all().item<bool>();
-        if (!finite) throw diagnose();
-        return new SequenceLogProbsResult(sum, counts, sum / counts.clamp_min(1), extras?.WpoTerm);   // outside no_grad: Mean is differentiable
+        if (!finite) throw diagnose(sum);
+        extras?.Finish(tokens, prepared.Segments);
+        return new SequenceLogProbsResult(sum, counts, sum / counts.clamp_min(1), tokens, prepared.Valid, extras, prepared.Segments.IsPacked);
     }
 
     /// <summary>The error for non-finite sums whose inputs are the culprits at valid positions: names the sequences.</summary>

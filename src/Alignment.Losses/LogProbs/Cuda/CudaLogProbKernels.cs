@@ -12,7 +12,7 @@ namespace Alignment.Losses.Internal.Cuda;
 /// </summary>
 internal static unsafe class CudaLogProbKernels
 {
-    internal sealed record Kernels(IntPtr Forward, IntPtr Backward);
+    internal sealed record Kernels(IntPtr Forward, IntPtr Backward, IntPtr StatsForward);
 
     private static readonly object Gate = new();
     private static readonly Dictionary<(int Device, ScalarType DType), Kernels?> Cache = new();
@@ -82,7 +82,8 @@ internal static unsafe class CudaLogProbKernels
             new[] { $"--gpu-architecture=compute_{major}{minor}", "--std=c++17" });
         var module = _driver.LoadModule(ptx);
         return new Kernels(_driver.GetFunction(module, LogProbKernelSource.ForwardName(dtype)),
-                           _driver.GetFunction(module, LogProbKernelSource.BackwardName(dtype)));
+                           _driver.GetFunction(module, LogProbKernelSource.BackwardName(dtype)),
+                           _driver.GetFunction(module, LogProbKernelSource.StatsForwardName(dtype)));
     }
 
     /// <summary>Device address of the tensor's first element.</summary>
@@ -98,6 +99,22 @@ internal static unsafe class CudaLogProbKernels
         _driver.Launch(k.Forward, rows, LogProbKernelSource.BlockSize,
             DataPtr(logits), DataPtr(targets), DataPtr(lse), DataPtr(logp), rows, t, v, logits.stride(0), logits.stride(1));
         return (lse, logp.view(n, t));
+    }
+
+    /// <summary>
+    /// Forward with statistics: lse [rows], token log-probs [N, T] and the per-token statistics [4, N, T] (fp32; rows as in
+    /// <see cref="LogProbKernelSource.StatsRows"/>) of a [N, T, V] view with unit stride along V.
+    /// </summary>
+    internal static (Tensor Lse, Tensor TokenLogp, Tensor Stats) LaunchStatsForward(Kernels k, Tensor logits, Tensor targets)
+    {
+        long n = logits.shape[0], t = logits.shape[1], v = logits.shape[2], rows = n * t;
+        var lse = empty(rows, dtype: ScalarType.Float32, device: logits.device);
+        var logp = empty(rows, dtype: ScalarType.Float32, device: logits.device);
+        var stats = empty(LogProbKernelSource.StatsRows, rows, dtype: ScalarType.Float32, device: logits.device);
+        _driver!.UseDevice(logits.device.index < 0 ? 0 : logits.device.index);
+        _driver.Launch(k.StatsForward, rows, LogProbKernelSource.BlockSize,
+            DataPtr(logits), DataPtr(targets), DataPtr(lse), DataPtr(logp), DataPtr(stats), rows, t, v, logits.stride(0), logits.stride(1));
+        return (lse, logp.view(n, t), stats.view(LogProbKernelSource.StatsRows, n, t));
     }
 
     /// <summary>
@@ -123,17 +140,25 @@ internal static unsafe class CudaLogProbKernels
         var labels = randint(0, 1000, new long[] { 3, 5 }, device: device);
         var mask = ones(3, 5, device: device);
         mask[1, 2] = tensor(0f, device: device);
+        logits[0, 1, 7] = tensor(float.NegativeInfinity, device: device);   // a -inf logit (a banned token) in a valid row
+        logits[2, 3, 11] = logits[2, 3].max();                              // a tie for the argmax
+        labels[0, 2] = tensor(8L, device: device);
+        labels[2, 4] = tensor(11L, device: device);                         // (shifted: position 3 predicts label 4)
         var fused = logits.clone().requires_grad_(true);
         var chunked = logits.clone().requires_grad_(true);
-        using var a = SequenceLogProbs.Compute(fused, labels, mask, LabelAlignment.ShiftByOne, new SequenceLogProbsOptions { ChunkTokens = 2 });
-        using var b = SequenceLogProbs.ComputeChunked(chunked, labels, mask, LabelAlignment.ShiftByOne, new SequenceLogProbsOptions { ChunkTokens = 2 });
+        var options = new SequenceLogProbsOptions { ChunkTokens = 2, StepStatistics = true, WpoTerms = true };
+        using var a = SequenceLogProbs.Compute(fused, labels, mask, LabelAlignment.ShiftByOne, options);
+        using var b = SequenceLogProbs.ComputeChunked(chunked, labels, mask, LabelAlignment.ShiftByOne, options);
+        double statsError = new[] { (a.WpoTerm!, b.WpoTerm!), (a.EntropySum!, b.EntropySum!), (a.LogitMeanSum!, b.LogitMeanSum!), (a.CorrectTokens!, b.CorrectTokens!) }
+            .Max(p => (p.Item1 - p.Item2).abs().max().ToDouble() / Math.Max(1, p.Item2.abs().max().ToDouble()));
         var w = arange(1, 4, dtype: ScalarType.Float32, device: device);
         (a.Sum * w).sum().backward();
         (b.Sum * w).sum().backward();
         double valueError = (a.Sum - b.Sum).abs().max().ToDouble() / Math.Max(1, b.Sum.abs().max().ToDouble());
         double gradError = (fused.grad!.to_type(ScalarType.Float32) - chunked.grad!.to_type(ScalarType.Float32)).abs().max().ToDouble();
         double tolerance = dtype == ScalarType.Float32 ? 1e-5 : 2e-2;
-        if (!(valueError <= tolerance && gradError <= tolerance))
-            throw new InvalidOperationException($"self-test against the chunked path failed (value error {valueError:G3}, gradient error {gradError:G3})");
+        if (!(valueError <= tolerance && gradError <= tolerance && statsError <= tolerance))
+            throw new InvalidOperationException(
+                $"self-test against the chunked path failed (value error {valueError:G3}, gradient error {gradError:G3}, statistics error {statsError:G3})");
     }
 }

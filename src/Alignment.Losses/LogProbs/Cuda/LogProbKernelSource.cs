@@ -10,7 +10,10 @@ namespace Alignment.Losses.Internal.Cuda;
 /// One thread block per token row. Forward reads the row once: an online logsumexp over V with fp32 accumulation
 /// (running max m and sum s of exp(x - m), merged across threads and warps) and the target logit, giving
 /// lse[row] and logp[row] = x[target] - lse. Backward reads the row once more and writes, in the logits' dtype,
-/// grad[v] = g * (1[v == target] - exp(x[v] - lse)); rows with g = 0 (masked) get exact zeros.
+/// grad[v] = g * (1[v == target] - exp(x[v] - lse)); rows with g = 0 (masked) get exact zeros. The stats forward kernel
+/// (used when WPO terms or step statistics are requested) carries more running sums in the same single read of the row:
+/// sum e^(2(x-m)) for log sum p^2, sum e^(x-m)(x-m) for the entropy log s - w/s, sum x for the mean logit, and the first
+/// argmax.
 /// Rows are addressed as (row / inner) * stride_outer + (row % inner) * stride_inner, so [N, T, V] views with a unit
 /// stride along V (e.g. the shifted logits[:, :-1]) need no copy.
 /// </remarks>
@@ -29,6 +32,15 @@ internal static class LogProbKernelSource
     internal static string ForwardName(ScalarType dtype) => "alignment_logp_forward_" + Suffix(dtype);
 
     internal static string BackwardName(ScalarType dtype) => "alignment_logp_backward_" + Suffix(dtype);
+
+    /// <summary>The forward kernel that also writes the step statistics (see <see cref="StatsRows"/>).</summary>
+    internal static string StatsForwardName(ScalarType dtype) => "alignment_logp_stats_forward_" + Suffix(dtype);
+
+    /// <summary>
+    /// Rows of the [4, rows] statistics the stats kernel writes, per token: log sum_v p_v^2 (WPO), the entropy
+    /// -sum_v p_v log p_v, the mean logit over V, and 1 where the first argmax over V is the target (else 0).
+    /// </summary>
+    internal const int StatsRows = 4;
 
     internal const string Source = """
         typedef unsigned short u16;
@@ -106,8 +118,83 @@ internal static class LogProbKernelSource
             }                                                                                                         \
         }
 
+        /* the statistics' running state over a row: m the max, s = sum e^(x-m), q = sum e^(2(x-m)), w = sum e^(x-m) (x-m),
+           total = sum x, and the first argmax (best, arg) */
+        struct stats_state { float m, s, q, w, total, best; i64 arg; };
+
+        __device__ __forceinline__ void stats_merge(stats_state& a, const stats_state& b) {
+            a.total += b.total;
+            if (b.arg >= 0 && (a.arg < 0 || b.best > a.best || (b.best == a.best && b.arg < a.arg))) { a.best = b.best; a.arg = b.arg; }
+            if (b.m == NEG_INF) return;
+            if (a.m == NEG_INF) { a.m = b.m; a.s = b.s; a.q = b.q; a.w = b.w; return; }
+            if (b.m > a.m) {
+                float d = a.m - b.m, e = expf(d);
+                a.w = (a.w + a.s * d) * e + b.w;
+                a.s = a.s * e + b.s;
+                a.q = a.q * e * e + b.q;
+                a.m = b.m;
+            } else {
+                float d = b.m - a.m, e = expf(d);
+                a.w = a.w + (b.w + b.s * d) * e;
+                a.s = a.s + b.s * e;
+                a.q = a.q + b.q * e * e;
+            }
+        }
+
+        __device__ __forceinline__ stats_state stats_shuffle(const stats_state& a, int o) {
+            stats_state b;
+            b.m = __shfl_xor_sync(0xffffffffu, a.m, o); b.s = __shfl_xor_sync(0xffffffffu, a.s, o);
+            b.q = __shfl_xor_sync(0xffffffffu, a.q, o); b.w = __shfl_xor_sync(0xffffffffu, a.w, o);
+            b.total = __shfl_xor_sync(0xffffffffu, a.total, o); b.best = __shfl_xor_sync(0xffffffffu, a.best, o);
+            b.arg = __shfl_xor_sync(0xffffffffu, a.arg, o);
+            return b;
+        }
+
+        __device__ __forceinline__ void stats_block_reduce(stats_state& a) {
+            __shared__ stats_state shared_state[32];
+            for (int o = 16; o > 0; o >>= 1) stats_merge(a, stats_shuffle(a, o));
+            int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+            if (lane == 0) shared_state[warp] = a;
+            __syncthreads();
+            if (warp == 0) {
+                if (lane < warps) a = shared_state[lane];
+                else { a.m = NEG_INF; a.s = 0.f; a.q = 0.f; a.w = 0.f; a.total = 0.f; a.best = NEG_INF; a.arg = -1; }
+                for (int o = 16; o > 0; o >>= 1) stats_merge(a, stats_shuffle(a, o));
+            }
+        }
+
+        #define STATS_KERNEL(SUFFIX, T, LD)                                                                           \
+        extern "C" __global__ void alignment_logp_stats_forward_##SUFFIX(                                             \
+            const T* __restrict__ logits, const i64* __restrict__ targets, float* __restrict__ lse,                   \
+            float* __restrict__ logp, float* __restrict__ stats, i64 rows, i64 inner, i64 vocab,                      \
+            i64 stride_outer, i64 stride_inner) {                                                                     \
+            i64 row = blockIdx.x;                                                                                     \
+            if (row >= rows) return;                                                                                  \
+            const T* x = logits + (row / inner) * stride_outer + (row % inner) * stride_inner;                        \
+            stats_state a; a.m = NEG_INF; a.s = 0.f; a.q = 0.f; a.w = 0.f; a.total = 0.f; a.best = NEG_INF; a.arg = -1; \
+            for (i64 v = threadIdx.x; v < vocab; v += blockDim.x) {                                                  \
+                float xv = LD(x, v);                                                                                  \
+                stats_state b; b.m = xv; b.s = 1.f; b.q = 1.f; b.w = 0.f; b.total = xv; b.best = xv; b.arg = v;       \
+                stats_merge(a, b);                                                                                    \
+            }                                                                                                         \
+            stats_block_reduce(a);                                                                                    \
+            if (threadIdx.x == 0) {                                                                                   \
+                float ls = logf(a.s), l = a.m + ls;                                                                   \
+                i64 t = targets[row];                                                                                 \
+                lse[row] = l;                                                                                         \
+                logp[row] = LD(x, t) - l;                                                                             \
+                stats[row] = logf(a.q) - 2.f * ls;                                                                    \
+                stats[rows + row] = ls - a.w / a.s;                                                                   \
+                stats[2 * rows + row] = a.total / (float)vocab;                                                       \
+                stats[3 * rows + row] = a.arg == t ? 1.f : 0.f;                                                       \
+            }                                                                                                         \
+        }
+
         LOGP_KERNELS(f32, float, ld_f32, st_f32)
         LOGP_KERNELS(bf16, u16, ld_bf16, st_bf16)
         LOGP_KERNELS(f16, u16, ld_f16, st_f16)
+        STATS_KERNEL(f32, float, ld_f32)
+        STATS_KERNEL(bf16, u16, ld_bf16)
+        STATS_KERNEL(f16, u16, ld_f16)
         """;
 }
