@@ -41,6 +41,44 @@ public sealed class PromptEmbeddings
         return new PromptEmbeddings(chosen, rejected, isPaired: false);
     }
 
+    /// <summary>
+    /// Prompt embeddings without a sentence encoder: the mean of a model's hidden states over each row's prompt tokens,
+    /// detached and in float32 (float64 for float64 input). Take them from the policy or the reference model's last (or
+    /// any) layer; for a collated batch pass its <c>PromptMask</c> and keep the first B rows (chosen and rejected rows
+    /// share their prompt). A documented alternative to the paper's sentence encoder: cheaper, but the similarity then
+    /// reflects the model's own representation of the prompt.
+    /// </summary>
+    /// <param name="hidden">[R, T, H] hidden states.</param>
+    /// <param name="promptMask">[R, T] nonzero / true at prompt tokens; every row needs at least one.</param>
+    /// <returns>[R, H] mean-pooled embeddings, no grad.</returns>
+    /// <exception cref="ArgumentException">Shapes differ, a row has no prompt token, or the pooled values are not finite.</exception>
+    public static Tensor MeanPooled(Tensor hidden, Tensor promptMask)
+    {
+        Guard.Usable(hidden, nameof(hidden));
+        Guard.Usable(promptMask, nameof(promptMask));
+        Guard.Rank(hidden, 3, nameof(hidden), "of hidden states [R, T, H]");
+        Guard.Floating(hidden, nameof(hidden));
+        if (promptMask.dim() != 2 || promptMask.shape[0] != hidden.shape[0] || promptMask.shape[1] != hidden.shape[1])
+            throw new ArgumentException($"promptMask must be [{hidden.shape[0]}, {hidden.shape[1]}] to match hidden; got {Guard.Shape(promptMask)}.", nameof(promptMask));
+        Guard.SameDevice(hidden, nameof(hidden), promptMask, nameof(promptMask));
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        var dtype = hidden.dtype == ScalarType.Float64 ? ScalarType.Float64 : ScalarType.Float32;
+        var m = (promptMask != 0);
+        var counts = m.sum(1, type: ScalarType.Int64);
+        if ((counts == 0).any().item<bool>())
+        {
+            var rows = (counts == 0).nonzero().flatten().cpu().data<long>().Take(8);
+            throw new ArgumentException($"promptMask has no prompt token in row(s) {string.Join(", ", rows)}: there is nothing to pool.", nameof(promptMask));
+        }
+        // masked rows are selected out (not multiplied by 0), so NaN in padding cannot leak in
+        var summed = hidden.detach().to_type(dtype).masked_fill(m.logical_not().unsqueeze(2), 0).sum(1);
+        var pooled = summed / counts.to_type(dtype).unsqueeze(1);
+        if (!isfinite(pooled).all().item<bool>())
+            throw new ArgumentException("hidden contains NaN or Inf at prompt tokens; the pooled embeddings would be non-finite.", nameof(hidden));
+        return pooled.MoveToOuterDisposeScope();
+    }
+
     /// <summary>Embeddings of the chosen examples' prompts, [M, D] (the paired tensor when paired).</summary>
     public Tensor Chosen { get; }
 

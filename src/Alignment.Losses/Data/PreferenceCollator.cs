@@ -1,0 +1,301 @@
+using System.Security.Cryptography;
+using Alignment.Losses.Internal;
+using static TorchSharp.torch;
+
+namespace Alignment.Losses.Data;
+
+/// <summary>One tokenised preference example: a prompt and a chosen and a rejected completion (token ids).</summary>
+/// <param name="Prompt">The prompt's token ids (with its chat template and BOS applied, if the model uses them). Not empty.</param>
+/// <param name="Chosen">The preferred completion's token ids (with EOS, if the model uses one). Not empty.</param>
+/// <param name="Rejected">The dispreferred completion's token ids. Not empty.</param>
+public sealed record PreferenceExample(IReadOnlyList<int> Prompt, IReadOnlyList<int> Chosen, IReadOnlyList<int> Rejected);
+
+/// <summary>Which end of an over-long prompt is kept.</summary>
+public enum PromptTruncation
+{
+    /// <summary>Keep the last tokens (the part next to the completion); the default, as in TRL's earlier DPO collators.</summary>
+    KeepEnd,
+
+    /// <summary>Keep the first tokens.</summary>
+    KeepStart,
+}
+
+/// <summary>
+/// Options of <see cref="PreferenceCollator"/>: padding, limits and truncation. Validated on construction; limits that
+/// cannot hold a single completion token are an error here, not a surprise at batch time.
+/// </summary>
+/// <remarks>
+/// Truncation, per example, in this order: (1) a prompt longer than <see cref="MaxPromptLength"/> is cut by
+/// <see cref="PromptTruncation"/>; (2) each completion longer than <see cref="MaxCompletionLength"/> keeps its first tokens;
+/// (3) where prompt + completion exceeds <see cref="MaxLength"/>, the completion keeps its first MaxLength - prompt tokens.
+/// A prompt that leaves no room for a completion token under MaxLength is an error naming the example.
+/// </remarks>
+public sealed record PreferenceCollatorOptions
+{
+    /// <summary>Token id written into padding positions (they are masked out). Default 0.</summary>
+    public int PadTokenId { get; init; }
+
+    /// <summary>Longest prompt kept (null: no limit).</summary>
+    public int? MaxPromptLength
+    {
+        get => field;
+        init
+        {
+            field = Positive(value, nameof(MaxPromptLength));
+            CheckConsistent();
+        }
+    }
+
+    /// <summary>Longest completion kept (null: no limit).</summary>
+    public int? MaxCompletionLength { get => field; init => field = Positive(value, nameof(MaxCompletionLength)); }
+
+    /// <summary>Longest prompt + completion (null: no limit). Must exceed <see cref="MaxPromptLength"/> when both are set.</summary>
+    public int? MaxLength
+    {
+        get => field;
+        init
+        {
+            field = Positive(value, nameof(MaxLength));
+            CheckConsistent();
+        }
+    }
+
+    /// <summary>Which end of an over-long prompt is kept. Default <see cref="Data.PromptTruncation.KeepEnd"/>.</summary>
+    public PromptTruncation PromptTruncation { get => field; init => field = Guard.Defined(value, nameof(PromptTruncation)); } = PromptTruncation.KeepEnd;
+
+    /// <summary>Round the padded length (padded mode) or the packed row's length (packed mode) up to a multiple of this (null: none).</summary>
+    public int? PadToMultipleOf { get => field; init => field = Positive(value, nameof(PadToMultipleOf)); }
+
+    /// <summary>Label written where a token does not count (<see cref="CollatedPreferences.Labels"/>). Default -100.</summary>
+    public long IgnoreIndex { get; init; } = -100;
+
+    private static int? Positive(int? value, string name) =>
+        value is null or >= 1 ? value : throw new ArgumentOutOfRangeException(name, value, $"{name} must be >= 1 (or null for no limit).");
+
+    internal void CheckConsistent()
+    {
+        if (MaxLength is { } max && MaxPromptLength is { } prompt && prompt >= max)
+            throw new ArgumentException($"MaxLength ({max}) must exceed MaxPromptLength ({prompt}) so that every completion keeps at least one token.", nameof(MaxLength));
+    }
+}
+
+/// <summary>An example after truncation, with its cache key.</summary>
+/// <param name="Prompt">Prompt ids kept.</param>
+/// <param name="Chosen">Chosen completion ids kept.</param>
+/// <param name="Rejected">Rejected completion ids kept.</param>
+/// <param name="Key">A 128-bit content key (hex) of exactly these ids: equal keys mean equal sequences.</param>
+public sealed record TruncatedExample(int[] Prompt, int[] Chosen, int[] Rejected, string Key);
+
+/// <summary>
+/// Turns tokenised (prompt, chosen, rejected) examples into a model-ready batch: B chosen sequences then B rejected ones
+/// (TRL's order, which <see cref="SequenceLogProbsResult.ToPreferenceLogps"/> and the fused loss expect), right-padded
+/// [2B, T] with attention, prompt and completion masks, or packed without padding into one row with sequence boundaries
+/// and position ids.
+/// </summary>
+/// <example>
+/// <code>
+/// var collator = new PreferenceCollator(new PreferenceCollatorOptions { MaxLength = 512, MaxPromptLength = 256, PadTokenId = pad });
+/// using var batch = collator.Collate(examples, device);
+/// var logits = model.forward(batch.InputIds);   // [2B, T, V]
+/// using var logps = SequenceLogProbs.Compute(logits, batch.Labels, null, LabelAlignment.ShiftByOne);
+/// </code>
+/// </example>
+public sealed class PreferenceCollator
+{
+    /// <summary>Creates a collator.</summary>
+    public PreferenceCollator(PreferenceCollatorOptions? options = null)
+    {
+        Options = options ?? new PreferenceCollatorOptions();
+        Options.CheckConsistent();
+    }
+
+    /// <summary>The options.</summary>
+    public PreferenceCollatorOptions Options { get; }
+
+    /// <summary>
+    /// Applies the limits to one example. <paramref name="index"/> only names the example in errors.
+    /// </summary>
+    /// <exception cref="ArgumentException">A completion or the prompt is empty, or the prompt leaves no room for a completion token.</exception>
+    public TruncatedExample Truncate(PreferenceExample example, int index = 0)
+    {
+        ArgumentNullException.ThrowIfNull(example);
+        string where = $"example {index}";
+        if (example.Prompt is null || example.Chosen is null || example.Rejected is null)
+            throw new ArgumentException($"{where} has a null token list; prompt, chosen and rejected are all required.", nameof(example));
+        if (example.Prompt.Count == 0)
+            throw new ArgumentException(
+                $"{where} has an empty prompt: a causal LM scores a completion's first token from the token before it, so that token would be lost. Start the prompt with BOS or a template token.",
+                nameof(example));
+        if (example.Chosen.Count == 0)
+            throw new ArgumentException($"{where} has an empty chosen completion: there is nothing to score.", nameof(example));
+        if (example.Rejected.Count == 0)
+            throw new ArgumentException($"{where} has an empty rejected completion: there is nothing to score.", nameof(example));
+        var prompt = example.Prompt.ToArray();
+        if (Options.MaxPromptLength is { } maxPrompt && prompt.Length > maxPrompt)
+            prompt = Options.PromptTruncation == PromptTruncation.KeepEnd ? prompt[^maxPrompt..] : prompt[..maxPrompt];
+        int room = int.MaxValue;
+        if (Options.MaxLength is { } max)
+        {
+            room = max - prompt.Length;
+            if (room < 1)
+                throw new ArgumentException(
+                    $"{where}: its prompt ({prompt.Length} tokens{(Options.MaxPromptLength is null ? "" : " after MaxPromptLength")}) leaves no room for a completion under MaxLength {max}. " +
+                    "Set MaxPromptLength below MaxLength, or drop the example.", nameof(example));
+        }
+        if (Options.MaxCompletionLength is { } maxCompletion) room = Math.Min(room, maxCompletion);
+        int[] Cut(IReadOnlyList<int> completion) => completion.Count > room ? completion.Take(room).ToArray() : completion.ToArray();
+        var chosen = Cut(example.Chosen);
+        var rejected = Cut(example.Rejected);
+        return new TruncatedExample(prompt, chosen, rejected, Key(prompt, chosen, rejected));
+    }
+
+    /// <summary>A right-padded batch [2B, T]: rows 0..B-1 prompt + chosen, rows B..2B-1 prompt + rejected.</summary>
+    /// <param name="examples">The B examples (at least one).</param>
+    /// <param name="device">Where the tensors go (default CPU).</param>
+    public CollatedPreferences Collate(IReadOnlyList<PreferenceExample> examples, Device? device = null)
+    {
+        var truncated = TruncateAll(examples);
+        var rows = Rows(truncated);
+        long length = rows.Max(r => (long)r.Prompt.Length + r.Completion.Length);
+        length = RoundUp(length);
+        int n = rows.Count;
+        var ids = new long[n * length];
+        var attention = new bool[n * length];
+        var completion = new bool[n * length];
+        var promptMask = new bool[n * length];
+        var labels = new long[n * length];
+        Array.Fill(ids, Options.PadTokenId);
+        Array.Fill(labels, Options.IgnoreIndex);
+        for (int i = 0; i < n; i++)
+            Fill(rows[i], i * length, ids, attention, promptMask, completion, labels);
+        var positions = new long[n * length];
+        for (int i = 0; i < n; i++)
+            for (long t = 0; t < length; t++) positions[i * length + t] = t;
+        return Build(truncated, device, new[] { (long)n, length }, ids, attention, promptMask, completion, labels, positions, null);
+    }
+
+    /// <summary>
+    /// A packed, padding-free batch [1, Total]: the 2B sequences (B chosen, then B rejected, each prompt + completion) end
+    /// to end, with <see cref="CollatedPreferences.Boundaries"/> and position ids restarting at 0 in each sequence.
+    /// </summary>
+    public CollatedPreferences CollatePacked(IReadOnlyList<PreferenceExample> examples, Device? device = null)
+    {
+        var truncated = TruncateAll(examples);
+        var rows = Rows(truncated);
+        var lengths = rows.Select(r => (long)r.Prompt.Length + r.Completion.Length).ToArray();
+        var boundaries = SequenceBoundaries.FromLengths(lengths);
+        long total = RoundUp(boundaries.TotalTokens);
+        var ids = new long[total];
+        var attention = new bool[total];
+        var completion = new bool[total];
+        var promptMask = new bool[total];
+        var labels = new long[total];
+        Array.Fill(ids, Options.PadTokenId);
+        Array.Fill(labels, Options.IgnoreIndex);
+        for (int i = 0; i < rows.Count; i++)
+            Fill(rows[i], boundaries.CumulativeLengths[i], ids, attention, promptMask, completion, labels);
+        using var positionIds = boundaries.PositionIds(total);
+        var positions = positionIds.data<long>().ToArray();
+        return Build(truncated, device, new[] { 1L, total }, ids, attention, promptMask, completion, labels, positions, boundaries);
+    }
+
+    private long RoundUp(long length) => Options.PadToMultipleOf is { } m ? (length + m - 1) / m * m : length;
+
+    private List<TruncatedExample> TruncateAll(IReadOnlyList<PreferenceExample> examples)
+    {
+        ArgumentNullException.ThrowIfNull(examples);
+        if (examples.Count == 0)
+            throw new ArgumentException("examples is empty: a batch needs at least one example.", nameof(examples));
+        return examples.Select((e, i) => Truncate(e ?? throw new ArgumentException($"example {i} is null.", nameof(examples)), i)).ToList();
+    }
+
+    private static List<(int[] Prompt, int[] Completion)> Rows(List<TruncatedExample> truncated) =>
+        truncated.Select(e => (e.Prompt, e.Chosen)).Concat(truncated.Select(e => (e.Prompt, e.Rejected))).ToList();
+
+    private static void Fill((int[] Prompt, int[] Completion) row, long start, long[] ids, bool[] attention, bool[] promptMask, bool[] completion, long[] labels)
+    {
+        long p = start;
+        foreach (var id in row.Prompt) { ids[p] = id; attention[p] = true; promptMask[p] = true; p++; }
+        foreach (var id in row.Completion) { ids[p] = id; attention[p] = true; completion[p] = true; labels[p] = id; p++; }
+    }
+
+    private static CollatedPreferences Build(List<TruncatedExample> truncated, Device? device, long[] shape, long[] ids, bool[] attention,
+        bool[] promptMask, bool[] completion, long[] labels, long[] positions, SequenceBoundaries? boundaries)
+    {
+        var target = device ?? CPU;
+        Tensor Make(long[] data) => tensor(data, dtype: ScalarType.Int64).view(shape).to(target);
+        Tensor MakeMask(bool[] data) => tensor(data, dtype: ScalarType.Bool).view(shape).to(target);
+        return new CollatedPreferences(truncated, Make(ids), MakeMask(attention), MakeMask(promptMask), MakeMask(completion), Make(labels), Make(positions), boundaries);
+    }
+
+    /// <summary>The content key of a truncated example: the first 16 bytes of SHA-256 over the three id lists, in hex.</summary>
+    internal static string Key(int[] prompt, int[] chosen, int[] rejected)
+    {
+        using var sha = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
+        foreach (var part in new[] { prompt, chosen, rejected })
+        {
+            sha.AppendData(BitConverter.GetBytes(part.Length));
+            sha.AppendData(System.Runtime.InteropServices.MemoryMarshal.AsBytes(part.AsSpan()));
+        }
+        return Convert.ToHexString(sha.GetHashAndReset(), 0, 16);
+    }
+}
+
+/// <summary>
+/// A collated preference batch (from <see cref="PreferenceCollator"/>). Rows (or, packed, sequences) 0..B-1 are prompt +
+/// chosen, B..2B-1 prompt + rejected. Owns its tensors: dispose it (or its dispose scope) when done.
+/// </summary>
+public sealed class CollatedPreferences : IDisposable
+{
+    private readonly Tensor[] _owned;
+
+    internal CollatedPreferences(IReadOnlyList<TruncatedExample> examples, Tensor inputIds, Tensor attentionMask, Tensor promptMask,
+        Tensor completionMask, Tensor labels, Tensor positionIds, SequenceBoundaries? boundaries)
+    {
+        Examples = examples;
+        InputIds = inputIds;
+        AttentionMask = attentionMask;
+        PromptMask = promptMask;
+        CompletionMask = completionMask;
+        Labels = labels;
+        PositionIds = positionIds;
+        Boundaries = boundaries;
+        _owned = new[] { inputIds, attentionMask, promptMask, completionMask, labels, positionIds };
+    }
+
+    /// <summary>The B examples as truncated, with their cache keys.</summary>
+    public IReadOnlyList<TruncatedExample> Examples { get; }
+
+    /// <summary>Number of pairs B.</summary>
+    public int PairCount => Examples.Count;
+
+    /// <summary>[2B, T] int64 token ids (padded), or [1, Total] (packed).</summary>
+    public Tensor InputIds { get; }
+
+    /// <summary>Bool, true at real tokens (prompt and completion), false at padding.</summary>
+    public Tensor AttentionMask { get; }
+
+    /// <summary>Bool, true at prompt tokens: for mean-pooled prompt embeddings (<see cref="PromptEmbeddings.MeanPooled"/>).</summary>
+    public Tensor PromptMask { get; }
+
+    /// <summary>Bool, true at completion tokens: the tokens whose log-probs count.</summary>
+    public Tensor CompletionMask { get; }
+
+    /// <summary>int64, the input ids at completion tokens and the ignore index elsewhere: pass with <see cref="LabelAlignment.ShiftByOne"/>.</summary>
+    public Tensor Labels { get; }
+
+    /// <summary>int64 position ids: 0..T-1 per padded row, or restarting at 0 in each packed sequence.</summary>
+    public Tensor PositionIds { get; }
+
+    /// <summary>The sequence boundaries of a packed batch (null when padded).</summary>
+    public SequenceBoundaries? Boundaries { get; }
+
+    /// <summary>True for a packed batch.</summary>
+    public bool IsPacked => Boundaries is not null;
+
+    /// <summary>Disposes the tensors.</summary>
+    public void Dispose()
+    {
+        foreach (var t in _owned) t.Dispose();
+    }
+}
