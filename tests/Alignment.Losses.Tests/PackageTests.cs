@@ -38,6 +38,21 @@ public class PackageTests
     }
 
     [Fact]
+    public void Logging_package_depends_on_the_core_package_and_logging_abstractions_only()
+    {
+        _pkg.EnsurePacked();
+        using var zip = ZipFile.OpenRead(_pkg.LoggingPackage);
+        var names = zip.Entries.Select(e => e.FullName).ToHashSet();
+        foreach (var required in new[] { "README.md", "LICENSE", "lib/net8.0/Alignment.Losses.Logging.dll", "lib/net10.0/Alignment.Losses.Logging.xml" })
+            Assert.Contains(required, names);
+        var nuspec = XDocument.Load(zip.Entries.Single(e => e.FullName.EndsWith(".nuspec", StringComparison.Ordinal)).Open());
+        var deps = nuspec.Descendants().Where(e => e.Name.LocalName == "dependency").Select(e => (string)e.Attribute("id")!).Distinct().Order().ToList();
+        Assert.Equal(new[] { "Alignment.Losses", "Microsoft.Extensions.Logging.Abstractions" }, deps);
+        Assert.All(nuspec.Descendants().Where(e => e.Name.LocalName == "dependency" && (string)e.Attribute("id")! == "Alignment.Losses"),
+            d => Assert.Equal(_pkg.Version, (string)d.Attribute("version")!));
+    }
+
+    [Fact]
     public void A_fresh_consumer_project_restores_builds_and_runs_the_rpo_one_liner()
     {
         _pkg.EnsurePacked();
@@ -52,12 +67,16 @@ public class PackageTests
               </PropertyGroup>
               <ItemGroup>
                 <PackageReference Include="Alignment.Losses" Version="{_pkg.Version}" />
+                <PackageReference Include="Alignment.Losses.Logging" Version="{_pkg.Version}" />
                 <PackageReference Include="TorchSharp-cpu" Version="0.107.0" />
               </ItemGroup>
             </Project>
             """);
         File.WriteAllText(Path.Combine(dir, "Program.cs"), """
             using Alignment.Losses;
+            using Alignment.Losses.Logging;
+            using Alignment.Losses.Metrics;
+            using Microsoft.Extensions.Logging;
             using TorchSharp;
             using static TorchSharp.torch;
 
@@ -67,10 +86,21 @@ public class PackageTests
             using var result = RpoLoss.Compute(policyLogps, refLogps, promptEmbeddings);
             result.Loss.backward();
             Console.WriteLine($"RPO={result.Loss.ToDouble():F6} grad_sign_ok={policyLogps.Chosen.grad!.le(0).all().item<bool>()}");
+            var metrics = new MetricsAccumulator();
+            metrics.Add(result);
+            new LoggerMetricsSink(new LineLogger()).Write(7, metrics.Flush());
+
+            sealed class LineLogger : ILogger
+            {
+                public IDisposable? BeginScope<TState>(TState state) where TState : notnull => null;
+                public bool IsEnabled(LogLevel level) => true;
+                public void Log<TState>(LogLevel level, EventId id, TState state, Exception? e, Func<TState, Exception?, string> format) => Console.WriteLine("LOG " + format(state, e));
+            }
             """);
         var output = ProcessRunner.Ok(ProcessRunner.Dotnet(dir, Build, "run"), "consumer project");
         var m = Regex.Match(output, @"RPO=([0-9.]+) grad_sign_ok=True");
         Assert.True(m.Success, output);
+        Assert.Contains("LOG step 7: loss=0.693147", output);
         Assert.Equal(Math.Log(2), double.Parse(m.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture), 5);   // policy == reference
     }
 

@@ -62,18 +62,22 @@ public sealed class PackageFixture : IDisposable
         Version = $"0.1.0-test.{DateTime.UtcNow:yyyyMMddHHmmss}{Environment.ProcessId}";
         Root = Directory.CreateTempSubdirectory("alignment-losses-pkg-").FullName;
         Feed = Path.Combine(Root, "feed");
-        var r = ProcessRunner.Dotnet(ProcessRunner.RepoRoot, TimeSpan.FromMinutes(5),
-            "pack", "src/Alignment.Losses/Alignment.Losses.csproj", "-c", "Release", "-o", Feed, $"-p:Version={Version}");
-        PackOutput = r.Output;
-        PackExitCode = r.ExitCode;
+        // the core package, and the second package (Microsoft.Extensions.Logging sink) that depends on it
+        foreach (var project in new[] { "src/Alignment.Losses/Alignment.Losses.csproj", "src/Alignment.Losses.Logging/Alignment.Losses.Logging.csproj" })
+        {
+            var r = ProcessRunner.Dotnet(ProcessRunner.RepoRoot, TimeSpan.FromMinutes(5), "pack", project, "-c", "Release", "-o", Feed, $"-p:Version={Version}");
+            PackOutput += r.Output;
+            PackExitCode = PackExitCode != 0 ? PackExitCode : r.ExitCode;
+        }
     }
 
     public string Version { get; }
     public string Root { get; }
     public string Feed { get; }
-    public string PackOutput { get; }
+    public string PackOutput { get; } = "";
     public int PackExitCode { get; }
     public string Package => Path.Combine(Feed, $"Alignment.Losses.{Version}.nupkg");
+    public string LoggingPackage => Path.Combine(Feed, $"Alignment.Losses.Logging.{Version}.nupkg");
 
     public void EnsurePacked() => Assert.True(PackExitCode == 0, "dotnet pack failed:\n" + PackOutput);
 

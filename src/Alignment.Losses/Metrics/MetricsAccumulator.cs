@@ -1,0 +1,116 @@
+using static TorchSharp.torch;
+
+namespace Alignment.Losses.Metrics;
+
+/// <summary>
+/// Averages a run's metrics correctly over gradient-accumulation micro-batches and logging windows, under TRL's names:
+/// each loss result's metrics and loss count with the weight of its examples, and the log-prob step statistics as sums
+/// over tokens, so that the average over micro-batches equals the value of the full batch wherever the objective allows
+/// it (see remarks).
+/// </summary>
+/// <remarks>
+/// <para>Train and evaluate with two accumulators: <c>new MetricsAccumulator()</c> and <c>new MetricsAccumulator("eval_")</c>
+/// (TRL's evaluation prefix). Call <see cref="Add(PreferenceLossResult)"/> for every micro-batch, and
+/// <see cref="Flush"/> when you log: it returns the window's averages and starts a new window.</para>
+/// <para>Exact for every objective whose loss is a mean of per-pair terms (the DPO family, IPO, hinge, EXO, NCA, BCO,
+/// APO, SPO without its KL, ODPO, SPPO, CPO-style NLL terms weighted per pair): the example-weighted mean of micro-batch
+/// losses and metrics equals the full batch's. Not exact where a batch term couples examples: RPO (its contrast matrix
+/// spans the batch; the micro-batch weights differ from the full batch's), AOT (it sorts the batch), and metrics that
+/// are means over all (chosen, rejected) combinations of unpaired batches. For those, the accumulated value is the
+/// average over micro-batches, which is what a training step with accumulation optimises.</para>
+/// <para>To make the accumulated gradient equal the full-batch gradient, scale each micro-batch's loss by its share of
+/// the examples: <c>(result.Loss * MetricsAccumulator.Share(result, totalExamples)).backward()</c>.</para>
+/// </remarks>
+public sealed class MetricsAccumulator
+{
+    private readonly Dictionary<string, (double Sum, double Weight)> _values = new();
+    private readonly List<string> _order = new();
+    private LogProbStatistics? _statistics;
+
+    /// <summary>Creates an accumulator whose metric names start with <paramref name="prefix"/> ("" for training, "eval_" for evaluation).</summary>
+    public MetricsAccumulator(string prefix = "")
+    {
+        ArgumentNullException.ThrowIfNull(prefix);
+        Prefix = prefix;
+    }
+
+    /// <summary>The name prefix.</summary>
+    public string Prefix { get; }
+
+    /// <summary>Micro-batches (results) added since the last flush.</summary>
+    public int Count { get; private set; }
+
+    /// <summary>
+    /// Adds a loss result: its loss and every metric, weighted by its number of examples (the length of
+    /// <see cref="PreferenceLossResult.PerExample"/>). One device synchronisation.
+    /// </summary>
+    public void Add(PreferenceLossResult result)
+    {
+        ArgumentNullException.ThrowIfNull(result);
+        double weight = result.PerExample.shape[0];
+        double[] values;
+        using (NewDisposeScope())
+        using (no_grad())
+            values = cat(new[] { result.Loss.detach().to(ScalarType.Float64, CPU).reshape(1), result.MetricTensor.to(ScalarType.Float64, CPU).reshape(-1) })
+                .data<double>().ToArray();
+        Add(MetricNames.Loss, values[0], weight);
+        for (int i = 0; i < result.MetricNames.Count; i++) Add(result.MetricNames[i], values[i + 1], weight);
+        Count++;
+    }
+
+    /// <summary>Adds the log-prob step's statistics (sums over tokens; see <see cref="SequenceLogProbsResult.Statistics"/>).</summary>
+    public void Add(LogProbStatistics statistics) => _statistics = _statistics is { } s ? s + statistics : statistics;
+
+    /// <summary>Adds one value of a metric of your own with a weight (e.g. its number of examples).</summary>
+    /// <exception cref="ArgumentException">The name is empty, or the weight is negative or not finite.</exception>
+    public void Add(string name, double value, double weight = 1)
+    {
+        ArgumentException.ThrowIfNullOrEmpty(name);
+        if (!(weight >= 0) || double.IsInfinity(weight))
+            throw new ArgumentException($"weight must be finite and >= 0; got {weight}.", nameof(weight));
+        if (!_values.TryGetValue(name, out var current)) _order.Add(name);
+        _values[name] = (current.Sum + value * weight, current.Weight + weight);
+    }
+
+    /// <summary>The window's weighted averages so far, prefixed, in the order names first appeared (statistics last).</summary>
+    public IReadOnlyDictionary<string, double> Compute()
+    {
+        var result = new Dictionary<string, double>();
+        foreach (var name in _order)
+        {
+            var (sum, weight) = _values[name];
+            result[Prefix + name] = weight > 0 ? sum / weight : double.NaN;
+        }
+        if (_statistics is { } s)
+            foreach (var (name, value) in s.ToMetrics()) result[Prefix + name] = value;
+        return result;
+    }
+
+    /// <summary>Returns <see cref="Compute"/> and starts a new window.</summary>
+    public IReadOnlyDictionary<string, double> Flush()
+    {
+        var result = Compute();
+        Reset();
+        return result;
+    }
+
+    /// <summary>Forgets everything added.</summary>
+    public void Reset()
+    {
+        _values.Clear();
+        _order.Clear();
+        _statistics = null;
+        Count = 0;
+    }
+
+    /// <summary>
+    /// The factor that makes gradient accumulation exact for per-example-mean losses: a micro-batch's examples divided by
+    /// the examples of the whole step. Multiply the micro-batch's loss by it before <c>backward()</c>.
+    /// </summary>
+    public static double Share(PreferenceLossResult result, long totalExamples)
+    {
+        ArgumentNullException.ThrowIfNull(result);
+        if (totalExamples < 1) throw new ArgumentOutOfRangeException(nameof(totalExamples), totalExamples, "totalExamples must be >= 1.");
+        return (double)result.PerExample.shape[0] / totalExamples;
+    }
+}
