@@ -1,0 +1,80 @@
+using System.Globalization;
+
+namespace Alignment.Losses.LanguageModel;
+
+/// <summary>Command-line options of the language-model sample.</summary>
+internal sealed record LmOptions
+{
+    public IReadOnlyList<string> Losses { get; init; } = new[] { "dpo", "rpo" };
+    public int SftSteps { get; init; } = 300;
+    public int Steps { get; init; } = 200;
+    public int BatchSize { get; init; } = 16;
+    public int LogEvery { get; init; } = 20;
+    public double Beta { get; init; } = 0.1;
+    public double LearningRate { get; init; } = 1e-4;
+    public int Seed { get; init; } = 1;
+    public string Device { get; init; } = "cpu";
+    public string Output { get; init; } = "lm-output";
+
+    private const string Help = """
+        Aligns a small causal transformer on a polite-vs-rude preference dataset with the library end to end:
+        Microsoft.ML.Tokenizers (cl100k_base) -> PreferenceCollator -> ReferenceLogProbCache -> FusedLinearLogProbs -> loss.
+
+        options:
+          --losses a,b,...   dpo, rpo, or any TRL loss_type name (sigmoid, ipo, hinge, robust, exo_pair, ...) (default dpo,rpo)
+          --sft-steps N      supervised steps before alignment (default 300)
+          --steps N          alignment steps per loss (default 200)
+          --batch N          pairs per step (default 16)
+          --beta X           beta of the losses (default 0.1)
+          --lr X             alignment learning rate (default 1e-4)
+          --seed N           seed (default 1)
+          --device cpu|cuda  where to train (default cpu)
+          --output DIR       output folder (default lm-output)
+          --quick            a short run for tests (sft 80, steps 40)
+        """;
+
+    public static LmOptions? Parse(string[] args)
+    {
+        var o = new LmOptions();
+        try
+        {
+            for (int i = 0; i < args.Length; i++)
+            {
+                string Next() => i + 1 < args.Length ? args[++i] : throw new ArgumentException($"{args[i]} needs a value");
+                int Int() { var s = Next(); return int.TryParse(s, CultureInfo.InvariantCulture, out var v) && v > 0 ? v : throw new ArgumentException($"{args[i - 1]} needs a positive integer; got {s}"); }
+                double Real() { var s = Next(); return double.TryParse(s, CultureInfo.InvariantCulture, out var v) && v > 0 ? v : throw new ArgumentException($"{args[i - 1]} needs a positive number; got {s}"); }
+                o = args[i] switch
+                {
+                    "--losses" => o with { Losses = Next().Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries) },
+                    "--sft-steps" => o with { SftSteps = Int() },
+                    "--steps" => o with { Steps = Int() },
+                    "--batch" => o with { BatchSize = Int() },
+                    "--beta" => o with { Beta = Real() },
+                    "--lr" => o with { LearningRate = Real() },
+                    "--seed" => o with { Seed = Int() },
+                    "--device" => o with { Device = Next() is var d && d is "cpu" or "cuda" ? d : throw new ArgumentException("--device must be cpu or cuda") },
+                    "--output" => o with { Output = Next() },
+                    "--quick" => o with { SftSteps = 80, Steps = 40, LogEvery = 10 },
+                    "--help" or "-h" => throw new OperationCanceledException(),
+                    _ => throw new ArgumentException($"unknown option {args[i]}"),
+                };
+            }
+            foreach (var name in o.Losses)
+                if (name is not ("rpo" or "dpo") && !Alignment.Losses.TrlLosses.LossTypes.Contains(name))
+                    throw new ArgumentException($"unknown loss {name}; use rpo or one of: {string.Join(", ", Alignment.Losses.TrlLosses.LossTypes)}");
+            if (o.Device == "cuda" && !TorchSharp.torch.cuda.is_available())
+                throw new ArgumentException("--device cuda: no CUDA device is available to TorchSharp here");
+            return o;
+        }
+        catch (OperationCanceledException)
+        {
+            Console.WriteLine(Help);
+            return null;
+        }
+        catch (ArgumentException e)
+        {
+            Console.Error.WriteLine($"error: {e.Message}\n\n{Help}");
+            return null;
+        }
+    }
+}
