@@ -37,10 +37,22 @@ public sealed record PreferenceBatch(PreferenceLogps Policy, PreferenceLogps? Re
 
     /// <summary>
     /// SPO: the KL(policy || reference) estimate for the global regulariser, a scalar or per-sample [S] tensor
-    /// (averaged), usually from <see cref="TokenKl.Compute"/> on sequences sampled from the policy.
+    /// (averaged), usually from <see cref="TokenKl.Compute"/> on sequences sampled from the policy. KTO: a precomputed
+    /// reference point z0 (before its clamp at 0), instead of <see cref="Mismatched"/>.
     /// </summary>
     public Tensor? KlDivergence { get; init; }
+
+    /// <summary>
+    /// KTO: policy and reference log-probs of K mismatched (prompt, completion) pairs (each prompt with another example's
+    /// completion), from which the reference point z0 = max(0, mean(l_pol - l_ref)) is estimated, detached.
+    /// </summary>
+    public MismatchedLogps? Mismatched { get; init; }
 }
+
+/// <summary>KTO: log-probs [K] of mismatched (prompt, completion) pairs under the policy and the reference model.</summary>
+/// <param name="Policy">[K] policy log-probs (any gradient is ignored: z0 is detached).</param>
+/// <param name="Reference">[K] reference log-probs.</param>
+public sealed record MismatchedLogps(Tensor Policy, Tensor Reference);
 
 /// <summary>ODPO: scalar quality scores s_w, s_l of each chosen and rejected response (e.g. reward-model outputs).</summary>
 /// <param name="Chosen">[B] scores of the chosen responses.</param>

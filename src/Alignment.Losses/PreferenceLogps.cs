@@ -11,7 +11,7 @@ namespace Alignment.Losses;
 /// <para>
 /// A <em>paired</em> instance (the constructor, or <see cref="Paired"/>) holds B preference pairs: row i of
 /// <see cref="Chosen"/> and row i of <see cref="Rejected"/> answer the same prompt. An <em>unpaired</em> instance
-/// (<see cref="Unpaired"/>) holds M chosen and N rejected examples with no row correspondence; only losses that
+/// (<see cref="Unpaired(Tensor, Tensor)"/>) holds M chosen and N rejected examples with no row correspondence; only losses that
 /// support unpaired data (RPO) accept it.
 /// </para>
 /// <para>
@@ -38,8 +38,10 @@ public sealed class PreferenceLogps
     {
         Guard.Usable(chosen, nameof(chosen));
         Guard.Usable(rejected, nameof(rejected));
-        CheckLogps(chosen, nameof(chosen));
-        CheckLogps(rejected, nameof(rejected));
+        CheckLogps(chosen, nameof(chosen), allowEmpty: !isPaired);
+        CheckLogps(rejected, nameof(rejected), allowEmpty: !isPaired);
+        if (!isPaired && chosen.shape[0] == 0 && rejected.shape[0] == 0)
+            throw new ArgumentException("chosen and rejected are both empty: an unpaired batch needs at least one example on one side.", nameof(rejected));
         Guard.SameDevice(chosen, nameof(chosen), rejected, nameof(rejected));
         if (isPaired && chosen.shape[0] != rejected.shape[0])
             throw new ArgumentException(
@@ -58,11 +60,16 @@ public sealed class PreferenceLogps
     public static PreferenceLogps Paired(Tensor chosen, Tensor rejected) => new(chosen, rejected);
 
     /// <summary>
-    /// Unpaired log-probs: M chosen and N rejected examples, M and N independent, no row correspondence.
-    /// Only losses that support unpaired data accept it (RPO with <see cref="PromptEmbeddings.Unpaired"/>).
+    /// Unpaired log-probs: M chosen (desirable) and N rejected (undesirable) examples, M and N independent, no row
+    /// correspondence; one side may be empty, not both. Only losses that support unpaired data accept it (RPO with
+    /// <see cref="PromptEmbeddings.Unpaired"/>, which needs both sides; KTO, apo_zero_unpaired and BCO, which do not).
     /// </summary>
     public static PreferenceLogps Unpaired(Tensor chosen, Tensor rejected) =>
         new(chosen, rejected, null, null, isPaired: false);
+
+    /// <summary>Unpaired log-probs with completion-token counts (see <see cref="Unpaired(Tensor, Tensor)"/>).</summary>
+    public static PreferenceLogps Unpaired(Tensor chosen, Tensor rejected, Tensor? chosenTokenCounts, Tensor? rejectedTokenCounts) =>
+        new(chosen, rejected, chosenTokenCounts, rejectedTokenCounts, isPaired: false);
 
     /// <summary>[B] (or [M] when unpaired) summed log-probs of the chosen responses.</summary>
     public Tensor Chosen { get; }
@@ -103,11 +110,11 @@ public sealed class PreferenceLogps
         if (RejectedTokenCounts is not null) Guard.Usable(RejectedTokenCounts, prefix + ".RejectedTokenCounts");
     }
 
-    private static void CheckLogps(Tensor t, string name)
+    private static void CheckLogps(Tensor t, string name, bool allowEmpty)
     {
         Guard.Rank(t, 1, name, "of per-sequence log-probabilities [batch]");
         Guard.Floating(t, name);
-        Guard.NotEmpty(t, name);
+        if (!allowEmpty) Guard.NotEmpty(t, name);
     }
 
     private static void CheckCounts(Tensor? counts, Tensor logps, string name)

@@ -48,6 +48,18 @@ public abstract class PreferenceLoss<TOptions> : IPreferenceLoss where TOptions 
     /// <summary>Whether the loss accepts unpaired log-probs (M chosen, N rejected). Default false.</summary>
     protected virtual bool SupportsUnpaired => false;
 
+    /// <summary>Whether an unpaired batch may have an empty side (KTO, BCO: yes; RPO: no). Default false.</summary>
+    protected virtual bool SupportsEmptySide => false;
+
+    /// <summary>
+    /// Whether the standard metrics (rewards/*, logps/*) are reported. Default true; a loss whose inputs are not log-probs
+    /// (the Bradley-Terry reward-model loss) reports its own instead.
+    /// </summary>
+    protected virtual bool ReportsStandardMetrics => true;
+
+    /// <summary>Whether the loss needs, accepts or refuses reference log-probs. Default accepts (null = reference-free).</summary>
+    protected virtual ReferenceUse ReferenceUse => ReferenceUse.Optional;
+
     /// <inheritdoc />
     public PreferenceLossResult Compute(PreferenceBatch batch)
     {
@@ -64,7 +76,15 @@ public abstract class PreferenceLoss<TOptions> : IPreferenceLoss where TOptions 
         var extraTensors = (Validate(batch, checks) ?? Array.Empty<(Tensor?, string)>()).ToList();
         if (batch.ExampleWeights is { } exampleWeights)
         {
-            CheckPerExample(exampleWeights, batch, "batch.ExampleWeights", "per-example weights");
+            if (batch.Policy.IsPaired)
+                CheckPerExample(exampleWeights, batch, "batch.ExampleWeights", "per-example weights");
+            else
+            {
+                Guard.Usable(exampleWeights, "batch.ExampleWeights");
+                Guard.Rank(exampleWeights, 1, "batch.ExampleWeights", "[examples] (per-example weights)");
+                Guard.Floating(exampleWeights, "batch.ExampleWeights");
+                batch.Policy.CheckSameDevice(exampleWeights, "batch.ExampleWeights");
+            }
             using (no_grad())
                 checks.Add((exampleWeights >= 0).all(), () => new ArgumentException(
                     "batch.ExampleWeights must be non-negative and finite (a negative weight reverses a pair's preference).", "batch.ExampleWeights"));
@@ -77,6 +97,10 @@ public abstract class PreferenceLoss<TOptions> : IPreferenceLoss where TOptions 
         var perExample = Numerics.As(output.PerExample, dtype);
         if (batch.ExampleWeights is { } w)
         {
+            if (w.shape[0] != perExample.shape[0])
+                throw new ArgumentException(
+                    $"batch.ExampleWeights has {w.shape[0]} weights but the {Name} loss has {perExample.shape[0]} per-example losses" +
+                    (batch.Policy.IsPaired ? "." : " (unpaired: the chosen examples, then the rejected ones)."), "batch.ExampleWeights");
             perExample = ApplyExampleWeights(perExample, terms.Upcast(w));
             if (perExample.dim() != 1 || perExample.shape[0] != w.shape[0])
                 throw new InvalidOperationException($"{GetType().Name}.ApplyExampleWeights must return [{w.shape[0]}] weighted per-example losses; got {Guard.Shape(perExample)}.");
@@ -88,8 +112,16 @@ public abstract class PreferenceLoss<TOptions> : IPreferenceLoss where TOptions 
         string[] names;
         using (no_grad())
         {
-            packed = terms.LossAndStandardMetrics(perExample, RewardScale);
-            names = PreferenceTerms.StandardMetricNames;
+            if (ReportsStandardMetrics)
+            {
+                packed = terms.LossAndStandardMetrics(perExample, RewardScale, output.Rewards);
+                names = PreferenceTerms.StandardMetricNames;
+            }
+            else
+            {
+                packed = Numerics.As(perExample.detach(), dtype).mean().reshape(1);
+                names = Array.Empty<string>();
+            }
             if (output.Metrics.Count > 0)
             {
                 var parts = new List<Tensor>(1 + output.Metrics.Count) { packed };
@@ -186,6 +218,13 @@ public abstract class PreferenceLoss<TOptions> : IPreferenceLoss where TOptions 
             throw new ArgumentException(
                 $"The {Name} loss needs paired log-probs (row i of chosen and rejected answer the same prompt); got unpaired ones.",
                 "policy");
+        if (!policy.IsPaired && !SupportsEmptySide && (policy.ChosenCount == 0 || policy.RejectedCount == 0))
+            throw new ArgumentException($"The {Name} loss needs at least one chosen and one rejected example; got {policy.ChosenCount} and {policy.RejectedCount}.", "policy");
+        if (ReferenceUse == ReferenceUse.Refused && batch.Reference is not null)
+            throw new ArgumentException(
+                $"The {Name} loss is reference-free: it never reads reference log-probs, so passing them is a mistake (they would be ignored). Pass none.", "reference");
+        if (ReferenceUse == ReferenceUse.Required && batch.Reference is null)
+            throw new ArgumentException($"The {Name} loss needs reference log-probs (batch.Reference); got none.", "reference");
         if (batch.Reference is not { } reference) return;
         reference.CheckUsable("reference");
         if (reference.IsPaired != policy.IsPaired)
@@ -226,4 +265,17 @@ public abstract class PreferenceLoss<TOptions> : IPreferenceLoss where TOptions 
         Guard.SameLength(batch.Policy.Chosen, "policy.Chosen", t, name);
         batch.Policy.CheckSameDevice(t, name);
     }
+}
+
+/// <summary>How a loss uses reference log-probs.</summary>
+public enum ReferenceUse
+{
+    /// <summary>Optional: with none, l_ref = 0 (the DPO family's reference-free variants).</summary>
+    Optional,
+
+    /// <summary>Required (KTO, BCO).</summary>
+    Required,
+
+    /// <summary>Refused: the loss is reference-free by definition (CPO, SimPO, AlphaPO, ORPO, the reward-model loss).</summary>
+    Refused,
 }

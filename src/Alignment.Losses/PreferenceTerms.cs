@@ -122,29 +122,32 @@ public sealed class PreferenceTerms
     /// [per-example loss, u_w, u_l, h, h &gt; 0, l_w, l_l] and scale the reward rows in place: six kernels whatever B.
     /// (A loss call is launch-bound on a GPU, so metrics cost kernels, not arithmetic.)
     /// </summary>
-    internal Tensor LossAndStandardMetrics(Tensor perExample, double rewardScale)
+    internal Tensor LossAndStandardMetrics(Tensor perExample, double rewardScale, (Tensor Chosen, Tensor Rejected)? rewards = null)
     {
         using var _ = no_grad();
-        var chosen = ChosenLogRatio.detach();
-        var rejected = RejectedLogRatio.detach();
+        var chosen = rewards is { } r ? Numerics.As(r.Chosen.detach(), DType) : ChosenLogRatio.detach();
+        var rejected = rewards is { } r2 ? Numerics.As(r2.Rejected.detach(), DType) : RejectedLogRatio.detach();
+        if (rewards is not null) rewardScale = 1;   // a loss's own rewards come scaled
         Tensor packed;
         if (IsPaired && perExample.dim() == 1 && perExample.shape[0] == chosen.shape[0])
         {
-            var margin = Margin.detach();
+            var margin = chosen - rejected;
             var wins = (margin > 0).to_type(DType);
             packed = stack(new[] { Numerics.As(perExample.detach(), DType), chosen, rejected, margin, wins, PolicyChosen.detach(), PolicyRejected.detach() })
                 .mean(new long[] { 1 });
         }
         else
         {
+            // an unpaired side may be empty (KTO, BCO): its means are reported as 0, never NaN
+            static Tensor Mean(Tensor t) => t.shape[0] == 0 ? zeros(1, dtype: t.dtype, device: t.device).squeeze() : t.mean();
             var accuracy = IsPaired
                 ? (chosen > rejected).to_type(DType).mean()
-                : (chosen.unsqueeze(1) > rejected.unsqueeze(0)).to_type(DType).mean();
-            var (meanChosen, meanRejected) = (chosen.mean(), rejected.mean());
+                : Mean((chosen.unsqueeze(1) > rejected.unsqueeze(0)).to_type(DType).flatten());
+            var (meanChosen, meanRejected) = (Mean(chosen), Mean(rejected));
             packed = stack(new[]
             {
                 Numerics.As(perExample.detach(), DType).mean(), meanChosen, meanRejected, meanChosen - meanRejected, accuracy,
-                PolicyChosen.detach().mean(), PolicyRejected.detach().mean(),
+                Mean(PolicyChosen.detach()), Mean(PolicyRejected.detach()),
             });
         }
         packed.narrow(0, 1, 3).mul_(rewardScale);                             // beta * [u_w, u_l, h] = rewards and margin
@@ -159,4 +162,11 @@ public readonly record struct LossOutput(Tensor PerExample, IReadOnlyList<(strin
 {
     /// <summary>Per-example losses without metrics of the loss's own.</summary>
     public LossOutput(Tensor perExample) : this(perExample, Array.Empty<(string, Tensor)>()) { }
+
+    /// <summary>
+    /// The rewards the standard metrics report (rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies),
+    /// already scaled, when they are not RewardScale times the log-ratios: e.g. beta times per-token means for SimPO, as
+    /// TRL logs them. Null (default): RewardScale * (u_w, u_l).
+    /// </summary>
+    public (Tensor Chosen, Tensor Rejected)? Rewards { get; init; }
 }

@@ -193,6 +193,21 @@ public sealed class SequenceLogProbsResult : IDisposable
         return new PreferenceLogps(_sum.narrow(0, 0, half), _sum.narrow(0, half, half), _tokenCounts.narrow(0, 0, half), _tokenCounts.narrow(0, half, half));
     }
 
+    /// <summary>
+    /// Splits a batch of unpaired binary feedback into unpaired log-probs with token counts: the first
+    /// <paramref name="desirableCount"/> sequences are the desirable (chosen) examples, the rest the undesirable ones (for
+    /// KTO, apo_zero_unpaired and BCO). Either side may be empty.
+    /// </summary>
+    /// <exception cref="ArgumentOutOfRangeException"><paramref name="desirableCount"/> is outside [0, N].</exception>
+    public PreferenceLogps ToUnpairedLogps(long desirableCount)
+    {
+        long n = Sum.shape[0];
+        if (desirableCount < 0 || desirableCount > n)
+            throw new ArgumentOutOfRangeException(nameof(desirableCount), desirableCount, $"desirableCount must be in [0, {n}] (the number of sequences).");
+        return PreferenceLogps.Unpaired(_sum.narrow(0, 0, desirableCount), _sum.narrow(0, desirableCount, n - desirableCount),
+            _tokenCounts.narrow(0, 0, desirableCount), _tokenCounts.narrow(0, desirableCount, n - desirableCount));
+    }
+
     private Tensor Alive(Tensor t)
     {
         if (_disposed || t.IsInvalid)

@@ -54,7 +54,7 @@ public sealed record TrlDpoConfig
 /// reference) log-probs with <see cref="LogProbOptions"/>, and with <c>use_weighting</c> pass the policy's
 /// <see cref="SequenceLogProbsResult.WpoPairWeights"/> as <see cref="PreferenceBatch.ExampleWeights"/>.</para>
 /// </remarks>
-public static class TrlLosses
+public static partial class TrlLosses
 {
     /// <summary>The loss types TRL's DPOTrainer accepts, all supported here.</summary>
     public static IReadOnlyList<string> LossTypes { get; } = new[]

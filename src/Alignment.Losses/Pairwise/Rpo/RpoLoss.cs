@@ -68,7 +68,7 @@ public sealed record RpoOptions : PreferenceLossOptions
 /// Per-example losses are per chosen row i; the loss is their mean.</para>
 /// <para>Gradient: always chosen up, rejected down (W &gt; 0). Loss at initialisation: ln 2. With distinct prompts and
 /// tau → 0, W → I and L → (1/N) * mean DPO + ((N - 1)/N) * ln 2; with identical prompts W = 1/N.</para>
-/// <para>Unpaired data (M ≠ N allowed): <see cref="PreferenceLogps.Unpaired"/> with <see cref="PromptEmbeddings.Unpaired"/>.
+/// <para>Unpaired data (M ≠ N allowed): <see cref="PreferenceLogps.Unpaired(Tensor, Tensor)"/> with <see cref="PromptEmbeddings.Unpaired"/>.
 /// A batch with zero chosen or zero rejected rows is an error: there is no contrast to compute (the authors' trainer
 /// skips such steps; skip them in your loop too).</para>
 /// <para>Memory: O(M N + (M + N) D); at most three [M, N] matrices are alive at once. On the CPU, a batch whose

@@ -1,0 +1,127 @@
+using System.Globalization;
+using System.Text.Json;
+using Alignment.Losses.Internal;
+using static TorchSharp.torch;
+
+namespace Alignment.Losses;
+
+/// <summary>
+/// BCO's reward baseline delta: the running mean of every reward seen in training, a state the caller owns. It is updated
+/// with each training batch's detached rewards (before the batch's loss uses it, as in TRL) and frozen in evaluation;
+/// serialise it with the checkpoint (<see cref="ToJson"/>, <see cref="FromJson"/>) so a run resumes where it was.
+/// </summary>
+public sealed class BcoRewardBaseline
+{
+    /// <summary>A fresh baseline: no reward seen, mean 0.</summary>
+    public BcoRewardBaseline() { }
+
+    private BcoRewardBaseline(double mean, long count)
+    {
+        Mean = mean;
+        Count = count;
+    }
+
+    /// <summary>The running mean delta (0 before any update).</summary>
+    public double Mean { get; private set; }
+
+    /// <summary>Rewards seen so far.</summary>
+    public long Count { get; private set; }
+
+    /// <summary>True while training: <see cref="BcoLoss"/> updates the baseline with each batch. Set false for evaluation (frozen).</summary>
+    public bool Training { get; set; } = true;
+
+    /// <summary>Adds rewards to the running mean (exact: mean over all rewards seen, however batches are sized).</summary>
+    public void Update(IReadOnlyCollection<double> rewards)
+    {
+        ArgumentNullException.ThrowIfNull(rewards);
+        if (rewards.Count == 0) return;
+        if (rewards.Any(r => !double.IsFinite(r))) throw new ArgumentException("rewards must be finite.", nameof(rewards));
+        double batchMean = rewards.Average();
+        long total = Count + rewards.Count;
+        Mean += (batchMean - Mean) * rewards.Count / total;
+        Count = total;
+    }
+
+    /// <summary>The state as JSON: {"mean": ..., "count": ...} (round-trip precision).</summary>
+    public string ToJson() => JsonSerializer.Serialize(new Dictionary<string, object> { ["mean"] = Mean, ["count"] = Count });
+
+    /// <summary>Restores a state written by <see cref="ToJson"/>.</summary>
+    /// <exception cref="FormatException">Not such a state (missing fields, a negative count, a non-finite mean).</exception>
+    public static BcoRewardBaseline FromJson(string json)
+    {
+        ArgumentNullException.ThrowIfNull(json);
+        try
+        {
+            using var doc = JsonDocument.Parse(json);
+            double mean = doc.RootElement.GetProperty("mean").GetDouble();
+            long count = doc.RootElement.GetProperty("count").GetInt64();
+            if (count < 0 || !double.IsFinite(mean)) throw new FormatException($"invalid BCO baseline state (mean {mean.ToString(CultureInfo.InvariantCulture)}, count {count}).");
+            return new BcoRewardBaseline(mean, count);
+        }
+        catch (Exception e) when (e is JsonException or KeyNotFoundException or InvalidOperationException)
+        {
+            throw new FormatException("not a BCO baseline state: expected {\"mean\": number, \"count\": integer}.", e);
+        }
+    }
+}
+
+/// <summary>Options of <see cref="BcoLoss"/>.</summary>
+public sealed record BcoOptions : BetaOptions;
+
+/// <summary>
+/// BCO, Binary Classifier Optimization (Jung et al. 2024, arXiv 2404.04656; TRL's BCOTrainer) on unpaired thumbs-up /
+/// thumbs-down data: a logistic classifier of desirable vs undesirable on the implicit reward, shifted by a running mean.
+/// </summary>
+/// <remarks>
+/// <para>Rewards r = beta u, u = l_pol - l_ref; delta = the caller's <see cref="BcoRewardBaseline"/> (in training first updated
+/// with the batch's detached rewards, as in TRL); desirable loss softplus(-(r - delta)), undesirable softplus(r - delta);
+/// mean over the D + U examples (desirable first). Optional per-example weights (TRL's density-ratio "UDM" weights from an
+/// embedding classifier) go in <see cref="PreferenceBatch.ExampleWeights"/>, D + U of them. Metrics: the standard ones
+/// and delta. At a fixed delta, the loss is minimised where desirable rewards rise above delta and undesirable fall below
+/// it; over training, delta tracks the mean reward.</para>
+/// <para>The pairwise variant (TRL DPO loss_type "bco_pair") is <see cref="BcoPairLoss"/>.</para>
+/// </remarks>
+public sealed class BcoLoss : PreferenceLoss<BcoOptions>
+{
+    /// <summary>Creates the loss around the caller's baseline state.</summary>
+    public BcoLoss(BcoRewardBaseline baseline, BcoOptions? options = null) : base(options ?? new BcoOptions())
+    {
+        Baseline = baseline ?? throw new ArgumentNullException(nameof(baseline));
+    }
+
+    /// <summary>The running reward mean this loss reads (and updates while <see cref="BcoRewardBaseline.Training"/>).</summary>
+    public BcoRewardBaseline Baseline { get; }
+
+    /// <inheritdoc />
+    public override string Name => "bco";
+
+    /// <inheritdoc />
+    protected override double RewardScale => Options.Beta;
+
+    /// <inheritdoc />
+    protected override bool SupportsUnpaired => true;
+
+    /// <inheritdoc />
+    protected override bool SupportsEmptySide => true;
+
+    /// <inheritdoc />
+    protected override ReferenceUse ReferenceUse => ReferenceUse.Required;
+
+    /// <inheritdoc />
+    protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch)
+    {
+        double beta = Options.Beta;
+        var rewardChosen = terms.ChosenLogRatio * beta;
+        var rewardRejected = terms.RejectedLogRatio * beta;
+        if (Baseline.Training)
+        {
+            using var noGrad = no_grad();
+            var rewards = cat(new[] { rewardChosen.detach(), rewardRejected.detach() }, 0).to(ScalarType.Float64, CPU).data<double>().ToArray();
+            if (rewards.All(double.IsFinite)) Baseline.Update(rewards);   // non-finite inputs fail the loss's own check below
+        }
+        double delta = Baseline.Mean;
+        var desirable = PreferenceMath.NegLogSigmoid(rewardChosen - delta);
+        var undesirable = PreferenceMath.NegLogSigmoid(-(rewardRejected - delta));
+        return new(cat(new[] { desirable, undesirable }, 0), new[] { ("delta", full(1, delta, dtype: terms.DType, device: rewardChosen.device).squeeze()) });
+    }
+}
