@@ -81,7 +81,7 @@ public sealed record BcoOptions : BetaOptions;
 /// it; over training, delta tracks the mean reward.</para>
 /// <para>The pairwise variant (TRL DPO loss_type "bco_pair") is <see cref="BcoPairLoss"/>.</para>
 /// </remarks>
-public sealed class BcoLoss : PreferenceLoss<BcoOptions>
+public sealed class BcoLoss : UnpairedPreferenceLoss<BcoOptions>
 {
     /// <summary>Creates the loss around the caller's baseline state.</summary>
     public BcoLoss(BcoRewardBaseline baseline, BcoOptions? options = null) : base(options ?? new BcoOptions())
@@ -97,15 +97,6 @@ public sealed class BcoLoss : PreferenceLoss<BcoOptions>
 
     /// <inheritdoc />
     protected override double RewardScale => Options.Beta;
-
-    /// <inheritdoc />
-    protected override bool SupportsUnpaired => true;
-
-    /// <inheritdoc />
-    protected override bool SupportsEmptySide => true;
-
-    /// <inheritdoc />
-    protected override ReferenceUse ReferenceUse => ReferenceUse.Required;
 
     /// <inheritdoc />
     protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch)

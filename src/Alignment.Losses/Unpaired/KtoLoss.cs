@@ -31,7 +31,7 @@ public sealed record KtoOptions : BetaOptions
 /// (<see cref="BalanceAdvice"/> checks it and warns; it is never an error). Metrics: the standard ones (means over the
 /// examples present, 0 for an empty side) and kl (the z0 used).</para>
 /// </remarks>
-public sealed class KtoLoss : PreferenceLoss<KtoOptions>
+public sealed class KtoLoss : UnpairedPreferenceLoss<KtoOptions>
 {
     /// <summary>Creates the loss; default beta 0.1, lambda_D = lambda_U = 1.</summary>
     public KtoLoss(KtoOptions? options = null) : base(options ?? new KtoOptions()) { }
@@ -41,15 +41,6 @@ public sealed class KtoLoss : PreferenceLoss<KtoOptions>
 
     /// <inheritdoc />
     protected override double RewardScale => Options.Beta;
-
-    /// <inheritdoc />
-    protected override bool SupportsUnpaired => true;
-
-    /// <inheritdoc />
-    protected override bool SupportsEmptySide => true;
-
-    /// <inheritdoc />
-    protected override ReferenceUse ReferenceUse => ReferenceUse.Required;
 
     /// <inheritdoc />
     protected override IEnumerable<(Tensor? Tensor, string Name)> Validate(PreferenceBatch batch, ValueChecks checks)
@@ -128,7 +119,7 @@ public sealed class KtoLoss : PreferenceLoss<KtoOptions>
 /// Desirable loss lambda_D (1 - sigmoid(beta u)), undesirable loss lambda_U sigmoid(beta u), with u = l_pol - l_ref; mean over
 /// the D + U examples. Same inputs and options as <see cref="KtoLoss"/>, without z0 (no mismatched pairs needed).
 /// </remarks>
-public sealed class ApoZeroUnpairedLoss : PreferenceLoss<KtoOptions>
+public sealed class ApoZeroUnpairedLoss : UnpairedPreferenceLoss<KtoOptions>
 {
     /// <summary>Creates the loss; default beta 0.1, lambda_D = lambda_U = 1.</summary>
     public ApoZeroUnpairedLoss(KtoOptions? options = null) : base(options ?? new KtoOptions()) { }
@@ -138,15 +129,6 @@ public sealed class ApoZeroUnpairedLoss : PreferenceLoss<KtoOptions>
 
     /// <inheritdoc />
     protected override double RewardScale => Options.Beta;
-
-    /// <inheritdoc />
-    protected override bool SupportsUnpaired => true;
-
-    /// <inheritdoc />
-    protected override bool SupportsEmptySide => true;
-
-    /// <inheritdoc />
-    protected override ReferenceUse ReferenceUse => ReferenceUse.Required;
 
     /// <inheritdoc />
     protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch)
