@@ -104,6 +104,63 @@ public class NoScopeMemoryTests
     }
 
     [Fact]
+    public void Collator_packing_reference_cache_statistics_and_the_new_objectives_leak_nothing_without_a_scope()
+    {
+        var dir = Directory.CreateTempSubdirectory("alignment-noscope-");
+        try
+        {
+            AssertFlat("data pipeline and objective families", () =>
+            {
+                var examples = new[]
+                {
+                    new Alignment.Losses.Data.PreferenceExample(new[] { 1, 2 }, new[] { 3, 4 }, new[] { 5 }),
+                    new Alignment.Losses.Data.PreferenceExample(new[] { 6 }, new[] { 7 }, new[] { 8, 9, 2 }),
+                };
+                var collator = new Alignment.Losses.Data.PreferenceCollator(new Alignment.Losses.Data.PreferenceCollatorOptions { PadToMultipleOf = 4 });
+                var table = randn(10, 10);
+                var cache = Alignment.Losses.Data.ReferenceLogProbCache.Build(examples, collator,
+                    b => SequenceLogProbs.Compute(table.index_select(0, b.InputIds.flatten()).view(b.InputIds.shape[0], b.InputIds.shape[1], 10), b.Labels, null, LabelAlignment.ShiftByOne),
+                    Path.Combine(dir.FullName, Guid.NewGuid().ToString("N") + ".cache"), new Alignment.Losses.Data.ReferenceCacheOptions { Progress = null });
+                var logits = randn(1, 16, 10).requires_grad_(true);   // 13 tokens padded to 16
+                var baseline = new BcoRewardBaseline();
+                var unpaired = PreferenceLogps.Unpaired(randn(2).requires_grad_(true), randn(3).requires_grad_(true));
+                var unpairedRef = PreferenceLogps.Unpaired(randn(2), randn(3));
+                var counts = tensor(new[] { 3.0f, 4.0f });
+                var paired = new PreferenceLogps(-(rand(2) + 1).requires_grad_(true), -(rand(2) + 1).requires_grad_(true), counts, counts);
+                var losses = new (IPreferenceLoss Loss, PreferenceBatch Batch)[]
+                {
+                    (new CpoLoss(), new PreferenceBatch(paired)), (new AlphaPoLoss(), new PreferenceBatch(paired)), (new OrpoLoss(), new PreferenceBatch(paired)),
+                    (new KtoLoss(), new PreferenceBatch(unpaired, unpairedRef) { KlDivergence = zeros(1) }), (new BcoLoss(baseline), new PreferenceBatch(unpaired, unpairedRef)),
+                    (new BradleyTerryLoss(), new PreferenceBatch(new PreferenceLogps(randn(2).requires_grad_(true), randn(2).requires_grad_(true)))),
+                };
+                return () =>
+                {
+                    using (var padded = collator.Collate(examples))
+                    {
+                        var reference = cache.Lookup(padded);   // the caller owns the four tensors
+                        foreach (var t in new[] { reference.Chosen, reference.Rejected, reference.ChosenTokenCounts!, reference.RejectedTokenCounts! }) t.Dispose();
+                    }
+                    using var packed = collator.CollatePacked(examples);
+                    using (var mask = packed.Boundaries!.CausalAttentionMask(16)) { }
+                    using (var positions = packed.Boundaries.PositionIds(16)) { }
+                    using (var r = SequenceLogProbs.Compute(logits, packed.Labels, null, packed.Boundaries, LabelAlignment.ShiftByOne, new SequenceLogProbsOptions { StepStatistics = true }))
+                    {
+                        r.Statistics();
+                        using var total = r.Sum.sum();
+                        total.backward();
+                    }
+                    foreach (var (loss, batch) in losses)
+                    {
+                        using var result = loss.Compute(batch);
+                        result.Loss.backward();
+                    }
+                };
+            }, iterations: 200);
+        }
+        finally { dir.Delete(true); }
+    }
+
+    [Fact]
     public void Token_kl_listwise_spo_weighting_and_win_rates_leak_nothing_without_a_scope()
     {
         AssertFlat("TokenKl", () =>

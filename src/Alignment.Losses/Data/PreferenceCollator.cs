@@ -72,7 +72,7 @@ public sealed record PreferenceCollatorOptions
     private static int? Positive(int? value, string name) =>
         value is null or >= 1 ? value : throw new ArgumentOutOfRangeException(name, value, $"{name} must be >= 1 (or null for no limit).");
 
-    internal void CheckConsistent()
+    private void CheckConsistent()
     {
         if (MaxLength is { } max && MaxPromptLength is { } prompt && prompt >= max)
             throw new ArgumentException($"MaxLength ({max}) must exceed MaxPromptLength ({prompt}) so that every completion keeps at least one token.", nameof(MaxLength));
@@ -103,11 +103,7 @@ public sealed record TruncatedExample(int[] Prompt, int[] Chosen, int[] Rejected
 public sealed class PreferenceCollator
 {
     /// <summary>Creates a collator.</summary>
-    public PreferenceCollator(PreferenceCollatorOptions? options = null)
-    {
-        Options = options ?? new PreferenceCollatorOptions();
-        Options.CheckConsistent();
-    }
+    public PreferenceCollator(PreferenceCollatorOptions? options = null) => Options = options ?? new PreferenceCollatorOptions();
 
     /// <summary>The options.</summary>
     public PreferenceCollatorOptions Options { get; }
@@ -223,8 +219,8 @@ public sealed class PreferenceCollator
         bool[] promptMask, bool[] completion, long[] labels, long[] positions, SequenceBoundaries? boundaries)
     {
         var target = device ?? CPU;
-        Tensor Make(long[] data) => tensor(data, dtype: ScalarType.Int64).view(shape).to(target);
-        Tensor MakeMask(bool[] data) => tensor(data, dtype: ScalarType.Bool).view(shape).to(target);
+        Tensor Make(long[] data) => Numerics.FromHost(data, shape, ScalarType.Int64, target);
+        Tensor MakeMask(bool[] data) => Numerics.FromHost(data, shape, ScalarType.Bool, target);
         return new CollatedPreferences(truncated, Make(ids), MakeMask(attention), MakeMask(promptMask), MakeMask(completion), Make(labels), Make(positions), boundaries);
     }
 

@@ -98,7 +98,7 @@ public sealed class ReferenceLogProbCache
         for (int start = 0; start < dataset.Count; start += options.BatchSize)
         {
             var slice = dataset.Skip(start).Take(options.BatchSize).ToList();
-            using (var scope = NewDisposeScope())
+            using (NewDisposeScope())
             using (no_grad())
             {
                 using var batch = collator.Collate(slice, options.Device);
@@ -183,7 +183,10 @@ public sealed class ReferenceLogProbCache
                 "The dataset or the collator's limits changed since the cache was built; rebuild it.");
     }
 
-    /// <summary>The reference log-probs of a collated batch: [B] chosen and rejected (float32 on the batch's device), with token counts.</summary>
+    /// <summary>
+    /// The reference log-probs of a collated batch: [B] chosen and rejected (float32 on the batch's device), with token
+    /// counts. The four tensors are new and the caller's (a dispose scope around the step releases them).
+    /// </summary>
     /// <exception cref="InvalidOperationException">An example of the batch is not in the cache (names it), or its token counts differ from the batch's.</exception>
     public PreferenceLogps Lookup(CollatedPreferences batch, ScalarType dtype = ScalarType.Float32)
     {
@@ -202,7 +205,7 @@ public sealed class ReferenceLogProbCache
             (values[0, i], values[1, i], values[2, i], values[3, i]) = (e.Chosen, e.Rejected, e.ChosenTokens, e.RejectedTokens);
         }
         var device = batch.InputIds.device;
-        Tensor Row(int r) => tensor(Enumerable.Range(0, b).Select(i => values[r, i]).ToArray(), dtype: ScalarType.Float64).to(dtype, device);
+        Tensor Row(int r) => Internal.Numerics.FromHost(Enumerable.Range(0, b).Select(i => values[r, i]).ToArray(), new[] { (long)b }, dtype, device);
         return new PreferenceLogps(Row(0), Row(1), Row(2), Row(3));
     }
 

@@ -12,4 +12,21 @@ internal static class Numerics
 
     /// <summary>Upcasts to the compute dtype; a no-op alias when the dtype already matches.</summary>
     internal static Tensor As(Tensor t, ScalarType dtype) => t.dtype == dtype ? t.alias() : t.to_type(dtype);
+
+    /// <summary>
+    /// A tensor of <paramref name="shape"/> from host values, in <paramref name="dtype"/> on <paramref name="device"/>; the
+    /// intermediate CPU tensor and views are disposed here, not left to the finalizer.
+    /// </summary>
+    internal static Tensor FromHost<T>(T[] data, long[] shape, ScalarType dtype, Device device) where T : unmanaged
+    {
+        using var scope = NewDisposeScope();
+        Tensor host = data switch
+        {
+            long[] l => tensor(l, dtype: ScalarType.Int64),
+            bool[] b => tensor(b, dtype: ScalarType.Bool),
+            double[] d => tensor(d, dtype: ScalarType.Float64),
+            _ => throw new ArgumentException($"no host conversion for {typeof(T).Name}[]", nameof(data)),
+        };
+        return host.view(shape).to(dtype, device).MoveToOuterDisposeScope();
+    }
 }

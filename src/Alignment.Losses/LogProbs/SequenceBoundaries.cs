@@ -1,4 +1,5 @@
 using Alignment.Losses.Internal;
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace Alignment.Losses;
@@ -56,8 +57,8 @@ public sealed class SequenceBoundaries
         Guard.Usable(cumulativeLengths, nameof(cumulativeLengths));
         if (cumulativeLengths.dim() != 1 || cumulativeLengths.dtype is not (ScalarType.Int32 or ScalarType.Int64))
             throw new ArgumentException($"cumulativeLengths must be a 1-D int32 or int64 tensor; got {cumulativeLengths.dtype} {Guard.Shape(cumulativeLengths)}.", nameof(cumulativeLengths));
-        using var cpu = cumulativeLengths.to_type(ScalarType.Int64).cpu();
-        return new SequenceBoundaries(cpu.data<long>().ToArray());
+        using var scope = NewDisposeScope();
+        return new SequenceBoundaries(cumulativeLengths.to_type(ScalarType.Int64).cpu().data<long>().ToArray());
     }
 
     /// <summary>Number of sequences S.</summary>
@@ -74,7 +75,7 @@ public sealed class SequenceBoundaries
 
     /// <summary>cu_seqlens as a tensor [S + 1] (int32 by default, as variable-length attention kernels take it).</summary>
     public Tensor CumulativeLengthsTensor(Device? device = null, ScalarType dtype = ScalarType.Int32) =>
-        tensor(_cumulative, dtype: ScalarType.Int64).to(dtype, device ?? CPU);
+        Numerics.FromHost(_cumulative, new[] { (long)_cumulative.Length }, dtype, device ?? CPU);
 
     /// <summary>Position ids [1, <paramref name="total"/>] restarting at 0 in each sequence (positions past the last boundary continue the last one).</summary>
     public Tensor PositionIds(long? total = null, Device? device = null)
@@ -84,7 +85,7 @@ public sealed class SequenceBoundaries
         for (int s = 0; s < Count; s++)
             for (long p = _cumulative[s]; p < Math.Min(_cumulative[s + 1], length); p++) ids[p] = p - _cumulative[s];
         for (long p = TotalTokens; p < length; p++) ids[p] = p - _cumulative[^2];
-        return tensor(ids, dtype: ScalarType.Int64).view(1, length).to(device ?? CPU);
+        return Numerics.FromHost(ids, new[] { 1L, length }, ScalarType.Int64, device ?? CPU);
     }
 
     /// <summary>
@@ -95,11 +96,12 @@ public sealed class SequenceBoundaries
     public Tensor CausalAttentionMask(long? total = null, Device? device = null)
     {
         long length = total ?? TotalTokens;
+        using var scope = NewDisposeScope();
         var ids = SegmentIds(length, device ?? CPU);
         var same = ids.unsqueeze(1) == ids.unsqueeze(0);
         var causal = ones(length, length, dtype: ScalarType.Bool, device: device ?? CPU).tril();
         var padding = (ids == Count).unsqueeze(1) & eye(length, dtype: ScalarType.Bool, device: device ?? CPU).logical_not();
-        return same & causal & padding.logical_not();
+        return (same & causal & padding.logical_not()).MoveToOuterDisposeScope();
     }
 
     /// <summary>[total] the sequence index of each position; <see cref="Count"/> for positions past the last boundary.</summary>
@@ -109,7 +111,7 @@ public sealed class SequenceBoundaries
         for (int s = 0; s < Count; s++)
             for (long p = _cumulative[s]; p < Math.Min(_cumulative[s + 1], total); p++) ids[p] = s;
         for (long p = TotalTokens; p < total; p++) ids[p] = Count;
-        return tensor(ids, dtype: ScalarType.Int64).to(device);
+        return Numerics.FromHost(ids, new[] { total }, ScalarType.Int64, device);
     }
 }
 
