@@ -131,7 +131,7 @@ public sealed class PreferenceTerms
         Tensor packed;
         if (IsPaired && perExample.dim() == 1 && perExample.shape[0] == chosen.shape[0])
         {
-            var margin = chosen - rejected;
+            var margin = rewards is null ? Margin.detach() : chosen - rejected;   // the loss's cached margin when the rewards are the log-ratios
             var wins = (margin > 0).to_type(DType);
             packed = stack(new[] { Numerics.As(perExample.detach(), DType), chosen, rejected, margin, wins, PolicyChosen.detach(), PolicyRejected.detach() })
                 .mean(new long[] { 1 });
