@@ -57,7 +57,7 @@ Directory.CreateDirectory(options.OutputDirectory);
 var results = new List<RunResult>();
 foreach (var run in runs)
 {
-    Console.Write($"  training {run.Name,-14}");
+    Console.Write($"  training {run.Name,-18}");
     var result = Trainer.Train(world, run, options, device, progress: p => Console.Write(p));
     Console.WriteLine($" done in {result.Seconds:F2} s");
     results.Add(result);

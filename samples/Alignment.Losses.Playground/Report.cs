@@ -8,15 +8,15 @@ internal static class Report
     public static string Table(IReadOnlyList<RunResult> results)
     {
         var sb = new StringBuilder();
-        sb.AppendLine($"{"loss",-14} {"setting",-30} {"loss 0",9} {"loss end",9} {"reward",7} {"ref rew",7} {"win vs ref",10} {"KL",6} {"TV to opt",9} {"TV clean",8} {"time s",7}");
-        sb.AppendLine(new string('-', 129));
+        sb.AppendLine($"{"loss",-18} {"setting",-30} {"loss 0",9} {"loss end",9} {"reward",7} {"ref rew",7} {"win vs ref",10} {"KL",6} {"TV to opt",9} {"TV clean",8} {"time s",7}");
+        sb.AppendLine(new string('-', 133));
         foreach (var (r, i) in results.Select((r, i) => (r, i)))
         {
             if (i == 0 || results[i - 1].Group != r.Group) sb.AppendLine($"[{r.Group}]");
             string dist = r.DistanceToOptimum is { } d ? d.ToString("F4", CultureInfo.InvariantCulture) : "-";
             string clean = r.DistanceToCleanDpo is { } c ? c.ToString("F4", CultureInfo.InvariantCulture) : "-";
             sb.AppendLine(string.Create(CultureInfo.InvariantCulture,
-                $"{r.Name,-14} {r.Setting,-30} {r.InitialLoss,9:G4} {r.FinalLoss,9:G4} {r.Reward,7:F3} {r.ReferenceReward,7:F3} {r.WinRate,10:F3} {r.Kl,6:F3} {dist,9} {clean,8} {r.Seconds,7:F2}"));
+                $"{r.Name,-18} {r.Setting,-30} {r.InitialLoss,9:G4} {r.FinalLoss,9:G4} {r.Reward,7:F3} {r.ReferenceReward,7:F3} {r.WinRate,10:F3} {r.Kl,6:F3} {dist,9} {clean,8} {r.Seconds,7:F2}"));
         }
         return sb.ToString();
     }
@@ -29,6 +29,9 @@ internal static class Report
         labels flipped at rate eps: robust DPO with that eps -> the clean DPO optimum); '-' where none applies.
         TV clean: distance of the DPO family to the clean-label DPO optimum pi_ref exp(r / beta). With --label-noise, DPO
         fits the noisy preferences and drifts from it, while robust DPO (eps = the noise rate) is unbiased and stays near it.
+        reference_free: no reference log-probs (nothing anchors these to pi_ref). unpaired: each pair split into a desirable
+        (chosen) and an undesirable (rejected) example, as TRL unpairs paired data. reward_model: a Bradley-Terry reward
+        table r_hat fitted to the pairs; its policy is the RLHF optimum pi_ref exp(r_hat / beta), so it shares DPO's optimum.
         """;
 
     public static void WriteCsv(IReadOnlyList<RunResult> results, string dir)

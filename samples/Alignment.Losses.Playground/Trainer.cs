@@ -5,12 +5,37 @@ using static TorchSharp.torch;
 
 namespace Alignment.Losses.Playground;
 
+/// <summary>What a loss is given each step, built from the same sampled preference pairs.</summary>
+internal enum RunInput
+{
+    /// <summary>Paired policy and reference log-probs (the DPO family, RPO, SPO, ...).</summary>
+    Paired,
+
+    /// <summary>Paired policy log-probs with token counts and no reference (CPO, SimPO, AlphaPO, ORPO).</summary>
+    ReferenceFree,
+
+    /// <summary>
+    /// The pairs unpaired as TRL does with paired datasets: the B chosen responses are the desirable examples, the B rejected
+    /// ones the undesirable (KTO, apo_zero_unpaired, BCO); KTO's mismatched pairs put each prompt with the next pair's chosen response.
+    /// </summary>
+    Unpaired,
+
+    /// <summary>
+    /// A reward model: the trained table is r_hat[prompt, response], fitted to the pairs; the policy shown is the KL-regularised
+    /// RLHF optimum for that reward, pi ∝ pi_ref exp(r_hat / beta) (the same optimum DPO targets with the true reward).
+    /// </summary>
+    RewardModel,
+}
+
 /// <summary>A loss to train with, and the optimum its paper proves (if any) as a function of the reference policy.</summary>
 internal sealed record RunSpec(string Name, IPreferenceLoss Loss, string Setting, Func<Tensor, Tensor, Tensor>? Optimum = null, bool NeedsKl = false, int SelfPlayIterations = 1,
     bool CompareToCleanDpo = false)
 {
     /// <summary>The family the run is shown with (one table section and one curve plot per group).</summary>
     public string Group { get; init; } = "dpo";
+
+    /// <summary>What the loss is given each step. Default paired log-probs with a reference.</summary>
+    public RunInput Input { get; init; } = RunInput.Paired;
 }
 
 internal sealed record RunResult(
@@ -61,6 +86,24 @@ internal static class Trainer
             clean ? (_, r) => nn.functional.softmax(r / alpha, 1) : null) { Group = "other" };
         yield return new("odpo", new OdpoLoss(new() { Beta = Beta, Alpha = 0.5, MinimumScoreGap = 0.01 }), $"beta {Beta}, alpha 0.5") { Group = "other" };
         yield return new("sppo", new SppoLoss(new() { Beta = 1.0 }), "beta 1 (eta 1), 5 iterations", SelfPlayIterations: 5) { Group = "other" };
+
+        // Reference-free: no KL anchor, so these move furthest from the reference. SimPO/AlphaPO/ORPO read per-token means
+        // (l / n with n = 20-80 here), hence the larger beta, as with sigmoid_norm.
+        const double perToken = Beta * 50;
+        var free = RunInput.ReferenceFree;
+        yield return new("cpo", new CpoLoss(new() { Beta = Beta }), $"beta {Beta}, cpo_alpha 1") { Group = "reference_free", Input = free };
+        yield return new("simpo", new SimPoLoss(new() { Beta = perToken, Gamma = perToken * 0.01 }), $"beta {perToken}, gamma/beta 0.01") { Group = "reference_free", Input = free };
+        yield return new("alphapo", new AlphaPoLoss(new() { Beta = perToken, Gamma = perToken * 0.01, Alpha = 0.25 }), $"beta {perToken}, g/b 0.01, alpha 0.25")
+            { Group = "reference_free", Input = free };
+        yield return new("orpo", new OrpoLoss(new() { Beta = Beta }), $"lambda {Beta}") { Group = "reference_free", Input = free };
+
+        var unpaired = RunInput.Unpaired;
+        yield return new("kto", new KtoLoss(new() { Beta = Beta }), $"beta {Beta}, lambda_D=lambda_U=1") { Group = "unpaired", Input = unpaired };
+        yield return new("apo_zero_unpaired", new ApoZeroUnpairedLoss(new() { Beta = Beta }), $"beta {Beta}") { Group = "unpaired", Input = unpaired };
+        yield return new("bco", new BcoLoss(new BcoRewardBaseline(), new() { Beta = Beta }), $"beta {Beta}, running-mean delta") { Group = "unpaired", Input = unpaired };
+
+        yield return new("bradley_terry", new BradleyTerryLoss(), $"reward model; pi_ref e^(r/{Beta})", clean ? DpoOptimum : null, CompareToCleanDpo: true)
+            { Group = "reward_model", Input = RunInput.RewardModel };
     }
 
     /// <summary>DPO's optimum on clean Bradley-Terry labels: pi* ∝ pi_ref exp(r / beta) (robust DPO's too, at any noise rate it is told).</summary>
@@ -76,17 +119,21 @@ internal static class Trainer
         using var outer = NewDisposeScope();
         var rewards = world.RewardTensor().to(device);
         var initial = (randn(p, k, generator: null) * 0.1f).to(device);
-        var theta = new TorchSharp.Modules.Parameter(initial.clone(), requires_grad: true);   // takes over the clone's handle
+        bool rewardModel = run.Input == RunInput.RewardModel;
+        // A reward model's table starts at zero, so that its policy pi_ref e^(r/beta) starts at the reference.
+        var theta = new TorchSharp.Modules.Parameter(rewardModel ? zeros_like(initial) : initial.clone(), requires_grad: true);   // takes over the handle
         var embeddings = tensor(Flat(world.Embeddings), dtype: ScalarType.Float32).reshape(p, world.Embeddings.GetLength(1)).to(device);
         var tokens = tensor(Flat(world.TokenCounts), dtype: ScalarType.Float32).reshape(p, k).to(device);
         var optimizer = optim.Adam(new[] { theta }, o.LearningRate);
         var referenceLogits = initial.clone();
+        // The policy's logits: the table itself, or for a reward model the RLHF optimum's log pi_ref + r_hat / beta.
+        Tensor PolicyLogits(Tensor table) => rewardModel ? nn.functional.log_softmax(initial, 1) + table / Beta : table;
 
         var rewardCurve = new double[o.Steps + 1];
         var lossCurve = new double[o.Steps];
         double firstLoss = double.NaN;
         int iterationLength = Math.Max(1, o.Steps / run.SelfPlayIterations);
-        rewardCurve[0] = ExpectedReward(theta, rewards);
+        rewardCurve[0] = ExpectedReward(() => PolicyLogits(theta), rewards);
 
         for (int step = 0; step < o.Steps; step++)
         {
@@ -104,16 +151,28 @@ internal static class Trainer
             var logp = nn.functional.log_softmax(theta, 1);
             Tensor Pick(Tensor table, Tensor index) => table[prompt, index];
             var logpRef = nn.functional.log_softmax(referenceLogits, 1);
-            var batch = new PreferenceBatch(
-                new PreferenceLogps(Pick(logp, chosen), Pick(logp, rejected), Pick(tokens, chosen), Pick(tokens, rejected)),
-                new PreferenceLogps(Pick(logpRef, chosen), Pick(logpRef, rejected)))
+            var batch = run.Input switch
             {
-                PromptEmbeddings = run.Loss is RpoLoss rpo && rpo.Options.Variant == RpoVariant.Contrast ? PromptEmbeddings.Paired(embeddings.index_select(0, prompt)) : null,
-                Scores = new ResponseScores(
-                    tensor(pairs.Select(x => (float)world.Score(x.Prompt, x.Chosen)).ToArray()).to(device),
-                    tensor(pairs.Select(x => (float)world.Score(x.Prompt, x.Rejected)).ToArray()).to(device)),
-                WinRates = run.Loss is SppoLoss ? WinRates(referenceLogits, rewards, prompt, chosen, rejected) : null,
-                KlDivergence = run.NeedsKl ? TokenKl.Compute(theta.unsqueeze(1), referenceLogits.unsqueeze(1), ones(p, 1, device: device)) : null,
+                RunInput.ReferenceFree => new PreferenceBatch(new PreferenceLogps(Pick(logp, chosen), Pick(logp, rejected), Pick(tokens, chosen), Pick(tokens, rejected))),
+                RunInput.Unpaired => new PreferenceBatch(
+                    PreferenceLogps.Unpaired(Pick(logp, chosen), Pick(logp, rejected)),
+                    PreferenceLogps.Unpaired(Pick(logpRef, chosen), Pick(logpRef, rejected)))
+                {
+                    // KTO's reference point: each prompt with the next pair's chosen response, as TRL's KTOTrainer shifts completions
+                    Mismatched = run.Loss is KtoLoss ? new MismatchedLogps(Pick(logp, chosen.roll(1)), Pick(logpRef, chosen.roll(1))) : null,
+                },
+                RunInput.RewardModel => new PreferenceBatch(new PreferenceLogps(Pick(theta, chosen), Pick(theta, rejected))),
+                _ => new PreferenceBatch(
+                    new PreferenceLogps(Pick(logp, chosen), Pick(logp, rejected), Pick(tokens, chosen), Pick(tokens, rejected)),
+                    new PreferenceLogps(Pick(logpRef, chosen), Pick(logpRef, rejected)))
+                {
+                    PromptEmbeddings = run.Loss is RpoLoss rpo && rpo.Options.Variant == RpoVariant.Contrast ? PromptEmbeddings.Paired(embeddings.index_select(0, prompt)) : null,
+                    Scores = new ResponseScores(
+                        tensor(pairs.Select(x => (float)world.Score(x.Prompt, x.Chosen)).ToArray()).to(device),
+                        tensor(pairs.Select(x => (float)world.Score(x.Prompt, x.Rejected)).ToArray()).to(device)),
+                    WinRates = run.Loss is SppoLoss ? WinRates(referenceLogits, rewards, prompt, chosen, rejected) : null,
+                    KlDivergence = run.NeedsKl ? TokenKl.Compute(theta.unsqueeze(1), referenceLogits.unsqueeze(1), ones(p, 1, device: device)) : null,
+                },
             };
             using var result = run.Loss.Compute(batch);
             optimizer.zero_grad();
@@ -121,12 +180,12 @@ internal static class Trainer
             optimizer.step();
             lossCurve[step] = result.Loss.ToDouble();
             if (step == 0) firstLoss = lossCurve[0];
-            rewardCurve[step + 1] = ExpectedReward(theta, rewards);
+            rewardCurve[step + 1] = ExpectedReward(() => PolicyLogits(theta), rewards);
             if ((step + 1) % Math.Max(1, o.Steps / 10) == 0) progress(".");
         }
 
         using var final = NewDisposeScope();
-        var policy = nn.functional.softmax(theta.detach(), 1);
+        var policy = nn.functional.softmax(PolicyLogits(theta.detach()), 1);
         var reference = nn.functional.softmax(initial, 1);
         double reward = (policy * rewards).sum(1).mean().ToDouble();
         double referenceReward = (reference * rewards).sum(1).mean().ToDouble();
@@ -151,11 +210,11 @@ internal static class Trainer
         return SppoWinRates.Individual(rate[prompt, chosen], rate[prompt, rejected]);
     }
 
-    private static double ExpectedReward(Tensor theta, Tensor rewards)
+    private static double ExpectedReward(Func<Tensor> policyLogits, Tensor rewards)
     {
         using var _ = NewDisposeScope();
         using var __ = no_grad();
-        return (nn.functional.softmax(theta, 1) * rewards).sum(1).mean().ToDouble();
+        return (nn.functional.softmax(policyLogits(), 1) * rewards).sum(1).mean().ToDouble();
     }
 
     private static float[] Flat<T>(T[,] a) where T : IConvertible

@@ -193,10 +193,10 @@ public class PlaygroundTests
                 "run", "--project", "samples/Alignment.Losses.Playground", "--", "--quick", "--out", outDir), "playground");
             var csv = File.ReadAllLines(Path.Combine(outDir, "results.csv"));
             Assert.True(File.Exists(Path.Combine(outDir, "curves.csv")));
-            foreach (var group in new[] { "dpo", "absolute", "batch", "other" }) Assert.True(File.Exists(Path.Combine(outDir, $"reward_curves_{group}.png")), group);
+            foreach (var group in new[] { "dpo", "absolute", "batch", "other", "reference_free", "unpaired", "reward_model" }) Assert.True(File.Exists(Path.Combine(outDir, $"reward_curves_{group}.png")), group);
             var header = csv[0].Split(',');
             int reward = Array.IndexOf(header, "reward"), refReward = Array.IndexOf(header, "reference_reward"), win = Array.IndexOf(header, "win_rate");
-            Assert.Equal(25, csv.Length);                           // header + 24 runs
+            Assert.Equal(33, csv.Length);                           // header + 32 runs
             foreach (var row in csv.Skip(1))
             {
                 var f = Regex.Split(row, ",(?=(?:[^\"]*\"[^\"]*\")*[^\"]*$)");
