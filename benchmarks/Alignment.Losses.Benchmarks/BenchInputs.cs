@@ -31,20 +31,62 @@ internal sealed class BenchInputs : IDisposable
             Scores = new ResponseScores(ScoreChosen, ScoreRejected),
             WinRates = SppoWinRates.Individual(WinChosen, WinRejected),
         };
-        _scope.Detach(new[] { PolicyChosen, PolicyRejected, RefChosen, RefRejected, Counts, Embeddings, ScoreChosen, ScoreRejected, WinChosen, WinRejected });
+        // reference-free losses (CPO, SimPO, AlphaPO, ORPO) and the reward model (the log-prob slots read as rewards) get no reference
+        ReferenceFreeBatch = new PreferenceBatch(new PreferenceLogps(PolicyChosen, PolicyRejected, Counts, Counts));
+        // unpaired losses: the B chosen responses are the desirable examples, the B rejected ones the undesirable; KTO's
+        // mismatched pairs are each prompt with the next example's chosen response (TRL shifts the completions by one)
+        MismatchedPolicy = PolicyChosen.detach().roll(1);
+        MismatchedReference = RefChosen.roll(1);
+        UnpairedBatch = new PreferenceBatch(
+            PreferenceLogps.Unpaired(PolicyChosen, PolicyRejected, Counts, Counts), PreferenceLogps.Unpaired(RefChosen, RefRejected))
+        {
+            Mismatched = new MismatchedLogps(MismatchedPolicy, MismatchedReference),
+        };
+        _scope.Detach(Owned);
     }
 
-    public Tensor PolicyChosen, PolicyRejected, RefChosen, RefRejected, Counts, Embeddings, ScoreChosen, ScoreRejected, WinChosen, WinRejected;
+    public Tensor PolicyChosen, PolicyRejected, RefChosen, RefRejected, Counts, Embeddings, ScoreChosen, ScoreRejected, WinChosen, WinRejected,
+        MismatchedPolicy, MismatchedReference;
+
+    private Tensor[] Owned => new[] { PolicyChosen, PolicyRejected, RefChosen, RefRejected, Counts, Embeddings, ScoreChosen, ScoreRejected, WinChosen, WinRejected,
+        MismatchedPolicy, MismatchedReference };
+
+    /// <summary>Paired policy and reference log-probs with every pairwise side input (embeddings, scores, win-rates).</summary>
     public PreferenceBatch Batch { get; }
+
+    /// <summary>The policy log-probs with token counts and no reference.</summary>
+    public PreferenceBatch ReferenceFreeBatch { get; }
+
+    /// <summary>The same log-probs as B desirable and B undesirable examples, with KTO's mismatched pairs.</summary>
+    public PreferenceBatch UnpairedBatch { get; }
+
+    /// <summary>Every loss of the suites, by name (the peer, benchmarks/pytorch/reference_losses.py, has the same names).</summary>
+    public static readonly string[] LossNames =
+    {
+        "dpo", "cdpo", "robust_dpo", "ipo", "hinge", "dpo_nll", "rpo", "spo", "odpo", "sppo",
+        "exo_pair", "nca_pair", "bco_pair", "apo_zero", "apo_down", "aot", "discopop", "sigmoid_norm", "sft", "mpo", "dpo_js",
+        "cpo", "simpo", "alphapo", "orpo", "kto", "apo_zero_unpaired", "bco", "bradley_terry",
+    };
+
+    /// <summary>The batch that the named loss takes: paired with a reference, reference-free, or unpaired.</summary>
+    public PreferenceBatch BatchFor(string name) => name switch
+    {
+        "cpo" or "simpo" or "alphapo" or "orpo" or "bradley_terry" => ReferenceFreeBatch,
+        "kto" or "apo_zero_unpaired" or "bco" => UnpairedBatch,
+        _ => Batch,
+    };
 
     /// <summary>
     /// One forward + backward pass, synchronised by reading a gradient element. The gradients are then dropped
     /// (<c>grad = null</c>, as the PyTorch peer does with <c>x.grad = None</c>), so every call allocates fresh ones.
     /// </summary>
-    public double ForwardBackward(IPreferenceLoss loss)
+    public double ForwardBackward(IPreferenceLoss loss) => ForwardBackward(loss, Batch);
+
+    /// <inheritdoc cref="ForwardBackward(IPreferenceLoss)"/>
+    public double ForwardBackward(IPreferenceLoss loss, PreferenceBatch batch)
     {
         using var scope = NewDisposeScope();
-        using var r = loss.Compute(Batch);
+        using var r = loss.Compute(batch);
         r.Loss.backward();
         double v = PolicyChosen.grad![0].ToDouble();
         PolicyChosen.grad = null;
@@ -76,6 +118,15 @@ internal sealed class BenchInputs : IDisposable
         "sft" => new SftLoss(),
         "mpo" => new WeightedLoss((new DpoLoss(), 0.8), (new BcoPairLoss(), 0.2), (new SftLoss(), 1.0)),
         "dpo_js" => new DpoLoss(new DpoOptions { ScoreMap = ScoreMap.JensenShannon }),
+        // reference-free, unpaired and reward-model objectives, with TRL's defaults (CPOConfig, KTOConfig, BCOConfig, RewardConfig)
+        "cpo" => new CpoLoss(),
+        "simpo" => new SimPoLoss(),
+        "alphapo" => new AlphaPoLoss(),
+        "orpo" => new OrpoLoss(),
+        "kto" => new KtoLoss(),
+        "apo_zero_unpaired" => new ApoZeroUnpairedLoss(),
+        "bco" => new BcoLoss(new BcoRewardBaseline()),    // the running mean is updated by every call, as in TRL's training step
+        "bradley_terry" => new BradleyTerryLoss(),
         _ => throw new ArgumentException($"unknown loss {name}", nameof(name)),
     };
 
@@ -89,7 +140,7 @@ internal sealed class BenchInputs : IDisposable
 
     public void Dispose()
     {
-        foreach (var t in new[] { PolicyChosen, PolicyRejected, RefChosen, RefRejected, Counts, Embeddings, ScoreChosen, ScoreRejected, WinChosen, WinRejected }) t.Dispose();
+        foreach (var t in Owned) t.Dispose();
         _scope.Dispose();
     }
 }

@@ -26,14 +26,14 @@ internal static class CudaCheck
             if (!ok) failures++;
         }
 
-        foreach (var name in new[] { "dpo", "cdpo", "robust_dpo", "ipo", "hinge", "dpo_nll", "rpo", "spo", "odpo", "sppo", "exo_pair", "nca_pair", "bco_pair", "apo_zero", "apo_down", "aot", "discopop", "sigmoid_norm", "sft", "mpo", "dpo_js" })
+        foreach (var name in BenchInputs.LossNames)
         {
             using var scope = NewDisposeScope();
-            var loss = BenchInputs.Create(name);
             using var gpu = new BenchInputs(64, ScalarType.Float32, CUDA);
             using var cpu = new BenchInputs(64, ScalarType.Float64, CPU);
-            using var rg = loss.Compute(gpu.Batch);
-            using var rc = loss.Compute(cpu.Batch);
+            // one instance per device: BCO's running mean must see each batch once
+            using var rg = BenchInputs.Create(name).Compute(gpu.BatchFor(name));
+            using var rc = BenchInputs.Create(name).Compute(cpu.BatchFor(name));
             rg.Loss.backward();
             rc.Loss.backward();
             double value = Math.Abs(rg.Loss.ToDouble() - rc.Loss.ToDouble()) / Math.Max(1, Math.Abs(rc.Loss.ToDouble()));

@@ -9,9 +9,12 @@ namespace Alignment.Losses.Benchmarks;
 [MemoryDiagnoser]
 public class LossBenchmarks
 {
-    [Params("dpo", "cdpo", "robust_dpo", "ipo", "hinge", "dpo_nll", "rpo", "spo", "odpo", "sppo",
-        "exo_pair", "nca_pair", "bco_pair", "apo_zero", "apo_down", "aot", "discopop", "sigmoid_norm", "sft", "mpo", "dpo_js")]
+    [ParamsSource(nameof(Losses))]
     public string Loss { get; set; } = "dpo";
+
+    /// <summary>Every loss (<see cref="BenchInputs.LossNames"/>); BENCH_LOSSES=a,b,... keeps some, to split a long run.</summary>
+    public static IEnumerable<string> Losses() =>
+        Environment.GetEnvironmentVariable("BENCH_LOSSES") is { Length: > 0 } only ? only.Split(',') : BenchInputs.LossNames;
 
     [Params(8, 64, 1024, 4096)]
     public int B { get; set; }
@@ -30,12 +33,14 @@ public class LossBenchmarks
 
     private BenchInputs _inputs = null!;
     private IPreferenceLoss _loss = null!;
+    private PreferenceBatch _batch = null!;
 
     [GlobalSetup]
     public void Setup()
     {
         _inputs = new BenchInputs(B, DType == "bfloat16" ? ScalarType.BFloat16 : ScalarType.Float32, new Device(Device));
         _loss = BenchInputs.Create(Loss);
+        _batch = _inputs.BatchFor(Loss);
     }
 
     [GlobalCleanup]
@@ -46,13 +51,13 @@ public class LossBenchmarks
     public double Forward()
     {
         using var scope = NewDisposeScope();
-        using var r = _loss.Compute(_inputs.Batch);
+        using var r = _loss.Compute(_batch);
         return r.Loss.ToDouble();
     }
 
     /// <summary>Forward + backward, synchronised by reading a gradient element.</summary>
     [Benchmark]
-    public double ForwardBackward() => _inputs.ForwardBackward(_loss);
+    public double ForwardBackward() => _inputs.ForwardBackward(_loss, _batch);
 }
 
 /// <summary>What does RPO cost as B and D grow? (quadratic in B by design)</summary>

@@ -157,9 +157,80 @@ def dpo_js(x):
     return -F.logsigmoid(BETA * (F.logsigmoid(uw) - F.logsigmoid(ul))).mean()
 
 
+# reference-free objectives (TRL's CPOTrainer / ORPOTrainer, defaults beta 0.1, simpo_gamma 0.5, cpo_alpha 1, alpha 0.25):
+# no reference log-probs; SimPO, AlphaPO and ORPO use per-token means, the NLL is the chosen tokens' mean
+def nll(x):
+    return -x["pc"].float().sum() / x["counts"].sum()
+
+
+def cpo(x, cpo_alpha=1.0):
+    logits = x["pc"].float() - x["pr"].float()
+    return -F.logsigmoid(BETA * logits).mean() + cpo_alpha * nll(x)
+
+
+def simpo(x, gamma=0.5):
+    logits = x["pc"].float() / x["counts"] - x["pr"].float() / x["counts"]
+    return -F.logsigmoid(BETA * (logits - gamma / BETA)).mean()
+
+
+def alphapo(x, gamma=0.5, alpha=0.25):
+    pw, pl = torch.exp(x["pc"].float() / x["counts"]), torch.exp(x["pr"].float() / x["counts"])
+    logits = (1 - pw.pow(-alpha)) / alpha - (1 - pl.pow(-alpha)) / alpha
+    return -F.logsigmoid(BETA * (logits - gamma / BETA)).mean()
+
+
+def orpo(x):
+    aw, al = x["pc"].float() / x["counts"], x["pr"].float() / x["counts"]
+    log_odds = (aw - al) - (torch.log1p(-torch.exp(aw)) - torch.log1p(-torch.exp(al)))
+    return nll(x) - BETA * F.logsigmoid(log_odds).mean()
+
+
+# unpaired objectives (TRL's KTOTrainer / BCOTrainer): the B chosen are desirable, the B rejected undesirable
+def kto(x):
+    uw, ul, _, _ = logratios(x)
+    with torch.no_grad():
+        kl = (x["pc"].float().roll(1) - x["rc"].float().roll(1)).mean().clamp(min=0)
+    return torch.cat((1 - torch.sigmoid(BETA * (uw - kl)), 1 - torch.sigmoid(BETA * (kl - ul))), 0).mean()
+
+
+def apo_zero_unpaired(x):
+    uw, ul, _, _ = logratios(x)
+    return torch.cat((1 - torch.sigmoid(BETA * uw), torch.sigmoid(BETA * ul)), 0).mean()
+
+
+class RunningMean:
+    """TRL's RunningMoments mean: updated with each training batch's detached rewards, read back to the host."""
+
+    def __init__(self):
+        self.mean, self.count = 0.0, 1e-24
+
+    def update(self, xs):
+        total = self.count + xs.numel()
+        self.mean += ((xs.float().mean() - self.mean) * xs.numel() / total).item()
+        self.count = total
+
+
+BCO_RUNNING = RunningMean()
+
+
+def bco(x):
+    uw, ul, _, _ = logratios(x)
+    rw, rl = BETA * uw, BETA * ul
+    BCO_RUNNING.update(torch.cat((rw, rl), 0).detach())
+    delta = torch.as_tensor(BCO_RUNNING.mean, device=rw.device)
+    return torch.cat((-F.logsigmoid(rw - delta), -F.logsigmoid(-(rl - delta))), 0).mean()
+
+
+def bradley_terry(x):
+    # TRL's RewardTrainer: the log-prob slots stand for the reward head's outputs
+    return -F.logsigmoid(x["pc"].float() - x["pr"].float()).mean()
+
+
 LOSSES = dict(dpo=dpo, cdpo=cdpo, robust_dpo=robust_dpo, ipo=ipo, hinge=hinge, dpo_nll=dpo_nll, rpo=rpo, spo=spo, odpo=odpo, sppo=sppo,
               exo_pair=exo_pair, nca_pair=nca_pair, bco_pair=bco_pair, apo_zero=apo_zero, apo_down=apo_down, aot=aot,
-              discopop=discopop, sigmoid_norm=sigmoid_norm, sft=sft, mpo=mpo, dpo_js=dpo_js)
+              discopop=discopop, sigmoid_norm=sigmoid_norm, sft=sft, mpo=mpo, dpo_js=dpo_js,
+              cpo=cpo, simpo=simpo, alphapo=alphapo, orpo=orpo, kto=kto, apo_zero_unpaired=apo_zero_unpaired, bco=bco,
+              bradley_terry=bradley_terry)
 
 
 def time_call(fn, repeats, warmup=20):

@@ -43,4 +43,23 @@ public static class MetricNames
     public const string LogitsRejected = "logits/rejected";
     /// <summary>The mean training loss (the metrics accumulator's name for it).</summary>
     public const string Loss = "loss";
+
+    /// <summary>ORPO: mean logsigmoid(log odds ratio) of the pairs (TRL's ORPOTrainer name).</summary>
+    public const string LogOddsRatio = "log_odds_ratio";
+    /// <summary>ORPO: mean log odds ratio, log odds(y_w) - log odds(y_l), of the per-token means.</summary>
+    public const string LogOddsChosen = "log_odds_chosen";
+    /// <summary>KTO: the reference point z0 = max(0, KL estimate) the batch used (TRL's KTOTrainer name).</summary>
+    public const string Kl = "kl";
+    /// <summary>BCO: the running reward mean delta the batch used (TRL's BCOTrainer name).</summary>
+    public const string Delta = "delta";
+    /// <summary>Reward model: fraction of pairs with r_w &gt; r_l (strict), TRL's RewardTrainer name.</summary>
+    public const string Accuracy = "accuracy";
+    /// <summary>Reward model: mean(r_w - r_l).</summary>
+    public const string Margin = "margin";
+    /// <summary>Reward model: mean of all 2B rewards.</summary>
+    public const string MeanReward = "mean_reward";
+    /// <summary>Reward model: smallest of all 2B rewards.</summary>
+    public const string MinReward = "min_reward";
+    /// <summary>Reward model: largest of all 2B rewards.</summary>
+    public const string MaxReward = "max_reward";
 }

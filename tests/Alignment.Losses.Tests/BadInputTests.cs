@@ -36,7 +36,10 @@ public class BadInputTests
             var bad = b.Policy.Rejected.detach().clone().index_fill_(0, tensor(new long[] { 0 }), double.NegativeInfinity);
             L().Compute(b with { Policy = b.Policy.IsPaired ? new PreferenceLogps(b.Policy.Chosen, bad, b.Policy.ChosenTokenCounts, b.Policy.RejectedTokenCounts) : PreferenceLogps.Unpaired(b.Policy.Chosen, bad) });
         }, AE, "policy.Rejected");
-        if (c.Name is not ("spo" or "dpo_reference_free"))   // SPO does not use the reference; the reference-free case has none
+        var probe = B();
+        bool unpairedFeedback = !probe.Policy.IsPaired;               // KTO, BCO, ... (and unpaired RPO) take unpaired batches
+        // SPO does not use the reference; the reference-free cases (and the reward model) have none
+        if (c.Name != "spo" && probe.Reference is not null)
         {
             yield return new($"{c.Name}: NaN in reference", () =>
             {
@@ -52,7 +55,7 @@ public class BadInputTests
                 L().Compute(b with { Reference = r.IsPaired ? new PreferenceLogps(r.Chosen.narrow(0, 0, 3), r.Rejected.narrow(0, 0, 3)) : PreferenceLogps.Unpaired(r.Chosen.narrow(0, 0, 3), r.Rejected) });
             }, AE, "reference.Chosen");
         }
-        if (c.Name != "rpo_unpaired")
+        if (!unpairedFeedback)
             yield return new($"{c.Name}: unpaired log-probs", () =>
             {
                 if (c.Name.StartsWith("rpo", StringComparison.Ordinal) && c.Name != "rpo_diagonal")

@@ -103,7 +103,7 @@ public class FieldGradientSignProperties
         Assert.InRange(reversed, 2, z.Length - 2);
     }
 
-    public static IEnumerable<object[]> Thresholded => new[] { "aot", "exo_pair_alpha", "nca_pair_js", "apo_down_forward_kl", "discopop" }.Select(n => new object[] { n });
+    public static IEnumerable<object[]> Thresholded => new[] { "aot", "exo_pair_alpha", "nca_pair_js", "apo_down_forward_kl", "discopop", "cpo_smoothed", "cpo_hinge", "cpo_ipo", "simpo_smoothed", "bradley_terry" }.Select(n => new object[] { n });
 
     /// <summary>Every row's gradient has the sign of the float64 oracle's, so both sides of each threshold are right.</summary>
     [Theory, MemberData(nameof(Thresholded))]

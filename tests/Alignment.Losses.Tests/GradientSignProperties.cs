@@ -32,6 +32,8 @@ public class GradientSignProperties
         // the field's objectives and the score maps (every map is increasing, so it keeps the sign rule)
         "dpo_forward_kl", "dpo_js", "dpo_alpha", "robust_dpo_js", "sigmoid_norm", "sigmoid_norm_forward_kl", "bco_pair", "apo_zero",
         "aot_unpaired", "mpo", "dpo_weighted",
+        // reference-free and unpaired objectives without label smoothing (an NLL on the chosen side only adds to "up")
+        "cpo", "simpo", "alphapo", "alphapo_negative", "orpo", "kto", "kto_unbalanced", "apo_zero_unpaired", "bco",
     }.Select(n => new object[] { n });
 
     [Theory, MemberData(nameof(AlwaysCorrect))]

@@ -15,7 +15,7 @@ public class MemoryTests
     public static IEnumerable<object[]> OnePerLossClass => new[]
     {
         "dpo", "cdpo", "robust_dpo", "hinge", "ipo_per_token", "dpo_nll", "odpo", "spo", "sppo", "rpo", "rpo_diagonal", "rpo_unpaired",
-        "exo_pair", "apo_down", "aot", "sft", "mpo",
+        "exo_pair", "apo_down", "aot", "sft", "mpo", "cpo", "simpo", "alphapo", "orpo", "kto", "bco", "bradley_terry",
     }.Select(n => new object[] { n });
 
     [Theory, MemberData(nameof(OnePerLossClass))]

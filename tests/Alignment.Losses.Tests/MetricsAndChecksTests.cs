@@ -25,6 +25,11 @@ public class MetricsAndChecksTests
             var batch = c.Batch(new BatchTensors(x, ScalarType.Float64));
             using var r = c.Make(x).Compute(batch);
             double[] pc = TensorUtil.Values(batch.Policy.Chosen), pr = TensorUtil.Values(batch.Policy.Rejected);
+            if (!c.StandardMetrics)
+            {
+                AssertRewardModelMetrics(loss, r, pc, pr);
+                return;
+            }
             double[] uw = pc, ul = pr;
             if (batch.Reference is { } reference)
             {
@@ -34,6 +39,7 @@ public class MetricsAndChecksTests
                 ul = pr.Select((v, i) => v - rr[i]).ToArray();
             }
             double scale = loss switch { "spo" => x.Alpha, "sft" => 1, _ => x.Beta };
+            if (c.Rewards is { } own) (uw, ul, scale) = (own(x).Chosen, own(x).Rejected, 1);   // already scaled
             double accuracy = batch.Policy.IsPaired
                 ? uw.Zip(ul).Count(p => p.First > p.Second) / (double)uw.Length
                 : uw.Sum(w => ul.Count(l => w > l)) / (double)(uw.Length * ul.Length);
@@ -52,6 +58,23 @@ public class MetricsAndChecksTests
             Assert.Equal(expected.Keys, r.MetricNames.Take(6));
         });
         Check.One(PropertyConfig.Quick(15), prop);
+    }
+
+    /// <summary>The reward model's own metrics (TRL's RewardTrainer): accuracy, margin, and mean/min/max over all 2B rewards.</summary>
+    static void AssertRewardModelMetrics(string loss, PreferenceLossResult r, double[] rw, double[] rl)
+    {
+        var all = rw.Concat(rl).ToArray();
+        var expected = new Dictionary<string, double>
+        {
+            [MetricNames.Accuracy] = rw.Zip(rl).Count(p => p.First > p.Second) / (double)rw.Length,
+            [MetricNames.Margin] = rw.Zip(rl).Average(p => p.First - p.Second),
+            [MetricNames.MeanReward] = all.Average(),
+            [MetricNames.MinReward] = all.Min(),
+            [MetricNames.MaxReward] = all.Max(),
+        };
+        foreach (var (name, want) in expected)
+            Assert.True(Math.Abs(r[name] - want) <= 1e-10 * Math.Max(1, Math.Abs(want)), $"{loss} {name} = {r[name]:R}, expected {want:R}");
+        Assert.DoesNotContain(MetricNames.RewardsChosen, r.MetricNames);
     }
 
     [Fact]

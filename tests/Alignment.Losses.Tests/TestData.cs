@@ -17,6 +17,7 @@ public sealed record Inputs(
 
     public override string ToString() =>
         $"B={B} beta={Beta:G4} eps={Eps:G4} tau={Tau:G4} alpha={Alpha:G4} kl={Kl:G4}\n  policy chosen={F(Pc)}\n  policy rejected={F(Pr)}\n  ref chosen={F(Rc)}\n  ref rejected={F(Rr)}\n" +
+        $"  token counts w={F(Nw)} l={F(Nl)}\n" +
         $"  scores w={F(Sw)} l={F(Sl)}\n  winrates w={F(Pw)} l={F(Pl)}\n  emb dim={Emb[0].Length}";
 
     /// <summary>Values rounded the way a tensor of <paramref name="dtype"/> stores them (so the oracle sees what the library sees).</summary>
@@ -129,6 +130,22 @@ public sealed class BatchTensors
             WinRates = SppoWinRates.Individual(Pw, Pl),
             KlDivergence = Kl,
         };
+
+    /// <summary>The policy log-probs with token counts and no reference (reference-free losses, the reward model).</summary>
+    public PreferenceBatch ReferenceFree() => new(new PreferenceLogps(PolicyChosen, PolicyRejected, Nw, Nl));
+
+    /// <summary>
+    /// Unpaired feedback: the chosen rows are the desirable examples, the first <paramref name="undesirable"/> rejected rows
+    /// (all by default) the undesirable ones; KTO's reference point comes from <see cref="Kl"/>.
+    /// </summary>
+    public PreferenceBatch Unpaired(long? undesirable = null)
+    {
+        long u = undesirable ?? PolicyRejected.shape[0];
+        return new(PreferenceLogps.Unpaired(PolicyChosen, PolicyRejected.narrow(0, 0, u)), PreferenceLogps.Unpaired(RefChosen, RefRejected.narrow(0, 0, u)))
+        {
+            KlDivergence = Kl,
+        };
+    }
 }
 
 /// <summary>A loss under test with its oracle.</summary>
@@ -138,6 +155,15 @@ public sealed record LossCase(
     Func<BatchTensors, PreferenceBatch> Batch,
     Func<Inputs, Oracle.Result> Expected)
 {
+    /// <summary>
+    /// The rewards the standard metrics should report, already scaled, where they are not beta times the log-ratios
+    /// (e.g. beta times per-token means for SimPO and ORPO). Null: beta * (l_pol - l_ref).
+    /// </summary>
+    public Func<Inputs, (double[] Chosen, double[] Rejected)>? Rewards { get; init; }
+
+    /// <summary>False for a loss that reports its own metrics instead of the standard ones (the Bradley-Terry reward model).</summary>
+    public bool StandardMetrics { get; init; } = true;
+
     public override string ToString() => Name;
 }
 
@@ -220,7 +246,43 @@ public static class LossCatalog
             x => Oracle.Weighted((Oracle.Dpo(x.Pc, x.Pr, x.Rc, x.Rr, x.Beta), 0.8), (Oracle.BcoPair(x.Pc, x.Pr, x.Rc, x.Rr, x.Beta, Oracle.ReverseKl), 0.2), (Oracle.Sft(x.Pc, x.Pr, x.Nw), 1.0))),
         new("dpo_weighted", x => new DpoLoss(new() { Beta = x.Beta, ScoreMap = ScoreMap.AlphaDivergence(x.Alpha) }), t => t.Full() with { ExampleWeights = t.Mu },
             x => Oracle.PerPairWeighted(x.Pc, x.Pr, x.Rc, x.Rr, x.Mu, (a, b, c, d) => Oracle.DpoMapped(a, b, c, d, x.Beta, Oracle.AlphaDivergence(x.Alpha)))),
+        // reference-free objectives (spec §9): no reference, per-token means from the token counts
+        new("cpo", x => new CpoLoss(new() { Beta = x.Beta, CpoAlpha = x.Alpha }), t => t.ReferenceFree(),
+            x => Oracle.Cpo(x.Pc, x.Pr, x.Nw, x.Nl, "sigmoid", x.Beta, 0, x.Alpha)),
+        new("cpo_smoothed", x => new CpoLoss(new() { Beta = x.Beta, LabelSmoothing = x.Eps, CpoAlpha = x.Tau }), t => t.ReferenceFree(),
+            x => Oracle.Cpo(x.Pc, x.Pr, x.Nw, x.Nl, "sigmoid", x.Beta, x.Eps, x.Tau)),
+        new("cpo_hinge", x => new CpoLoss(new() { Beta = x.Beta / 50, LossType = CpoLossType.Hinge, CpoAlpha = x.Alpha }), t => t.ReferenceFree(),
+            x => Oracle.Cpo(x.Pc, x.Pr, x.Nw, x.Nl, "hinge", x.Beta / 50, 0, x.Alpha)) { Rewards = x => (x.Pc.Select(l => x.Beta / 50 * l).ToArray(), x.Pr.Select(l => x.Beta / 50 * l).ToArray()) },
+        new("cpo_ipo", x => new CpoLoss(new() { Beta = x.Beta, LossType = CpoLossType.Ipo, CpoAlpha = x.Alpha }), t => t.ReferenceFree(),
+            x => Oracle.Cpo(x.Pc, x.Pr, x.Nw, x.Nl, "ipo", x.Beta, 0, x.Alpha)) { Rewards = x => PerTokenRewards(x, a => a) },
+        new("simpo", x => new SimPoLoss(new() { Beta = x.Beta, Gamma = x.Tau }), t => t.ReferenceFree(),
+            x => Oracle.SimPo(x.Pc, x.Pr, x.Nw, x.Nl, x.Beta, x.Tau, 0, 0)) { Rewards = x => PerTokenRewards(x, a => a) },
+        new("simpo_smoothed", x => new SimPoLoss(new() { Beta = x.Beta, Gamma = x.Tau, LabelSmoothing = x.Eps }), t => t.ReferenceFree(),
+            x => Oracle.SimPo(x.Pc, x.Pr, x.Nw, x.Nl, x.Beta, x.Tau, x.Eps, 0)) { Rewards = x => PerTokenRewards(x, a => a) },
+        // per-token means reach -200 here, so alpha stays small enough for e^(-alpha a) and the gradient to fit float16
+        new("alphapo", x => new AlphaPoLoss(new() { Beta = x.Beta, Gamma = x.Tau, Alpha = 0.02 * x.Alpha }), t => t.ReferenceFree(),
+            x => Oracle.SimPo(x.Pc, x.Pr, x.Nw, x.Nl, x.Beta, x.Tau, 0, 0.02 * x.Alpha)) { Rewards = x => PerTokenRewards(x, a => -Oracle.Expm1(-0.02 * x.Alpha * a) / (0.02 * x.Alpha)) },
+        new("alphapo_negative", x => new AlphaPoLoss(new() { Beta = x.Beta, Gamma = x.Tau, Alpha = -x.Alpha }), t => t.ReferenceFree(),
+            x => Oracle.SimPo(x.Pc, x.Pr, x.Nw, x.Nl, x.Beta, x.Tau, 0, -x.Alpha)) { Rewards = x => PerTokenRewards(x, a => -Oracle.Expm1(x.Alpha * a) / -x.Alpha) },
+        new("orpo", x => new OrpoLoss(new() { Beta = x.Beta }), t => t.ReferenceFree(),
+            x => Oracle.Orpo(x.Pc, x.Pr, x.Nw, x.Nl, x.Beta)) { Rewards = x => PerTokenRewards(x, a => a) },
+        // unpaired feedback (spec §10): chosen rows desirable, rejected rows undesirable
+        new("kto", x => new KtoLoss(new() { Beta = x.Beta, UndesirableWeight = x.Alpha }), t => t.Unpaired(),
+            x => Oracle.Kto(x.Pc, x.Pr, x.Rc, x.Rr, x.Kl, x.Beta, 1, x.Alpha, apo: false)),
+        new("kto_unbalanced", x => new KtoLoss(new() { Beta = x.Beta, DesirableWeight = x.Tau }), t => t.Unpaired((t.PolicyRejected.shape[0] + 1) / 2),
+            x => Oracle.Kto(x.Pc, x.Pr.Take((x.B + 1) / 2).ToArray(), x.Rc, x.Rr.Take((x.B + 1) / 2).ToArray(), x.Kl, x.Beta, x.Tau, 1, apo: false)),
+        new("apo_zero_unpaired", x => new ApoZeroUnpairedLoss(new() { Beta = x.Beta, DesirableWeight = x.Alpha }), t => t.Unpaired(),
+            x => Oracle.Kto(x.Pc, x.Pr, x.Rc, x.Rr, 0, x.Beta, x.Alpha, 1, apo: true)),
+        new("bco", x => new BcoLoss(new BcoRewardBaseline(), new() { Beta = x.Beta }), t => t.Unpaired(),
+            x => Oracle.BcoFresh(x.Pc, x.Pr, x.Rc, x.Rr, x.Beta)),
+        // reward model (spec §11): the log-prob slots hold the rewards
+        new("bradley_terry", x => new BradleyTerryLoss(new() { CenteringCoefficient = 0.01 * x.Eps }), t => t.ReferenceFree(),
+            x => Oracle.BradleyTerry(x.Pc, x.Pr, 0.01 * x.Eps)) { StandardMetrics = false },
     };
+
+    /// <summary>beta * R(l / n) for each side: the rewards the per-token reference-free losses report.</summary>
+    static (double[] Chosen, double[] Rejected) PerTokenRewards(Inputs x, Func<double, double> r) =>
+        (x.Pc.Select((l, i) => x.Beta * r(l / x.Nw[i])).ToArray(), x.Pr.Select((l, i) => x.Beta * r(l / x.Nl[i])).ToArray());
 
     public static IEnumerable<object[]> Names => All.Select(c => new object[] { c.Name });
 

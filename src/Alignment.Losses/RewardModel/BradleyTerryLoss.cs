@@ -73,7 +73,7 @@ public sealed class BradleyTerryLoss : PreferenceLoss<BradleyTerryOptions>
             var all = cat(new[] { rw.detach(), rl.detach() }, 0);
             (accuracy, margin, mean, min, max) = ((difference.detach() > 0).to_type(terms.DType).mean(), difference.detach().mean(), all.mean(), all.min(), all.max());
         }
-        return new(perExample, new[] { ("accuracy", accuracy), ("margin", margin), ("mean_reward", mean), ("min_reward", min), ("max_reward", max) });
+        return new(perExample, new[] { (MetricNames.Accuracy, accuracy), (MetricNames.Margin, margin), (MetricNames.MeanReward, mean), (MetricNames.MinReward, min), (MetricNames.MaxReward, max) });
     }
 
     /// <summary>The loss of scalar rewards [B] with an optional per-pair margin [B].</summary>

@@ -113,6 +113,6 @@ public sealed class BcoLoss : UnpairedPreferenceLoss<BcoOptions>
         double delta = Baseline.Mean;
         var desirable = PreferenceMath.NegLogSigmoid(rewardChosen - delta);
         var undesirable = PreferenceMath.NegLogSigmoid(-(rewardRejected - delta));
-        return new(cat(new[] { desirable, undesirable }, 0), new[] { ("delta", full(1, delta, dtype: terms.DType, device: rewardChosen.device).squeeze()) });
+        return new(cat(new[] { desirable, undesirable }, 0), new[] { (MetricNames.Delta, full(1, delta, dtype: terms.DType, device: rewardChosen.device).squeeze()) });
     }
 }

@@ -88,7 +88,7 @@ public sealed class KtoLoss : UnpairedPreferenceLoss<KtoOptions>
         double beta = Options.Beta;
         var desirable = ((terms.ChosenLogRatio - z0) * -beta).sigmoid() * Options.DesirableWeight;     // 1 - sigmoid(beta (u - z0))
         var undesirable = ((z0 - terms.RejectedLogRatio) * -beta).sigmoid() * Options.UndesirableWeight;
-        return new(cat(new[] { desirable, undesirable }, 0), new[] { ("kl", z0) });
+        return new(cat(new[] { desirable, undesirable }, 0), new[] { (MetricNames.Kl, z0) });
     }
 
     /// <summary>

@@ -45,7 +45,7 @@ public sealed class OrpoLoss : PreferenceLoss<OrpoOptions>
         var ratio = -PreferenceMath.NegLogSigmoid(logOdds);
         var (nllPerPair, nll) = ReferenceFreeMath.TokenWeightedNll(terms, Name);
         var perExample = nllPerPair - ratio * Options.Beta;
-        return new(perExample, new[] { ("log_odds_ratio", ratio.mean()), ("log_odds_chosen", logOdds.mean()), (MetricNames.NllLoss, nll) })
+        return new(perExample, new[] { (MetricNames.LogOddsRatio, ratio.mean()), (MetricNames.LogOddsChosen, logOdds.mean()), (MetricNames.NllLoss, nll) })
         {
             Rewards = (aw * Options.Beta, al * Options.Beta),
         };
