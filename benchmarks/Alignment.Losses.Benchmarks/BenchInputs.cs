@@ -14,39 +14,48 @@ internal sealed class BenchInputs : IDisposable
         _scope = NewDisposeScope();
         manual_seed(0);
         Tensor Logps() => (rand(b) * -200 - 1).to(dtype).to(device);
-        PolicyChosen = Logps().requires_grad_(true);
-        PolicyRejected = Logps().requires_grad_(true);
-        RefChosen = Logps();
-        RefRejected = Logps();
-        Counts = randint(1, 300, new long[] { b }).to(ScalarType.Float32).to(device);
-        Embeddings = randn(b, embeddingDim).to(dtype).to(device);
-        ScoreRejected = (rand(b) + 0.05).to(device);
-        ScoreChosen = (ScoreRejected + rand(b) + 0.01).to(device);
-        WinChosen = rand(b).to(device);
-        WinRejected = rand(b).to(device);
-        Batch = new PreferenceBatch(
-            new PreferenceLogps(PolicyChosen, PolicyRejected, Counts, Counts), new PreferenceLogps(RefChosen, RefRejected))
-        {
-            PromptEmbeddings = PromptEmbeddings.Paired(Embeddings),
-            Scores = new ResponseScores(ScoreChosen, ScoreRejected),
-            WinRates = SppoWinRates.Individual(WinChosen, WinRejected),
-        };
-        // reference-free losses (CPO, SimPO, AlphaPO, ORPO) and the reward model (the log-prob slots read as rewards) get no reference
-        ReferenceFreeBatch = new PreferenceBatch(new PreferenceLogps(PolicyChosen, PolicyRejected, Counts, Counts));
-        // unpaired losses: the B chosen responses are the desirable examples, the B rejected ones the undesirable; KTO's
-        // mismatched pairs are each prompt with the next example's chosen response (TRL shifts the completions by one)
-        MismatchedPolicy = PolicyChosen.detach().roll(1);
-        MismatchedReference = RefChosen.roll(1);
-        UnpairedBatch = new PreferenceBatch(
-            PreferenceLogps.Unpaired(PolicyChosen, PolicyRejected, Counts, Counts), PreferenceLogps.Unpaired(RefChosen, RefRejected))
-        {
-            Mismatched = new MismatchedLogps(MismatchedPolicy, MismatchedReference),
-        };
-        _scope.Detach(Owned);
+        var (pc, pr, rc, rr) = (Logps(), Logps(), Logps(), Logps());
+        var counts = randint(1, 300, new long[] { b }).to(ScalarType.Float32).to(device);
+        var embeddings = randn(b, embeddingDim).to(dtype).to(device);
+        var scoreRejected = (rand(b) + 0.05).to(device);
+        var scoreChosen = (scoreRejected + rand(b) + 0.01).to(device);
+        (Batch, ReferenceFreeBatch, UnpairedBatch) = Build(pc, pr, rc, rr, counts, embeddings, scoreChosen, scoreRejected, rand(b).to(device), rand(b).to(device));
     }
 
-    public Tensor PolicyChosen, PolicyRejected, RefChosen, RefRejected, Counts, Embeddings, ScoreChosen, ScoreRejected, WinChosen, WinRejected,
-        MismatchedPolicy, MismatchedReference;
+    /// <summary>Given inputs (float64, CPU), e.g. the peer's from <c>reference_losses.py --dump</c>.</summary>
+    public BenchInputs(IReadOnlyDictionary<string, double[]> v, int embeddingDim)
+    {
+        _scope = NewDisposeScope();
+        Tensor T(string key) => tensor(v[key], dtype: ScalarType.Float64);
+        (Batch, ReferenceFreeBatch, UnpairedBatch) = Build(T("pc"), T("pr"), T("rc"), T("rr"), T("counts"), T("emb").reshape(-1, embeddingDim), T("sw"), T("sl"), T("pw"), T("pl"));
+    }
+
+    private (PreferenceBatch Paired, PreferenceBatch ReferenceFree, PreferenceBatch Unpaired) Build(
+        Tensor pc, Tensor pr, Tensor rc, Tensor rr, Tensor counts, Tensor embeddings, Tensor scoreChosen, Tensor scoreRejected, Tensor winChosen, Tensor winRejected)
+    {
+        (PolicyChosen, PolicyRejected, RefChosen, RefRejected) = (pc.requires_grad_(true), pr.requires_grad_(true), rc, rr);
+        (Counts, Embeddings, ScoreChosen, ScoreRejected, WinChosen, WinRejected) = (counts, embeddings, scoreChosen, scoreRejected, winChosen, winRejected);
+        // KTO's mismatched pairs: each prompt with the next example's chosen response (TRL shifts the completions by one)
+        (MismatchedPolicy, MismatchedReference) = (pc.detach().roll(1), rc.roll(1));
+        _scope.Detach(Owned);
+        return (
+            new PreferenceBatch(new PreferenceLogps(pc, pr, counts, counts), new PreferenceLogps(rc, rr))
+            {
+                PromptEmbeddings = PromptEmbeddings.Paired(embeddings),
+                Scores = new ResponseScores(scoreChosen, scoreRejected),
+                WinRates = SppoWinRates.Individual(winChosen, winRejected),
+            },
+            // reference-free losses (CPO, SimPO, AlphaPO, ORPO) and the reward model (the log-prob slots read as rewards)
+            new PreferenceBatch(new PreferenceLogps(pc, pr, counts, counts)),
+            // unpaired losses: the B chosen responses are the desirable examples, the B rejected ones the undesirable
+            new PreferenceBatch(PreferenceLogps.Unpaired(pc, pr, counts, counts), PreferenceLogps.Unpaired(rc, rr))
+            {
+                Mismatched = new MismatchedLogps(MismatchedPolicy, MismatchedReference),
+            });
+    }
+
+    public Tensor PolicyChosen = null!, PolicyRejected = null!, RefChosen = null!, RefRejected = null!, Counts = null!, Embeddings = null!,
+        ScoreChosen = null!, ScoreRejected = null!, WinChosen = null!, WinRejected = null!, MismatchedPolicy = null!, MismatchedReference = null!;
 
     private Tensor[] Owned => new[] { PolicyChosen, PolicyRejected, RefChosen, RefRejected, Counts, Embeddings, ScoreChosen, ScoreRejected, WinChosen, WinRejected,
         MismatchedPolicy, MismatchedReference };

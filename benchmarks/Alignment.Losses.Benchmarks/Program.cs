@@ -6,6 +6,8 @@ using BenchmarkDotNet.Running;
 // Runs in-process by default (no per-benchmark project generation: works with only a .NET runtime, e.g. on a GPU box,
 // and keeps the libtorch loading of this process). Results go to benchmarks/results (not committed), as markdown and JSON.
 if (args.Contains("--cuda-check")) return Alignment.Losses.Benchmarks.CudaCheck.Run();
+// --crosscheck FILE: every loss against the PyTorch peer's values and gradients (reference_losses.py --dump FILE)
+if (args.Length == 2 && args[0] == "--crosscheck") return Alignment.Losses.Benchmarks.PeerCrossCheck.Run(args[1]);
 // --cuda-memory: peak GPU memory per case (each in a child process) and the largest RPO batch; with a case: the child
 if (args.Length > 0 && args[0] == "--cuda-memory")
     return args.Length == 1 ? Alignment.Losses.Benchmarks.CudaMemory.Report() : Alignment.Losses.Benchmarks.CudaMemory.Child(args[1..]);

@@ -9,7 +9,7 @@
 #   memory  peak GPU memory per case (fresh child processes, cuMemGetInfo) and the largest RPO batch that fits
 #   cuda    BenchmarkDotNet LossBenchmarks + RpoScalingBenchmarks, CUDA rows (in-process, short job, 100 ms iterations)
 #   cpu     BenchmarkDotNet LossBenchmarks, CPU rows, on the GPU machine's CPU
-#   peer    the PyTorch-eager peer on CUDA and on the CPU, same machine
+#   peer    the PyTorch-eager peer: cross-check of its values with the library's, then timings on CUDA and on the CPU
 #   report  the ratio tables (ours / PyTorch eager) from the files the stages left in DIR
 # Output goes to DIR (default $OUT, else ./gpu-results). `report` also runs anywhere with python3 over collected files.
 set -euo pipefail
@@ -41,6 +41,9 @@ stage() {
       BENCH_DEVICES=$name BENCH_ARTIFACTS="$out/bdn-$name" bench --filter "${suites[@]}" --job short --iterationTime 100 \
         2>&1 | tee "$out/bdn-$name.log" | grep -E '^\|' || true ;;
     peer)
+      # first that the peer computes the same functions as the library (float64, every loss, values and gradients)
+      python3 benchmarks/pytorch/reference_losses.py --dump "$out/peer-values.json"
+      bench --crosscheck "$out/peer-values.json" 2>&1 | tee "$out/peer-crosscheck.log" || true
       python3 benchmarks/pytorch/reference_losses.py --device cuda --out "$out/pytorch-cuda.json" > "$out/pytorch-cuda.log"
       python3 benchmarks/pytorch/reference_losses.py --device cpu --repeats 50 --out "$out/pytorch-cpu.json" > "$out/pytorch-cpu.log"
       python3 benchmarks/pytorch/reference_losses.py --device cuda --memory > "$out/pytorch-memory.log" || true ;;

@@ -5,11 +5,13 @@ line), on the same random inputs recipe as benchmarks/Alignment.Losses.Benchmark
 same way: each measured call computes the loss (and the backward pass) and then reads one value back to the host, so
 GPU work is included. Prints and writes JSON records {suite, loss, B, dtype, device, method, median_us}.
 
-Usage: python3 reference_losses.py [--device cpu|cuda] [--out results.json] [--repeats 200]
+Usage: python3 reference_losses.py [--device cpu|cuda] [--out results.json] [--repeats 200] [--losses a,b] [--skip rpo@4096]
        python3 reference_losses.py --device cuda --memory   # peak memory (torch.cuda statistics) and the largest RPO batch
+       python3 reference_losses.py --dump peer-values.json  # inputs, values and gradients for the app's --crosscheck
 """
 import argparse
 import json
+import math
 import statistics
 import time
 
@@ -31,9 +33,14 @@ def make_inputs(b, dtype, device, d=768):
     return x
 
 
+def up(t):
+    """Half precision is computed in float32, as TRL upcasts; float32 stays as it is, float64 (the --dump cross-check) too."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 def logratios(x):
-    pc, pr = x["pc"].float(), x["pr"].float()
-    return pc - x["rc"].float(), pr - x["rr"].float(), pc, pr
+    pc, pr = up(x["pc"]), up(x["pr"])
+    return pc - up(x["rc"]), pr - up(x["rr"]), pc, pr
 
 
 def dpo(x):
@@ -73,7 +80,7 @@ def rpo(x, tau=0.5):
     # weight inside the sigmoid, mean over all entries
     uw, ul, _, _ = logratios(x)
     with torch.no_grad():
-        e = F.normalize(x["emb"].float(), dim=-1)
+        e = F.normalize(up(x["emb"]), dim=-1)
         dist = 1 - e @ e.T
         w = torch.softmax(-dist / tau, dim=-1)
     a = uw[:, None] - ul[None, :]
@@ -81,7 +88,7 @@ def rpo(x, tau=0.5):
 
 
 def spo(x, alpha=1.0):
-    pc, pr = x["pc"].float(), x["pr"].float()
+    pc, pr = up(x["pc"]), up(x["pr"])
     return (-F.logsigmoid(alpha * (pc - pr)) / alpha).mean()
 
 
@@ -102,7 +109,7 @@ def exo_pair(x, eps=1e-3):
     uw, ul, _, _ = logratios(x)
     z = BETA * (uw - ul)
     qw, ql = torch.sigmoid(z), torch.sigmoid(-z)
-    return (qw * (F.logsigmoid(z) - torch.log1p(torch.tensor(-eps))) + ql * (F.logsigmoid(-z) - torch.log(torch.tensor(eps)))).mean()
+    return (qw * (F.logsigmoid(z) - math.log1p(-eps)) + ql * (F.logsigmoid(-z) - math.log(eps))).mean()
 
 
 def nca_pair(x):
@@ -127,8 +134,8 @@ def apo_down(x):
 
 
 def aot(x, eps=0.0):
-    pc, pr = x["pc"].float(), x["pr"].float()
-    d = torch.sort(pc - pr, dim=0)[0] - torch.sort(x["rc"].float() - x["rr"].float(), dim=0)[0]
+    pc, pr = up(x["pc"]), up(x["pr"])
+    d = torch.sort(pc - pr, dim=0)[0] - torch.sort(up(x["rc"]) - up(x["rr"]), dim=0)[0]
     return (-F.logsigmoid(BETA * d) * (1 - eps) - F.logsigmoid(-BETA * d) * eps).mean()
 
 
@@ -145,7 +152,7 @@ def sigmoid_norm(x):
 
 
 def sft(x):
-    return -x["pc"].float().sum() / x["counts"].sum()
+    return -up(x["pc"]).sum() / x["counts"].sum()
 
 
 def mpo(x):
@@ -160,27 +167,27 @@ def dpo_js(x):
 # reference-free objectives (TRL's CPOTrainer / ORPOTrainer, defaults beta 0.1, simpo_gamma 0.5, cpo_alpha 1, alpha 0.25):
 # no reference log-probs; SimPO, AlphaPO and ORPO use per-token means, the NLL is the chosen tokens' mean
 def nll(x):
-    return -x["pc"].float().sum() / x["counts"].sum()
+    return sft(x)
 
 
 def cpo(x, cpo_alpha=1.0):
-    logits = x["pc"].float() - x["pr"].float()
+    logits = up(x["pc"]) - up(x["pr"])
     return -F.logsigmoid(BETA * logits).mean() + cpo_alpha * nll(x)
 
 
 def simpo(x, gamma=0.5):
-    logits = x["pc"].float() / x["counts"] - x["pr"].float() / x["counts"]
+    logits = up(x["pc"]) / x["counts"] - up(x["pr"]) / x["counts"]
     return -F.logsigmoid(BETA * (logits - gamma / BETA)).mean()
 
 
 def alphapo(x, gamma=0.5, alpha=0.25):
-    pw, pl = torch.exp(x["pc"].float() / x["counts"]), torch.exp(x["pr"].float() / x["counts"])
+    pw, pl = torch.exp(up(x["pc"]) / x["counts"]), torch.exp(up(x["pr"]) / x["counts"])
     logits = (1 - pw.pow(-alpha)) / alpha - (1 - pl.pow(-alpha)) / alpha
     return -F.logsigmoid(BETA * (logits - gamma / BETA)).mean()
 
 
 def orpo(x):
-    aw, al = x["pc"].float() / x["counts"], x["pr"].float() / x["counts"]
+    aw, al = up(x["pc"]) / x["counts"], up(x["pr"]) / x["counts"]
     log_odds = (aw - al) - (torch.log1p(-torch.exp(aw)) - torch.log1p(-torch.exp(al)))
     return nll(x) - BETA * F.logsigmoid(log_odds).mean()
 
@@ -189,7 +196,7 @@ def orpo(x):
 def kto(x):
     uw, ul, _, _ = logratios(x)
     with torch.no_grad():
-        kl = (x["pc"].float().roll(1) - x["rc"].float().roll(1)).mean().clamp(min=0)
+        kl = (up(x["pc"]).roll(1) - up(x["rc"]).roll(1)).mean().clamp(min=0)
     return torch.cat((1 - torch.sigmoid(BETA * (uw - kl)), 1 - torch.sigmoid(BETA * (kl - ul))), 0).mean()
 
 
@@ -206,7 +213,7 @@ class RunningMean:
 
     def update(self, xs):
         total = self.count + xs.numel()
-        self.mean += ((xs.float().mean() - self.mean) * xs.numel() / total).item()
+        self.mean += ((up(xs).mean() - self.mean) * xs.numel() / total).item()
         self.count = total
 
 
@@ -223,7 +230,7 @@ def bco(x):
 
 def bradley_terry(x):
     # TRL's RewardTrainer: the log-prob slots stand for the reward head's outputs
-    return -F.logsigmoid(x["pc"].float() - x["pr"].float()).mean()
+    return -F.logsigmoid(up(x["pc"]) - up(x["pr"])).mean()
 
 
 LOSSES = dict(dpo=dpo, cdpo=cdpo, robust_dpo=robust_dpo, ipo=ipo, hinge=hinge, dpo_nll=dpo_nll, rpo=rpo, spo=spo, odpo=odpo, sppo=sppo,
@@ -244,10 +251,14 @@ def time_call(fn, repeats, warmup=20):
     return statistics.median(samples)
 
 
-def run(device, repeats, sizes=(8, 64, 1024, 4096), dtypes=("float32", "bfloat16")):
+def run(device, repeats, sizes=(8, 64, 1024, 4096), dtypes=("float32", "bfloat16"), names=None, skip=()):
     records = []
     for name, loss in LOSSES.items():
+        if names and name not in names:
+            continue
         for b in sizes:
+            if f"{name}@{b}" in skip:
+                continue
             for dt in dtypes:
                 x = make_inputs(b, getattr(torch, dt), device)
 
@@ -323,17 +334,46 @@ def memory_report():
     print(f"INFO largest pytorch RPO batch (D=768, fp32, forward+backward): {good}" + (f" (fails at {bad})" if bad else ""), flush=True)
 
 
+def dump(path, b=16, d=8):
+    """Inputs and each loss's value and gradients (float64, CPU) for the benchmark app's --crosscheck: the peer and the
+    library must compute the same numbers before their timings mean anything."""
+    x = make_inputs(b, torch.float64, "cpu", d=d)
+    for k in ("sl", "sw", "pw", "pl"):               # the side inputs too, so that both sides compute in float64 throughout
+        x[k] = x[k].double()
+    losses = {}
+    for name, loss in LOSSES.items():
+        BCO_RUNNING.__init__()                       # a fresh running mean, as a fresh BcoLoss has
+        x["pc"].grad = x["pr"].grad = None
+        value = loss(x)
+        value.backward()
+        grad = lambda t: (t.grad if t.grad is not None else torch.zeros_like(t)).tolist()
+        losses[name] = dict(value=value.item(), grad_chosen=grad(x["pc"]), grad_rejected=grad(x["pr"]))
+    inputs = {k: v.detach().double().flatten().tolist() for k, v in x.items()}
+    with open(path, "w") as f:
+        json.dump(dict(torch=torch.__version__, embedding_dim=d, inputs=inputs, losses=losses), f)
+    print(f"wrote {len(losses)} losses on B = {b} to {path}")
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="pytorch-results.json")
     p.add_argument("--repeats", type=int, default=200)
     p.add_argument("--memory", action="store_true", help="peak memory and the largest RPO batch instead of timings")
+    p.add_argument("--losses", help="comma-separated loss names (default: all)")
+    p.add_argument("--skip", default="", help="comma-separated NAME@B cases to leave out, e.g. rpo@4096")
+    p.add_argument("--dump", metavar="FILE", help="write inputs, values and gradients (float64, CPU) for the app's --crosscheck")
     args = p.parse_args()
+    if args.dump:
+        dump(args.dump)
+        raise SystemExit(0)
     if args.memory:
         memory_report()
         raise SystemExit(0)
-    recs = run(args.device, args.repeats)
+    unknown = [n for n in (args.losses or "").split(",") if n and n not in LOSSES]
+    if unknown:
+        raise SystemExit(f"unknown loss(es) {unknown}; known: {', '.join(LOSSES)}")
+    recs = run(args.device, args.repeats, names=set(args.losses.split(",")) if args.losses else None, skip=set(args.skip.split(",")))
     with open(args.out, "w") as f:
         json.dump(dict(torch=torch.__version__, device=args.device,
                        gpu=torch.cuda.get_device_name() if args.device == "cuda" else None, records=recs), f, indent=1)

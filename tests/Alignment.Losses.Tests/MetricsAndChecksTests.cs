@@ -85,6 +85,18 @@ public class MetricsAndChecksTests
         Assert.Equal(0.25, r[MetricNames.RewardsAccuracies]);   // one win (row 1), two ties, one loss
     }
 
+    [Fact]
+    public void Unpaired_accuracy_counts_every_chosen_rejected_pair_and_ties_as_not_won()
+    {
+        static PreferenceLogps Zeros(long d, long u) => PreferenceLogps.Unpaired(zeros(d, dtype: ScalarType.Float64), zeros(u, dtype: ScalarType.Float64));
+        var policy = PreferenceLogps.Unpaired(tensor(new[] { -1.0, -2.0, -2.0 }), tensor(new[] { -2.0, -3.0 }));
+        using var r = new ApoZeroUnpairedLoss().Compute(new PreferenceBatch(policy, Zeros(3, 2)));
+        Assert.Equal(4.0 / 6, r[MetricNames.RewardsAccuracies], 12);   // -1 beats both; each -2 ties -2 and beats -3
+        var oneSided = PreferenceLogps.Unpaired(tensor(new[] { -1.0 }), zeros(0, dtype: ScalarType.Float64));
+        using var e = new ApoZeroUnpairedLoss().Compute(new PreferenceBatch(oneSided, Zeros(1, 0)));
+        Assert.Equal(0.0, e[MetricNames.RewardsAccuracies]);              // no pair to count: 0, not NaN
+    }
+
     static Tensor F(params float[] v) => tensor(v);
     static PreferenceLogps Ok() => new(F(-10, -12, -9), F(-11, -13, -10));
 

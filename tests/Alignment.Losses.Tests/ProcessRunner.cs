@@ -17,9 +17,12 @@ public static class ProcessRunner
 
     public sealed record Result(int ExitCode, string Output);
 
-    public static Result Dotnet(string workingDirectory, TimeSpan timeout, params string[] args)
+    public static Result Dotnet(string workingDirectory, TimeSpan timeout, params string[] args) => Run("dotnet", workingDirectory, timeout, args);
+
+    /// <summary>Runs <paramref name="program"/> with its output and error captured together.</summary>
+    public static Result Run(string program, string workingDirectory, TimeSpan timeout, params string[] args)
     {
-        var psi = new ProcessStartInfo("dotnet") { WorkingDirectory = workingDirectory, RedirectStandardOutput = true, RedirectStandardError = true };
+        var psi = new ProcessStartInfo(program) { WorkingDirectory = workingDirectory, RedirectStandardOutput = true, RedirectStandardError = true };
         foreach (var a in args) psi.ArgumentList.Add(a);
         // the test host runs under `dotnet test`; its MSBuild variables must not leak into a nested build
         foreach (var key in psi.Environment.Keys.Where(k => k.StartsWith("MSBUILD", StringComparison.OrdinalIgnoreCase)).ToList())
@@ -36,7 +39,7 @@ public static class ProcessRunner
         if (!p.WaitForExit(timeout))
         {
             p.Kill(entireProcessTree: true);
-            return new Result(-1, $"timed out after {timeout}: dotnet {string.Join(' ', args)}\n{output}");
+            return new Result(-1, $"timed out after {timeout}: {program} {string.Join(' ', args)}\n{output}");
         }
         p.WaitForExit();
         return new Result(p.ExitCode, output.ToString());

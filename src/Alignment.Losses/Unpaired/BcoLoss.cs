@@ -1,6 +1,7 @@
 using System.Globalization;
 using System.Text.Json;
 using Alignment.Losses.Internal;
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace Alignment.Losses;
@@ -36,9 +37,14 @@ public sealed class BcoRewardBaseline
         ArgumentNullException.ThrowIfNull(rewards);
         if (rewards.Count == 0) return;
         if (rewards.Any(r => !double.IsFinite(r))) throw new ArgumentException("rewards must be finite.", nameof(rewards));
-        double batchMean = rewards.Average();
-        long total = Count + rewards.Count;
-        Mean += (batchMean - Mean) * rewards.Count / total;
+        Update(rewards.Average(), rewards.Count);
+    }
+
+    /// <summary>Adds <paramref name="count"/> rewards whose mean is <paramref name="batchMean"/> (finite, count &gt; 0).</summary>
+    internal void Update(double batchMean, long count)
+    {
+        long total = Count + count;
+        Mean += (batchMean - Mean) * count / total;
         Count = total;
     }
 
@@ -106,9 +112,11 @@ public sealed class BcoLoss : UnpairedPreferenceLoss<BcoOptions>
         var rewardRejected = terms.RejectedLogRatio * beta;
         if (Baseline.Training)
         {
+            // the batch's mean reward, summed in float64 on the device: one scalar comes back, not D + U rewards
             using var noGrad = no_grad();
-            var rewards = cat(new[] { rewardChosen.detach(), rewardRejected.detach() }, 0).to(ScalarType.Float64, CPU).data<double>().ToArray();
-            if (rewards.All(double.IsFinite)) Baseline.Update(rewards);   // non-finite inputs fail the loss's own check below
+            long count = rewardChosen.shape[0] + rewardRejected.shape[0];
+            double batchMean = cat(new[] { rewardChosen.detach(), rewardRejected.detach() }, 0).to_type(ScalarType.Float64).sum().ToDouble() / count;
+            if (double.IsFinite(batchMean)) Baseline.Update(batchMean, count);   // non-finite inputs fail the loss's own check below
         }
         double delta = Baseline.Mean;
         var desirable = PreferenceMath.NegLogSigmoid(rewardChosen - delta);

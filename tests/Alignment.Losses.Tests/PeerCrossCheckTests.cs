@@ -1,0 +1,56 @@
+using System.ComponentModel;
+
+namespace Alignment.Losses.Tests;
+
+/// <summary>
+/// Runs where a python3 with PyTorch is installed (on Debian: <c>apt-get install python3-torch</c>; the GPU machines'
+/// pip PyTorch); otherwise skipped with the reason shown.
+/// </summary>
+public sealed class PeerFactAttribute : FactAttribute
+{
+    public PeerFactAttribute()
+    {
+        if (PeerCrossCheckTests.Python.Value is null)
+            Skip = "No python3 with PyTorch here (apt-get install python3-torch provides one); the cross-check with the PyTorch peer runs where there is.";
+    }
+}
+
+/// <summary>
+/// The benchmark's PyTorch peer (benchmarks/pytorch/reference_losses.py, written the way TRL writes each loss) and the
+/// library compute the same function: every loss of the benchmark suites, value and gradients, in float64 on the
+/// peer's inputs (<c>--dump</c>, then the benchmark app's <c>--crosscheck</c>), to 1e-9 relative.
+/// </summary>
+[Collection("Processes")]
+public class PeerCrossCheckTests
+{
+    /// <summary>A python3 that imports torch, if any (PATH first, then Debian's).</summary>
+    internal static readonly Lazy<string?> Python = new(() =>
+    {
+        foreach (var candidate in new[] { "python3", "/usr/bin/python3" })
+        {
+            try
+            {
+                if (ProcessRunner.Run(candidate, ProcessRunner.RepoRoot, TimeSpan.FromMinutes(1), "-c", "import torch").ExitCode == 0) return candidate;
+            }
+            catch (Win32Exception) { }   // not installed
+        }
+        return null;
+    });
+
+    [PeerFact]
+    public void Every_benchmarked_loss_equals_the_pytorch_peer_in_value_and_gradient()
+    {
+        var dir = Directory.CreateTempSubdirectory("peer-").FullName;
+        try
+        {
+            var file = Path.Combine(dir, "peer-values.json");
+            ProcessRunner.Ok(ProcessRunner.Run(Python.Value!, ProcessRunner.RepoRoot, TimeSpan.FromMinutes(2),
+                "benchmarks/pytorch/reference_losses.py", "--dump", file), "peer --dump");
+            var output = ProcessRunner.Ok(ProcessRunner.Dotnet(ProcessRunner.RepoRoot, TimeSpan.FromMinutes(5),
+                "run", "-c", "Release", "--project", "benchmarks/Alignment.Losses.Benchmarks", "--", "--crosscheck", file), "--crosscheck");
+            Assert.Contains("losses agree with the peer", output);
+            Assert.DoesNotContain("FAIL", output);
+        }
+        finally { Directory.Delete(dir, recursive: true); }
+    }
+}
