@@ -224,7 +224,7 @@ def bco(x):
     uw, ul, _, _ = logratios(x)
     rw, rl = BETA * uw, BETA * ul
     BCO_RUNNING.update(torch.cat((rw, rl), 0).detach())
-    delta = torch.as_tensor(BCO_RUNNING.mean, device=rw.device)
+    delta = torch.as_tensor(BCO_RUNNING.mean, dtype=rw.dtype, device=rw.device)   # TRL: float32, the rewards' dtype
     return torch.cat((-F.logsigmoid(rw - delta), -F.logsigmoid(-(rl - delta))), 0).mean()
 
 
