@@ -21,7 +21,8 @@ internal sealed record LmOptions
         Microsoft.ML.Tokenizers (cl100k_base) -> PreferenceCollator -> ReferenceLogProbCache -> FusedLinearLogProbs -> loss.
 
         options:
-          --losses a,b,...   dpo, rpo, or any TRL loss_type name (sigmoid, ipo, hinge, robust, exo_pair, ...) (default dpo,rpo)
+          --losses a,b,...   dpo, rpo, any TRL DPO loss_type (sigmoid, ipo, hinge, robust, exo_pair, ...), or an objective of
+                             TRL's other trainers (cpo, simpo, alphapo, orpo, kto, apo_zero_unpaired, bco) (default dpo,rpo)
           --sft-steps N      supervised steps before alignment (default 300)
           --steps N          alignment steps per loss (default 200)
           --batch N          pairs per step (default 16)
@@ -60,8 +61,9 @@ internal sealed record LmOptions
                 };
             }
             foreach (var name in o.Losses)
-                if (name is not ("rpo" or "dpo") && !Alignment.Losses.TrlLosses.LossTypes.Contains(name))
-                    throw new ArgumentException($"unknown loss {name}; use rpo or one of: {string.Join(", ", Alignment.Losses.TrlLosses.LossTypes)}");
+                if (name is not ("rpo" or "dpo") && !Alignment.Losses.TrlLosses.LossTypes.Contains(name) && !Alignment.Losses.TrlLosses.TrainerObjectives.Contains(name))
+                    throw new ArgumentException($"unknown loss {name}; use dpo, rpo, one of TRL's DPO loss types ({string.Join(", ", Alignment.Losses.TrlLosses.LossTypes)}) " +
+                                                $"or one of its other trainers' objectives ({string.Join(", ", Alignment.Losses.TrlLosses.TrainerObjectives)})");
             if (o.Device == "cuda" && !TorchSharp.torch.cuda.is_available())
                 throw new ArgumentException("--device cuda: no CUDA device is available to TorchSharp here");
             return o;

@@ -3,6 +3,7 @@
 //
 //   dotnet run --project samples/Alignment.Losses.LanguageModel                       # DPO and RPO, under a minute on 2 cores
 //   dotnet run --project samples/Alignment.Losses.LanguageModel -- --losses ipo,hinge,rpo --device cuda
+//   dotnet run --project samples/Alignment.Losses.LanguageModel -- --losses kto,orpo,simpo      # unpaired, reference-free
 using System.Diagnostics;
 using System.Globalization;
 using System.Security.Cryptography;
@@ -52,6 +53,7 @@ double referencePoliteness = referenceReplies.Average(Corpus.Politeness);
 Console.WriteLine($"reference cache: {trainCache.Count} + {heldOutCache.Count} examples {(reused ? "reused from" : "written to")} {options.Output}; reference politeness {referencePoliteness:F2}");
 
 // 4. align a copy of the SFT model with each loss, the reference model gone (only its cached log-probs are used)
+TinyTransformer? referenceModel = null;                     // built only if a loss needs reference log-probs of new pairs (KTO)
 var runs = new List<Run>();
 var csv = new CsvMetricsSink(Path.Combine(options.Output, "metrics.csv"));
 foreach (var name in options.Losses)
@@ -79,8 +81,51 @@ IPreferenceLoss LossByName(string name) => name switch
 {
     "rpo" => new RpoLoss(new RpoOptions { Beta = options.Beta }),
     "dpo" => TrlLosses.Create("sigmoid", new TrlDpoConfig { Beta = options.Beta }),
+    // TRL's CPO, ORPO, KTO and BCO trainers' objectives; BCO's running reward mean is this run's state
+    _ when TrlLosses.TrainerObjectives.Contains(name) => TrlLosses.CreateForTrainer(name, new TrlTrainerConfig { Beta = options.Beta, BcoBaseline = new BcoRewardBaseline() }),
     _ => TrlLosses.Create(name, new TrlDpoConfig { Beta = options.Beta }),
 };
+
+// The batch each kind of loss takes, from one collated batch of pairs (chosen rows first, then rejected rows).
+PreferenceBatch BatchFor(IPreferenceLoss loss, List<PreferenceExample> examples, CollatedPreferences b, Tensor hidden, SequenceLogProbsResult logps, PreferenceLogps reference)
+{
+    switch (loss)
+    {
+        case CpoLoss or SimPoLoss or OrpoLoss:                 // reference-free: the cached reference is not used
+            return new PreferenceBatch(logps.ToPreferenceLogps());
+        case KtoLoss or ApoZeroUnpairedLoss or BcoLoss:        // the pairs unpaired, as TRL does with paired data
+            return new PreferenceBatch(logps.ToUnpairedLogps(b.PairCount), PreferenceLogps.Unpaired(reference.Chosen, reference.Rejected))
+            {
+                Mismatched = loss is KtoLoss ? Mismatched(examples) : null,
+            };
+        default:
+            // RPO's prompt embeddings without a sentence encoder: the policy's own hidden states, mean-pooled over the prompt
+            var embeddings = PromptEmbeddings.MeanPooled(hidden, b.PromptMask).narrow(0, 0, b.PairCount);
+            return new PreferenceBatch(logps.ToPreferenceLogps(), reference) { PromptEmbeddings = PromptEmbeddings.Paired(embeddings) };
+    }
+}
+
+// KTO's reference point: each prompt with the next example's chosen completion (TRL's KL pairs), under the policy (no
+// gradient: z0 is detached) and under the reference model, which this needs at run time (the cache holds matched pairs only).
+MismatchedLogps Mismatched(List<PreferenceExample> examples)
+{
+    referenceModel ??= LoadReference();
+    int n = examples.Count;
+    var shifted = examples.Select((e, i) => e with { Chosen = examples[(i + 1) % n].Chosen, Rejected = examples[(i + 1) % n].Rejected }).ToList();
+    using var m = collator.Collate(shifted, device);
+    using var noGrad = no_grad();
+    using var policy = FusedLinearLogProbs.Compute(model.forward(m.InputIds, m.AttentionMask), model.Head.weight!, null, m.Labels, null, LabelAlignment.ShiftByOne);
+    using var reference = FusedLinearLogProbs.Compute(referenceModel.forward(m.InputIds, m.AttentionMask), referenceModel.Head.weight!, null, m.Labels, null, LabelAlignment.ShiftByOne);
+    return new MismatchedLogps(policy.Sum.narrow(0, 0, n), reference.Sum.narrow(0, 0, n));   // the chosen rows
+}
+
+TinyTransformer LoadReference()
+{
+    var r = new TinyTransformer(corpus.VocabularySize, width: 64, layers: 2, heads: 4, maxLength: 48).to(device);
+    using (no_grad()) foreach (var (key, value) in r.state_dict()) value.copy_(referenceWeights[key]);
+    r.eval();
+    return r;
+}
 
 void Supervise(TinyTransformer m, List<PreferenceExample> data, int steps, int batch)
 {
@@ -112,14 +157,12 @@ Run Align(string name, IPreferenceLoss loss)
         model.train();
         using (var scope = NewDisposeScope())
         {
-            using var b = collator.Collate(Sample(train, options.BatchSize), device);
+            var examples = Sample(train, options.BatchSize);
+            using var b = collator.Collate(examples, device);
             var reference = trainCache.Lookup(b);
             var hidden = model.forward(b.InputIds, b.AttentionMask);
             using var logps = FusedLinearLogProbs.Compute(hidden, model.Head.weight!, null, b.Labels, null, LabelAlignment.ShiftByOne, logProbOptions);
-            // RPO's prompt embeddings without a sentence encoder: the policy's own hidden states, mean-pooled over the prompt
-            var embeddings = PromptEmbeddings.MeanPooled(hidden, b.PromptMask).narrow(0, 0, b.PairCount);
-            var batch = new PreferenceBatch(logps.ToPreferenceLogps(), reference) { PromptEmbeddings = PromptEmbeddings.Paired(embeddings) };
-            using var result = loss.Compute(batch);
+            using var result = loss.Compute(BatchFor(loss, examples, b, hidden, logps, reference));
             optimizer.zero_grad();
             result.Loss.backward();
             optimizer.step();

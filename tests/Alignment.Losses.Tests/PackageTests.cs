@@ -219,27 +219,34 @@ public class PlaygroundTests
         var outDir = Directory.CreateTempSubdirectory("lm-sample-").FullName;
         try
         {
-            string Run() => ProcessRunner.Ok(ProcessRunner.Dotnet(ProcessRunner.RepoRoot, TimeSpan.FromMinutes(5),
-                "run", "--project", "samples/Alignment.Losses.LanguageModel", "--", "--quick", "--output", outDir), "language-model sample");
+            string Run(params string[] extra) => ProcessRunner.Ok(ProcessRunner.Dotnet(ProcessRunner.RepoRoot, TimeSpan.FromMinutes(5),
+                new[] { "run", "--project", "samples/Alignment.Losses.LanguageModel", "--", "--quick", "--output", outDir }.Concat(extra).ToArray()),
+                "language-model sample");
+            void AssertAligned(params string[] losses)
+            {
+                var csv = File.ReadAllLines(Path.Combine(outDir, "results.csv"));
+                Assert.Equal(losses, csv.Skip(1).Select(row => row.Split(',')[0]));
+                foreach (var row in csv.Skip(1))
+                {
+                    var f = row.Split(',');
+                    double before = double.Parse(f[1], System.Globalization.CultureInfo.InvariantCulture);
+                    double after = double.Parse(f[2], System.Globalization.CultureInfo.InvariantCulture);
+                    double win = double.Parse(f[3], System.Globalization.CultureInfo.InvariantCulture);
+                    Assert.True(after >= 0.9 && after > before, $"{f[0]}: held-out reward accuracy {before} -> {after}");
+                    Assert.True(win > 0.5, $"{f[0]}: win-rate vs reference {win}");
+                }
+            }
             var first = Run();
             Assert.Contains("written to", first);
             Assert.Contains("cl100k_base", first);
-            var csv = File.ReadAllLines(Path.Combine(outDir, "results.csv"));
-            Assert.Equal(3, csv.Length);                               // header + dpo + rpo
-            foreach (var row in csv.Skip(1))
-            {
-                var f = row.Split(',');
-                double before = double.Parse(f[1], System.Globalization.CultureInfo.InvariantCulture);
-                double after = double.Parse(f[2], System.Globalization.CultureInfo.InvariantCulture);
-                double win = double.Parse(f[3], System.Globalization.CultureInfo.InvariantCulture);
-                Assert.True(after >= 0.9 && after > before, $"{f[0]}: held-out reward accuracy {before} -> {after}");
-                Assert.True(win > 0.5, $"{f[0]}: win-rate vs reference {win}");
-            }
+            AssertAligned("dpo", "rpo");
             Assert.True(File.Exists(Path.Combine(outDir, "heldout_reward_accuracy.png")));
             Assert.Contains("dpo/eval_rewards/accuracies", File.ReadLines(Path.Combine(outDir, "metrics.csv")).First());
             Assert.Equal(2, Directory.GetFiles(outDir, "reference-*.cache").Length);
-            // a restart with the same seed reproduces the reference model and finds its cached log-probs
-            Assert.Contains("reused from", Run());
+            // a restart with the same seed reproduces the reference model and finds its cached log-probs; this time with
+            // an unpaired objective (KTO, whose mismatched pairs need the reference model at run time) and a reference-free one
+            Assert.Contains("reused from", Run("--losses", "kto,orpo"));
+            AssertAligned("kto", "orpo");
         }
         finally { Directory.Delete(outDir, recursive: true); }
     }
