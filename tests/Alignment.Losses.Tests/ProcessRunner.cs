@@ -17,7 +17,26 @@ public static class ProcessRunner
 
     public sealed record Result(int ExitCode, string Output);
 
-    public static Result Dotnet(string workingDirectory, TimeSpan timeout, params string[] args) => Run("dotnet", workingDirectory, timeout, args);
+    public static Result Dotnet(string workingDirectory, TimeSpan timeout, params string[] args)
+    {
+        if (args.Length < 2 || args[0] != "run" || !args[1].EndsWith(".cs", StringComparison.Ordinal)) return Run("dotnet", workingDirectory, timeout, args);
+        // A file-based app builds into a cache folder per script path (~0.5 GB with libtorch), which the SDK never removes:
+        // from a fresh clone or a temporary folder every run would leave a new one behind. Remove the ones this run made.
+        var before = RunFileCaches();
+        try { return Run("dotnet", workingDirectory, timeout, args); }
+        finally
+        {
+            foreach (var dir in RunFileCaches().Except(before))
+                try { Directory.Delete(dir, recursive: true); } catch (IOException) { } catch (UnauthorizedAccessException) { }
+        }
+    }
+
+    /// <summary>The SDK's build folders of file-based apps (LocalApplicationData/dotnet/runfile/NAME-HASH).</summary>
+    static HashSet<string> RunFileCaches()
+    {
+        var root = Path.Combine(Environment.GetFolderPath(Environment.SpecialFolder.LocalApplicationData), "dotnet", "runfile");
+        return Directory.Exists(root) ? Directory.GetDirectories(root).ToHashSet() : new HashSet<string>();
+    }
 
     /// <summary>Runs <paramref name="program"/> with its output and error captured together.</summary>
     public static Result Run(string program, string workingDirectory, TimeSpan timeout, params string[] args)
