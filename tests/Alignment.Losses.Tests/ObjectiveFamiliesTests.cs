@@ -334,6 +334,9 @@ public class ObjectiveFamiliesTests
         Assert.Equal(resumed.Count, baseline.Count);
         Assert.Throws<FormatException>(() => BcoRewardBaseline.FromJson("{\"mean\": 1}"));
         Assert.Throws<FormatException>(() => BcoRewardBaseline.FromJson("{\"mean\": 1, \"count\": -2}"));
+        foreach (var bad in new[] { "{\"mean\": 1, \"count\": 3.5}", "{\"mean\": \"x\", \"count\": 3}", "[1, 2]", "not json" })
+            Assert.Contains("not a BCO baseline state", Assert.Throws<FormatException>(() => BcoRewardBaseline.FromJson(bad)).Message);
+        Assert.Contains("invalid BCO baseline state", Assert.Throws<FormatException>(() => BcoRewardBaseline.FromJson("{\"mean\": 1e400, \"count\": 3}")).Message);
     }
 
     [Fact]
@@ -347,6 +350,10 @@ public class ObjectiveFamiliesTests
         e = Assert.Throws<ArgumentException>(() => new KtoLoss().Compute(new PreferenceBatch(policy, reference)));
         Assert.Contains("reference point z0", e.Message);
         Assert.Equal("reference", Assert.Throws<ArgumentException>(() => new KtoLoss().Compute(new PreferenceBatch(policy) { KlDivergence = zeros(1) })).ParamName);
+        // a precomputed z0 is a scalar or a per-sample vector, as SPO's KL
+        e = Assert.Throws<ArgumentException>(() => new KtoLoss().Compute(new PreferenceBatch(policy, reference) { KlDivergence = zeros(2, 2, dtype: ScalarType.Float64) }));
+        Assert.Equal("batch.KlDivergence", e.ParamName);
+        Assert.Contains("scalar or a 1-D", e.Message);
         // paired data is unpaired by KTO (chosen desirable, rejected undesirable), as TRL's KTOTrainer does with paired datasets
         using (var paired = new KtoLoss().Compute(new PreferenceBatch(new PreferenceLogps(tensor(new[] { -1.0 }), tensor(new[] { -2.0 })), new PreferenceLogps(tensor(new[] { -1.5 }), tensor(new[] { -2.5 }))) { KlDivergence = zeros(1) }))
         using (var unpaired = new KtoLoss().Compute(new PreferenceBatch(PreferenceLogps.Unpaired(tensor(new[] { -1.0 }), tensor(new[] { -2.0 })), PreferenceLogps.Unpaired(tensor(new[] { -1.5 }), tensor(new[] { -2.5 }))) { KlDivergence = zeros(1) }))

@@ -31,6 +31,15 @@ internal static class Guard
                 $"{name} must be a {rank}-D tensor {meaning}; got shape {Shape(t)}.", name);
     }
 
+    /// <summary>A scalar or a 1-D per-sample estimate (SPO's and KTO's KL): usable, floating, not empty.</summary>
+    internal static void ScalarOrVector(Tensor? t, string name)
+    {
+        Usable(t, name);
+        if (t!.dim() > 1) throw new ArgumentException($"{name} must be a scalar or a 1-D per-sample tensor; got shape {Shape(t)}.", name);
+        Floating(t, name);
+        NotEmpty(t, name);
+    }
+
     internal static void NotEmpty(Tensor t, string name)
     {
         if (t.numel() == 0)

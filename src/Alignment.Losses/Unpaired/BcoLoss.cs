@@ -56,18 +56,20 @@ public sealed class BcoRewardBaseline
     public static BcoRewardBaseline FromJson(string json)
     {
         ArgumentNullException.ThrowIfNull(json);
+        double mean;
+        long count;
         try
         {
             using var doc = JsonDocument.Parse(json);
-            double mean = doc.RootElement.GetProperty("mean").GetDouble();
-            long count = doc.RootElement.GetProperty("count").GetInt64();
-            if (count < 0 || !double.IsFinite(mean)) throw new FormatException($"invalid BCO baseline state (mean {mean.ToString(CultureInfo.InvariantCulture)}, count {count}).");
-            return new BcoRewardBaseline(mean, count);
+            mean = doc.RootElement.GetProperty("mean").GetDouble();
+            if (!doc.RootElement.GetProperty("count").TryGetInt64(out count)) throw new InvalidOperationException("count is not an integer");
         }
-        catch (Exception e) when (e is JsonException or KeyNotFoundException or InvalidOperationException)
+        catch (Exception e) when (e is JsonException or KeyNotFoundException or InvalidOperationException or FormatException)
         {
             throw new FormatException("not a BCO baseline state: expected {\"mean\": number, \"count\": integer}.", e);
         }
+        if (count < 0 || !double.IsFinite(mean)) throw new FormatException($"invalid BCO baseline state (mean {mean.ToString(CultureInfo.InvariantCulture)}, count {count}).");
+        return new BcoRewardBaseline(mean, count);
     }
 }
 

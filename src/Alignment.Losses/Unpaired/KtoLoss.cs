@@ -60,9 +60,7 @@ public sealed class KtoLoss : UnpairedPreferenceLoss<KtoOptions>
         }
         if (batch.KlDivergence is { } kl)
         {
-            Guard.Usable(kl, "batch.KlDivergence");
-            Guard.Floating(kl, "batch.KlDivergence");
-            Guard.NotEmpty(kl, "batch.KlDivergence");
+            Guard.ScalarOrVector(kl, "batch.KlDivergence");
             batch.Policy.CheckSameDevice(kl, "batch.KlDivergence");
             return new[] { ((Tensor?)kl, "batch.KlDivergence") };
         }

@@ -62,10 +62,7 @@ public sealed class SpoLoss : PreferenceLoss<SpoOptions>
                 "batch.KlDivergence");
         if (batch.KlDivergence is { } kl)
         {
-            Guard.Usable(kl, "batch.KlDivergence");
-            if (kl.dim() > 1) throw new ArgumentException($"batch.KlDivergence must be a scalar or a 1-D per-sample tensor; got shape {Guard.Shape(kl)}.", "batch.KlDivergence");
-            Guard.Floating(kl, "batch.KlDivergence");
-            Guard.NotEmpty(kl, "batch.KlDivergence");
+            Guard.ScalarOrVector(kl, "batch.KlDivergence");
             batch.Policy.CheckSameDevice(kl, "batch.KlDivergence");
         }
         return new[] { (batch.KlDivergence, "batch.KlDivergence") };
