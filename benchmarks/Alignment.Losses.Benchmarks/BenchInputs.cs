@@ -35,7 +35,7 @@ internal sealed class BenchInputs : IDisposable
     {
         (PolicyChosen, PolicyRejected, RefChosen, RefRejected) = (pc.requires_grad_(true), pr.requires_grad_(true), rc, rr);
         (Counts, Embeddings, ScoreChosen, ScoreRejected, WinChosen, WinRejected) = (counts, embeddings, scoreChosen, scoreRejected, winChosen, winRejected);
-        // KTO's mismatched pairs: each prompt with the next example's chosen response (TRL shifts the completions by one)
+        // KTO's mismatched pairs: each prompt with the previous example's chosen response (roll by one, as TRL's KL completions)
         (MismatchedPolicy, MismatchedReference) = (pc.detach().roll(1), rc.roll(1));
         _scope.Detach(Owned);
         return (

@@ -105,8 +105,9 @@ PreferenceBatch BatchFor(IPreferenceLoss loss, List<PreferenceExample> examples,
     }
 }
 
-// KTO's reference point: each prompt with the next example's chosen completion (TRL's KL pairs), under the policy (no
-// gradient: z0 is detached) and under the reference model, which this needs at run time (the cache holds matched pairs only).
+// KTO's reference point: each prompt with the next example's chosen completion (TRL takes the previous one's; either
+// mismatches every pair), under the policy (no gradient: z0 is detached) and under the reference model, which this
+// needs at run time (the cache holds matched pairs only).
 MismatchedLogps Mismatched(List<PreferenceExample> examples)
 {
     referenceModel ??= LoadReference();

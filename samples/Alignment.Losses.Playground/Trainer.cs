@@ -16,7 +16,7 @@ internal enum RunInput
 
     /// <summary>
     /// The pairs unpaired as TRL does with paired datasets: the B chosen responses are the desirable examples, the B rejected
-    /// ones the undesirable (KTO, apo_zero_unpaired, BCO); KTO's mismatched pairs put each prompt with the next pair's chosen response.
+    /// ones the undesirable (KTO, apo_zero_unpaired, BCO); KTO's mismatched pairs put each prompt with the previous pair's chosen response.
     /// </summary>
     Unpaired,
 
@@ -158,7 +158,7 @@ internal static class Trainer
                     PreferenceLogps.Unpaired(Pick(logp, chosen), Pick(logp, rejected)),
                     PreferenceLogps.Unpaired(Pick(logpRef, chosen), Pick(logpRef, rejected)))
                 {
-                    // KTO's reference point: each prompt with the next pair's chosen response, as TRL's KTOTrainer shifts completions
+                    // KTO's reference point: each prompt with the previous pair's chosen response, as TRL's KTOTrainer shifts completions
                     Mismatched = run.Loss is KtoLoss ? new MismatchedLogps(Pick(logp, chosen.roll(1)), Pick(logpRef, chosen.roll(1))) : null,
                 },
                 RunInput.RewardModel => new PreferenceBatch(new PreferenceLogps(Pick(theta, chosen), Pick(theta, rejected))),
