@@ -39,7 +39,7 @@ public class MetricsAndChecksTests
                 ul = pr.Select((v, i) => v - rr[i]).ToArray();
             }
             double scale = loss switch { "spo" => x.Alpha, "sft" => 1, _ => x.Beta };
-            if (c.Rewards is { } own) (uw, ul, scale) = (own(x).Chosen, own(x).Rejected, 1);   // already scaled
+            if (c.Rewards is { } own) { (uw, ul) = own(x); scale = 1; }   // already scaled
             double accuracy = batch.Policy.IsPaired
                 ? uw.Zip(ul).Count(p => p.First > p.Second) / (double)uw.Length
                 : uw.Sum(w => ul.Count(l => w > l)) / (double)(uw.Length * ul.Length);
