@@ -16,9 +16,22 @@ internal static class CudaMemory
 {
     private const int LogitsN = 8, LogitsT = 1024, Vocab = 128_256;
 
-    /// <summary>Parent side: runs every case in a child and prints INFO lines; returns the number of failed children.</summary>
-    public static int Report()
+    /// <summary>The report's sections, in order; <c>--cuda-memory --sections logprobs,linear</c> runs some of them.</summary>
+    public static readonly string[] Sections = { "logprobs", "linear", "rpo" };
+
+    /// <summary>
+    /// Parent side: runs every case of the chosen sections in a child and prints INFO lines; returns the number of failed
+    /// children. <paramref name="linearT"/> are the sequence lengths of the fused-linear cases (default 256, 512, 1024).
+    /// </summary>
+    public static int Report(IReadOnlyCollection<string>? sections = null, IReadOnlyList<int>? linearT = null)
     {
+        sections ??= Sections;
+        var unknown = sections.Except(Sections).ToList();
+        if (unknown.Count > 0)
+        {
+            Console.WriteLine($"cuda-memory: unknown section(s) {string.Join(", ", unknown)}; known: {string.Join(", ", Sections)}");
+            return 2;
+        }
         if (!cuda.is_available())
         {
             Console.WriteLine("cuda-memory: no CUDA device (torch.cuda.is_available() is false)");
@@ -28,7 +41,7 @@ internal static class CudaMemory
         string Mib(long bytes) => $"{bytes / 1048576.0:F0} MiB";
 
         // extra memory of sequence log-probs from bf16 logits 8 x 1024 x 128256 (target: <= 64 MiB for the forward)
-        foreach (var path in new[] { "kernel", "chunked", "naive" })
+        foreach (var path in sections.Contains("logprobs") ? new[] { "kernel", "chunked", "naive" } : Array.Empty<string>())
             foreach (var phase in new[] { "forward", "backward" })
             {
                 var (ok, bytes, text) = Spawn("logprobs", path, phase);
@@ -38,7 +51,7 @@ internal static class CudaMemory
             }
 
         // fused linear log-probs against the materialised logits, N = 16, H = 4096, V = 128256, over T
-        foreach (var t in new[] { 256, 512, 1024 })
+        foreach (var t in sections.Contains("linear") ? linearT ?? new[] { 256, 512, 1024 } : Array.Empty<int>())
             foreach (var path in new[] { "fused", "materialised" })
             {
                 var (ok, bytes, text) = Spawn("linear", path, t.ToString());
@@ -47,6 +60,7 @@ internal static class CudaMemory
                     : $"INFO memory linear log-probs T={t} {path}: {text}");
             }
 
+        if (!sections.Contains("rpo")) return failures;
         // the largest RPO batch (D = 768, float32) whose forward + backward fits: doubling, then bisection to 1024
         int good = 0, bad = 0;
         for (int b = 4096; b <= 1 << 20; b *= 2)

@@ -5,12 +5,22 @@ using BenchmarkDotNet.Running;
 // BenchmarkDotNet CLI: dotnet run -c Release --project benchmarks/Alignment.Losses.Benchmarks -- --filter '*LossBenchmarks*'
 // Runs in-process by default (no per-benchmark project generation: works with only a .NET runtime, e.g. on a GPU box,
 // and keeps the libtorch loading of this process). Results go to benchmarks/results (not committed), as markdown and JSON.
-if (args.Contains("--cuda-check")) return Alignment.Losses.Benchmarks.CudaCheck.Run();
+// --cuda-check [--rehearse]: correctness on CUDA (or, rehearsing, the same checks with the CPU standing in)
+if (args.Contains("--cuda-check")) return Alignment.Losses.Benchmarks.DeviceCheck.Run(args.Contains("--rehearse"));
 // --crosscheck FILE: every loss against the PyTorch peer's values and gradients (reference_losses.py --dump FILE)
 if (args.Length == 2 && args[0] == "--crosscheck") return Alignment.Losses.Benchmarks.PeerCrossCheck.Run(args[1]);
+// --quick-timing ...: a few losses and sizes timed the way the PyTorch peer times them (the GPU script's short run)
+if (args.Length > 0 && args[0] == "--quick-timing") return Alignment.Losses.Benchmarks.QuickTiming.Run(args[1..]);
 // --cuda-memory: peak GPU memory per case (each in a child process) and the largest RPO batch; with a case: the child
+// (--cuda-memory --sections logprobs,linear [--linear-t 1024] runs some sections only)
 if (args.Length > 0 && args[0] == "--cuda-memory")
-    return args.Length == 1 ? Alignment.Losses.Benchmarks.CudaMemory.Report() : Alignment.Losses.Benchmarks.CudaMemory.Child(args[1..]);
+{
+    if (args.Length == 1) return Alignment.Losses.Benchmarks.CudaMemory.Report();
+    if (args[1] != "--sections") return Alignment.Losses.Benchmarks.CudaMemory.Child(args[1..]);
+    int ti = Array.IndexOf(args, "--linear-t");
+    return Alignment.Losses.Benchmarks.CudaMemory.Report(args.Length > 2 ? args[2].Split(',') : null,
+        ti > 0 && ti + 1 < args.Length ? args[ti + 1].Split(',').Select(int.Parse).ToArray() : null);
+}
 
 var artifacts = Environment.GetEnvironmentVariable("BENCH_ARTIFACTS") ?? Path.Combine(FindRepoRoot(), "benchmarks", "results");
 // In-process unless the caller chose otherwise; the job (--job short|medium|...) stays the caller's choice.

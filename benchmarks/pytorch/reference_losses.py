@@ -6,6 +6,8 @@ same way: each measured call computes the loss (and the backward pass) and then 
 GPU work is included. Prints and writes JSON records {suite, loss, B, dtype, device, method, median_us}.
 
 Usage: python3 reference_losses.py [--device cpu|cuda] [--out results.json] [--repeats 200] [--losses a,b] [--skip rpo@4096]
+                                  [--sizes 8,64,1024,4096] [--dtypes float32,bfloat16]
+       python3 reference_losses.py --logprobs 8x1024x128256 [--device cuda]  # log-probs from bf16 logits and a copy of them
        python3 reference_losses.py --device cuda --memory   # peak memory (torch.cuda statistics) and the largest RPO batch
        python3 reference_losses.py --dump peer-values.json  # inputs, values and gradients for the app's --crosscheck
 """
@@ -251,7 +253,15 @@ def time_call(fn, repeats, warmup=20):
     return statistics.median(samples)
 
 
-def run(device, repeats, sizes=(8, 64, 1024, 4096), dtypes=("float32", "bfloat16"), names=None, skip=()):
+def save(path, device, records):
+    with open(path, "w") as f:
+        json.dump(dict(torch=torch.__version__, device=device,
+                       gpu=torch.cuda.get_device_name() if device == "cuda" else None, records=records), f, indent=1)
+
+
+def run(device, repeats, sizes=(8, 64, 1024, 4096), dtypes=("float32", "bfloat16"), names=None, skip=(), out=None):
+    """Times every chosen case; with `out`, rewrites that file after each record (a run stopped early keeps its results)."""
+    sizes, dtypes = sizes or (8, 64, 1024, 4096), dtypes or ("float32", "bfloat16")
     records = []
     for name, loss in LOSSES.items():
         if names and name not in names:
@@ -277,7 +287,58 @@ def run(device, repeats, sizes=(8, 64, 1024, 4096), dtypes=("float32", "bfloat16
                     rec = dict(suite="LossBenchmarks", loss=name, B=b, dtype=dt, device=device, method=method, median_us=us)
                     records.append(rec)
                     print(json.dumps(rec), flush=True)
+                    if out:
+                        save(out, device, records)
     return records
+
+
+def logprobs_report(shape, device):
+    """Sequence log-probs from bf16 logits N x T x V the TRL way (fp32 log_softmax + gather) and chunked (1024 tokens at
+    a time, logsumexp), forward and forward+backward, next to a copy of the logits (bytes read + written: the ceiling).
+    Median of 10 calls after 3 warm-ups, synchronised, as the app's --cuda-check times its own path."""
+    n, t, v = shape
+    logits = torch.randn(n, t, v, dtype=torch.bfloat16, device=device, requires_grad=True)
+    labels = torch.randint(0, v, (n, t), device=device)
+    nbytes = logits.numel() * 2
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def timed(fn):
+        for _ in range(3):
+            fn()
+        sync()
+        samples = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            samples.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(samples)
+
+    def naive():
+        return torch.log_softmax(logits.float(), -1).gather(-1, labels[..., None]).squeeze(-1).sum(-1)
+
+    def chunked():
+        flat, lab, out = logits.view(-1, v), labels.view(-1), []
+        for i in range(0, flat.shape[0], 1024):
+            z = flat[i:i + 1024].float()
+            out.append(z.gather(-1, lab[i:i + 1024, None]).squeeze(-1) - torch.logsumexp(z, -1))
+        return torch.cat(out).view(n, t).sum(-1)
+
+    def backward(fn):
+        def both():
+            fn().sum().backward()
+            logits.grad = None
+        return both
+
+    label = f"bf16 {n}x{t}x{v}"
+    copy = timed(lambda: logits.detach().clone())
+    print(f"INFO pytorch copy {label}: {copy:.2f} ms ({2 * nbytes / copy / 1e6:.0f} GB/s read + written)", flush=True)
+    for name, fn in (("naive", naive), ("chunked", chunked)):
+        with torch.no_grad():
+            fwd = timed(fn)
+        both = timed(backward(fn))
+        print(f"INFO pytorch sequence log-probs {label}, {name}: forward {fwd:.2f} ms ({nbytes / fwd / 1e6:.0f} GB/s of logits read, "
+              f"{fwd / (copy / 2):.2f}x the time to read them once at the copy's rate), forward+backward {both:.2f} ms", flush=True)
 
 
 def memory_report():
@@ -363,7 +424,13 @@ if __name__ == "__main__":
     p.add_argument("--losses", help="comma-separated loss names (default: all)")
     p.add_argument("--skip", default="", help="comma-separated NAME@B cases to leave out, e.g. rpo@4096")
     p.add_argument("--dump", metavar="FILE", help="write inputs, values and gradients (float64, CPU) for the app's --crosscheck")
+    p.add_argument("--sizes", help="comma-separated batch sizes (default 8,64,1024,4096)")
+    p.add_argument("--dtypes", help="comma-separated input dtypes (default float32,bfloat16)")
+    p.add_argument("--logprobs", metavar="NxTxV", help="time sequence log-probs from bf16 logits of this shape instead of the losses")
     args = p.parse_args()
+    if args.logprobs:
+        logprobs_report(tuple(int(k) for k in args.logprobs.split("x")), args.device)
+        raise SystemExit(0)
     if args.dump:
         dump(args.dump)
         raise SystemExit(0)
@@ -373,7 +440,7 @@ if __name__ == "__main__":
     unknown = [n for n in (args.losses or "").split(",") if n and n not in LOSSES]
     if unknown:
         raise SystemExit(f"unknown loss(es) {unknown}; known: {', '.join(LOSSES)}")
-    recs = run(args.device, args.repeats, names=set(args.losses.split(",")) if args.losses else None, skip=set(args.skip.split(",")))
-    with open(args.out, "w") as f:
-        json.dump(dict(torch=torch.__version__, device=args.device,
-                       gpu=torch.cuda.get_device_name() if args.device == "cuda" else None, records=recs), f, indent=1)
+    recs = run(args.device, args.repeats, names=set(args.losses.split(",")) if args.losses else None, skip=set(args.skip.split(",")),
+               sizes=tuple(int(b) for b in args.sizes.split(",")) if args.sizes else None,
+               dtypes=tuple(args.dtypes.split(",")) if args.dtypes else None, out=args.out)
+    save(args.out, args.device, recs)

@@ -1,0 +1,90 @@
+using System.Diagnostics;
+using System.Text.Json;
+using Alignment.Losses;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace Alignment.Losses.Benchmarks;
+
+/// <summary>
+/// <c>--quick-timing</c>: a few losses at a few batch sizes, timed exactly as the PyTorch peer times them
+/// (<c>reference_losses.py</c>: 20 warm-up calls, then the median of N calls, each reading one value back to the host),
+/// written as the peer's JSON records so that <c>benchmarks/compare.py</c> pairs them. For the GPU script's short run,
+/// where BenchmarkDotNet's pilot and warm-up phases cost more device time than the measurement.
+/// </summary>
+/// <remarks>
+/// Arguments: <c>--device cpu|cuda --losses dpo,rpo --sizes 64,4096 --dtypes float32 --repeats 100 --out FILE</c>
+/// (defaults: cuda when present, dpo and rpo, 64 and 4096, float32, 100, quick-timing.json).
+/// </remarks>
+internal static class QuickTiming
+{
+    public static int Run(string[] args)
+    {
+        string Arg(string name, string fallback)
+        {
+            int i = Array.IndexOf(args, name);
+            return i >= 0 && i + 1 < args.Length ? args[i + 1] : fallback;
+        }
+        var device = Arg("--device", cuda.is_available() ? "cuda" : "cpu");
+        var losses = Arg("--losses", "dpo,rpo").Split(',', StringSplitOptions.RemoveEmptyEntries);
+        var sizes = Arg("--sizes", "64,4096").Split(',').Select(int.Parse).ToArray();
+        var dtypes = Arg("--dtypes", "float32").Split(',');
+        int repeats = int.Parse(Arg("--repeats", "100"));
+        var output = Arg("--out", "quick-timing.json");
+        var unknown = losses.Where(l => !BenchInputs.LossNames.Contains(l)).ToList();
+        if (unknown.Count > 0)
+        {
+            Console.Error.WriteLine($"unknown loss(es) {string.Join(", ", unknown)}; known: {string.Join(", ", BenchInputs.LossNames)}");
+            return 2;
+        }
+
+        var records = new List<Dictionary<string, object>>();
+        foreach (var name in losses)
+            foreach (int b in sizes)
+                foreach (var dt in dtypes)
+                {
+                    using var inputs = new BenchInputs(b, dt == "bfloat16" ? ScalarType.BFloat16 : ScalarType.Float32, new Device(device));
+                    var loss = BenchInputs.Create(name);
+                    var batch = inputs.BatchFor(name);
+                    double Forward()
+                    {
+                        using var scope = NewDisposeScope();
+                        using var r = loss.Compute(batch);
+                        return r.Loss.ToDouble();
+                    }
+                    foreach (var (method, call) in new (string, Func<double>)[] { ("Forward", Forward), ("ForwardBackward", () => inputs.ForwardBackward(loss, batch)) })
+                    {
+                        var record = new Dictionary<string, object>
+                        {
+                            ["suite"] = "LossBenchmarks", ["loss"] = name, ["B"] = b, ["dtype"] = dt, ["device"] = device,
+                            ["method"] = method, ["median_us"] = Median(call, repeats),
+                        };
+                        records.Add(record);
+                        Console.WriteLine(JsonSerializer.Serialize(record));
+                        Write(output, device, records);     // after every record: a run stopped at its time limit keeps what it measured
+                    }
+                }
+        return 0;
+    }
+
+    private static void Write(string path, string device, List<Dictionary<string, object>> records) =>
+        File.WriteAllText(path, JsonSerializer.Serialize(new Dictionary<string, object>
+        {
+            ["library"] = "Alignment.Losses", ["device"] = device, ["records"] = records,
+        }, new JsonSerializerOptions { WriteIndented = true }));
+
+    /// <summary>Median microseconds per call after 20 warm-up calls, as the peer's <c>time_call</c>.</summary>
+    private static double Median(Func<double> call, int repeats)
+    {
+        for (int i = 0; i < 20; i++) call();
+        var samples = new double[repeats];
+        for (int i = 0; i < repeats; i++)
+        {
+            long start = Stopwatch.GetTimestamp();
+            call();
+            samples[i] = Stopwatch.GetElapsedTime(start).TotalMicroseconds;
+        }
+        Array.Sort(samples);
+        return repeats % 2 == 1 ? samples[repeats / 2] : (samples[repeats / 2 - 1] + samples[repeats / 2]) / 2;
+    }
+}
