@@ -1,6 +1,7 @@
-"""Prints the ratio table ours / PyTorch eager from a BenchmarkDotNet JSON export and reference_losses.py's JSON.
+"""Prints the ratio table ours / PyTorch eager from our timings and reference_losses.py's JSON.
 
-Usage: python3 benchmarks/compare.py <BDN *-report-full.json> <pytorch-results.json> [--device cuda]
+Usage: python3 benchmarks/compare.py <ours.json> <pytorch-results.json> [--device cuda]
+ours.json is a BenchmarkDotNet *-report-full.json export, or the app's --quick-timing output (the peer's record format).
 A ratio below 1.0 means Alignment.Losses is faster. Medians are compared.
 """
 import json
@@ -9,6 +10,10 @@ import sys
 
 def bdn_records(path):
     data = json.load(open(path))
+    if "records" in data:                      # --quick-timing: already the peer's records
+        for r in data["records"]:
+            yield (r["loss"], r["B"], r["dtype"], r["device"], r["method"]), r["median_us"]
+        return
     for bench in data["Benchmarks"]:
         params = dict(p.split("=", 1) for p in bench.get("Parameters", "").split("&") if "=" in p)
         stats = bench.get("Statistics") or {}

@@ -19,7 +19,10 @@ internal sealed class BenchInputs : IDisposable
         var embeddings = randn(b, embeddingDim).to(dtype).to(device);
         var scoreRejected = (rand(b) + 0.05).to(device);
         var scoreChosen = (scoreRejected + rand(b) + 0.01).to(device);
-        (Batch, ReferenceFreeBatch, UnpairedBatch) = Build(pc, pr, rc, rr, counts, embeddings, scoreChosen, scoreRejected, rand(b).to(device), rand(b).to(device));
+        var (winChosen, winRejected) = (rand(b).to(device), rand(b).to(device));
+        var promptLogps = (rand(b) * -50 - 1).to(dtype).to(device);
+        var promptCounts = randint(1, 100, new long[] { b }).to(ScalarType.Float32).to(device);
+        (Batch, ReferenceFreeBatch, UnpairedBatch) = Build(pc, pr, rc, rr, counts, embeddings, scoreChosen, scoreRejected, winChosen, winRejected, promptLogps, promptCounts);
     }
 
     /// <summary>Given inputs (float64, CPU), e.g. the peer's from <c>reference_losses.py --dump</c>.</summary>
@@ -27,14 +30,17 @@ internal sealed class BenchInputs : IDisposable
     {
         _scope = NewDisposeScope();
         Tensor T(string key) => tensor(v[key], dtype: ScalarType.Float64);
-        (Batch, ReferenceFreeBatch, UnpairedBatch) = Build(T("pc"), T("pr"), T("rc"), T("rr"), T("counts"), T("emb").reshape(-1, embeddingDim), T("sw"), T("sl"), T("pw"), T("pl"));
+        (Batch, ReferenceFreeBatch, UnpairedBatch) = Build(T("pc"), T("pr"), T("rc"), T("rr"), T("counts"), T("emb").reshape(-1, embeddingDim), T("sw"), T("sl"), T("pw"), T("pl"),
+            T("pp"), T("pn"));
     }
 
     private (PreferenceBatch Paired, PreferenceBatch ReferenceFree, PreferenceBatch Unpaired) Build(
-        Tensor pc, Tensor pr, Tensor rc, Tensor rr, Tensor counts, Tensor embeddings, Tensor scoreChosen, Tensor scoreRejected, Tensor winChosen, Tensor winRejected)
+        Tensor pc, Tensor pr, Tensor rc, Tensor rr, Tensor counts, Tensor embeddings, Tensor scoreChosen, Tensor scoreRejected, Tensor winChosen, Tensor winRejected,
+        Tensor promptLogps, Tensor promptCounts)
     {
         (PolicyChosen, PolicyRejected, RefChosen, RefRejected) = (pc.requires_grad_(true), pr.requires_grad_(true), rc, rr);
         (Counts, Embeddings, ScoreChosen, ScoreRejected, WinChosen, WinRejected) = (counts, embeddings, scoreChosen, scoreRejected, winChosen, winRejected);
+        (PromptLogps, PromptCounts) = (promptLogps, promptCounts);
         // KTO's mismatched pairs: each prompt with the previous example's chosen response (roll by one, as TRL's KL completions)
         (MismatchedPolicy, MismatchedReference) = (pc.detach().roll(1), rc.roll(1));
         _scope.Detach(Owned);
@@ -45,8 +51,8 @@ internal sealed class BenchInputs : IDisposable
                 Scores = new ResponseScores(scoreChosen, scoreRejected),
                 WinRates = SppoWinRates.Individual(winChosen, winRejected),
             },
-            // reference-free losses (CPO, SimPO, AlphaPO, ORPO) and the reward model (the log-prob slots read as rewards)
-            new PreferenceBatch(new PreferenceLogps(pc, pr, counts, counts)),
+            // reference-free losses (CPO, SimPO, AlphaPO, ORPO, with ORPO's prompt tokens) and the reward model (the log-prob slots read as rewards)
+            new PreferenceBatch(new PreferenceLogps(pc, pr, counts, counts)) { Prompt = new PromptLogps(promptLogps, promptCounts) },
             // unpaired losses: the B chosen responses are the desirable examples, the B rejected ones the undesirable
             new PreferenceBatch(PreferenceLogps.Unpaired(pc, pr, counts, counts), PreferenceLogps.Unpaired(rc, rr))
             {
@@ -55,10 +61,11 @@ internal sealed class BenchInputs : IDisposable
     }
 
     public Tensor PolicyChosen = null!, PolicyRejected = null!, RefChosen = null!, RefRejected = null!, Counts = null!, Embeddings = null!,
-        ScoreChosen = null!, ScoreRejected = null!, WinChosen = null!, WinRejected = null!, MismatchedPolicy = null!, MismatchedReference = null!;
+        ScoreChosen = null!, ScoreRejected = null!, WinChosen = null!, WinRejected = null!, MismatchedPolicy = null!, MismatchedReference = null!,
+        PromptLogps = null!, PromptCounts = null!;
 
     private Tensor[] Owned => new[] { PolicyChosen, PolicyRejected, RefChosen, RefRejected, Counts, Embeddings, ScoreChosen, ScoreRejected, WinChosen, WinRejected,
-        MismatchedPolicy, MismatchedReference };
+        MismatchedPolicy, MismatchedReference, PromptLogps, PromptCounts };
 
     /// <summary>Paired policy and reference log-probs with every pairwise side input (embeddings, scores, win-rates).</summary>
     public PreferenceBatch Batch { get; }

@@ -16,8 +16,12 @@ public class LossBenchmarks
     public static IEnumerable<string> Losses() =>
         Environment.GetEnvironmentVariable("BENCH_LOSSES") is { Length: > 0 } only ? only.Split(',') : BenchInputs.LossNames;
 
-    [Params(8, 64, 1024, 4096)]
+    [ParamsSource(nameof(Sizes))]
     public int B { get; set; }
+
+    /// <summary>B = 8, 64, 1024, 4096; BENCH_SIZES=64 (or 64,1024) keeps some, for a quick run of one case.</summary>
+    public static IEnumerable<int> Sizes() =>
+        Environment.GetEnvironmentVariable("BENCH_SIZES") is { Length: > 0 } only ? only.Split(',').Select(int.Parse) : new[] { 8, 64, 1024, 4096 };
 
     [ParamsSource(nameof(DTypes))]
     public string DType { get; set; } = "float32";

@@ -8,7 +8,7 @@ namespace Alignment.Losses.Benchmarks;
 
 /// <summary>
 /// <c>--quick-timing</c>: a few losses at a few batch sizes, timed exactly as the PyTorch peer times them
-/// (<c>reference_losses.py</c>: 20 warm-up calls, then the median of N calls, each reading one value back to the host),
+/// (<c>reference_losses.py</c>: warm-up calls, then the median of N calls, each reading one value back to the host),
 /// written as the peer's JSON records so that <c>benchmarks/compare.py</c> pairs them. For the GPU script's short run,
 /// where BenchmarkDotNet's pilot and warm-up phases cost more device time than the measurement.
 /// </summary>
@@ -73,10 +73,15 @@ internal static class QuickTiming
             ["library"] = "Alignment.Losses", ["device"] = device, ["records"] = records,
         }, new JsonSerializerOptions { WriteIndented = true }));
 
-    /// <summary>Median microseconds per call after 20 warm-up calls, as the peer's <c>time_call</c>.</summary>
+    /// <summary>
+    /// Median microseconds per call, as the peer's <c>time_call</c>, after a warm-up of at least 20 calls and 0.5 s: the
+    /// .NET JIT recompiles hot methods with full optimisation only after they have run a while (tiered compilation), which
+    /// eager Python has no counterpart of, so a 20-call warm-up would time partly unoptimised code.
+    /// </summary>
     private static double Median(Func<double> call, int repeats)
     {
-        for (int i = 0; i < 20; i++) call();
+        var warm = Stopwatch.StartNew();
+        for (int i = 0; i < 20 || warm.ElapsedMilliseconds < 500; i++) call();
         var samples = new double[repeats];
         for (int i = 0; i < repeats; i++)
         {

@@ -32,6 +32,8 @@ def make_inputs(b, dtype, device, d=768):
     sl = torch.rand(b) + 0.05
     x["sl"], x["sw"] = sl.to(device), (sl + torch.rand(b) + 0.01).to(device)
     x["pw"], x["pl"] = torch.rand(b).to(device), torch.rand(b).to(device)
+    # ORPO's prompt tokens (TRL's NLL runs over prompt and completion): summed log-probs and counts of each chosen prompt
+    x["pp"], x["pn"] = (torch.rand(b) * -50 - 1).to(dtype).to(device), torch.randint(1, 100, (b,)).float().to(device)
     return x
 
 
@@ -189,9 +191,11 @@ def alphapo(x, gamma=0.5, alpha=0.25):
 
 
 def orpo(x):
+    # TRL's ORPOTrainer: the log-odds from completion means, the NLL a cross-entropy over prompt and completion tokens
     aw, al = up(x["pc"]) / x["counts"], up(x["pr"]) / x["counts"]
     log_odds = (aw - al) - (torch.log1p(-torch.exp(aw)) - torch.log1p(-torch.exp(al)))
-    return nll(x) - BETA * F.logsigmoid(log_odds).mean()
+    nll_all = -(up(x["pc"]) + up(x["pp"])).sum() / (x["counts"] + x["pn"]).sum()
+    return nll_all - BETA * F.logsigmoid(log_odds).mean()
 
 
 # unpaired objectives (TRL's KTOTrainer / BCOTrainer): the B chosen are desirable, the B rejected undesirable
@@ -399,7 +403,7 @@ def dump(path, b=16, d=8):
     """Inputs and each loss's value and gradients (float64, CPU) for the benchmark app's --crosscheck: the peer and the
     library must compute the same numbers before their timings mean anything."""
     x = make_inputs(b, torch.float64, "cpu", d=d)
-    for k in ("sl", "sw", "pw", "pl"):               # the side inputs too, so that both sides compute in float64 throughout
+    for k in ("sl", "sw", "pw", "pl", "pn"):         # the side inputs too, so that both sides compute in float64 throughout
         x[k] = x[k].double()
     losses = {}
     for name, loss in LOSSES.items():

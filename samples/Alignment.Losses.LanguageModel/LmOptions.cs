@@ -30,7 +30,7 @@ internal sealed record LmOptions
           --lr X             alignment learning rate (default 1e-4)
           --seed N           seed (default 1)
           --device cpu|cuda  where to train (default cpu)
-          --output DIR       output folder (default lm-output)
+          --output DIR       output folder (default lm-output; --out also works)
           --quick            a short run for tests (sft 80, steps 40)
         """;
 
@@ -46,7 +46,7 @@ internal sealed record LmOptions
                 double Real() { var s = Next(); return double.TryParse(s, CultureInfo.InvariantCulture, out var v) && v > 0 ? v : throw new ArgumentException($"{args[i - 1]} needs a positive number; got {s}"); }
                 o = args[i] switch
                 {
-                    "--losses" => o with { Losses = Next().Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries) },
+                    "--losses" or "--loss" => o with { Losses = Next().Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries) },
                     "--sft-steps" => o with { SftSteps = Int() },
                     "--steps" => o with { Steps = Int() },
                     "--batch" => o with { BatchSize = Int() },
@@ -54,7 +54,7 @@ internal sealed record LmOptions
                     "--lr" => o with { LearningRate = Real() },
                     "--seed" => o with { Seed = Int() },
                     "--device" => o with { Device = Next() is var d && d is "cpu" or "cuda" ? d : throw new ArgumentException("--device must be cpu or cuda") },
-                    "--output" => o with { Output = Next() },
+                    "--output" or "--out" => o with { Output = Next() },
                     "--quick" => o with { SftSteps = 80, Steps = 40, LogEvery = 10 },
                     "--help" or "-h" => throw new OperationCanceledException(),
                     _ => throw new ArgumentException($"unknown option {args[i]}"),

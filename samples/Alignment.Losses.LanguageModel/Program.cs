@@ -162,8 +162,12 @@ Run Align(string name, IPreferenceLoss loss)
             using var b = collator.Collate(examples, device);
             var reference = trainCache.Lookup(b);
             var hidden = model.forward(b.InputIds, b.AttentionMask);
-            using var logps = FusedLinearLogProbs.Compute(hidden, model.Head.weight!, null, b.Labels, null, LabelAlignment.ShiftByOne, logProbOptions);
-            using var result = loss.Compute(BatchFor(loss, examples, b, hidden, logps, reference));
+            // ORPO's NLL runs over prompt and completion tokens (TRL's): score every token once, then split the result
+            bool promptToo = loss is OrpoLoss { Options.NllTokens: OrpoNllTokens.PromptAndCompletion };
+            using var scored = FusedLinearLogProbs.Compute(hidden, model.Head.weight!, null, promptToo ? b.SequenceLabels : b.Labels, null, LabelAlignment.ShiftByOne, logProbOptions);
+            using var logps = promptToo ? scored.Within(b.CompletionMask) : scored;
+            using var prompt = promptToo ? scored.Within(b.PromptMask) : null;
+            using var result = loss.Compute(BatchFor(loss, examples, b, hidden, logps, reference) with { Prompt = prompt?.ToPromptLogps() });
             optimizer.zero_grad();
             result.Loss.backward();
             optimizer.step();

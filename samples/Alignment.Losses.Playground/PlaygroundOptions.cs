@@ -30,7 +30,7 @@ internal sealed record PlaygroundOptions
         Usage: dotnet run --project samples/Alignment.Losses.Playground -- [options]
 
         Options:
-          --loss NAME[,NAME...]  losses to train (default: all), by group:
+          --losses NAME[,NAME...] losses to train (default: all; --loss also works), by group:
                                  {LOSSES}
           --group NAME[,NAME...] train the losses of these groups only ({GROUPS}); each group gets its own
                                  section of the table and its own reward-curve plot
@@ -38,7 +38,8 @@ internal sealed record PlaygroundOptions
           --quick                a fast run: 60 steps (what the tests use)
           --seed N               seed of the data and the training (default 7); CPU runs are deterministic
           --device cpu|cuda      where to train (default cpu)
-          --out DIR              output folder for results.csv, curves.csv and the PNG plots (default playground-output)
+          --output DIR           output folder for results.csv, curves.csv and the PNG plots (default playground-output;
+                                 --out also works)
           --batch N              preference pairs per step (default 64)
           --lr X                 Adam learning rate (default 0.05)
           --label-noise X        probability that a preference label is flipped, in [0, 0.5) (default 0)
@@ -58,7 +59,7 @@ internal sealed record PlaygroundOptions
             switch (args[i])
             {
                 case "--help" or "-h": o = o with { Help = true }; break;
-                case "--loss": o = o with { Losses = Value().Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).ToHashSet() }; break;
+                case "--losses" or "--loss": o = o with { Losses = Value().Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).ToHashSet() }; break;
                 case "--group": o = o with { Groups = Value().Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).ToHashSet() }; break;
                 case "--steps": o = o with { Steps = Int(Value(), 1) }; break;
                 case "--quick": o = o with { Steps = 60 }; break;
@@ -67,7 +68,7 @@ internal sealed record PlaygroundOptions
                     var d = Value();
                     o = d is "cpu" or "cuda" ? o with { Device = d } : throw new ArgumentException($"--device must be cpu or cuda; got '{d}'.");
                     break;
-                case "--out": o = o with { OutputDirectory = Value() }; break;
+                case "--output" or "--out": o = o with { OutputDirectory = Value() }; break;
                 case "--batch": o = o with { BatchSize = Int(Value(), 2) }; break;
                 case "--lr":
                     var lr = Dbl(Value());

@@ -52,6 +52,25 @@ internal static class Plots
             written.Add(file);
         }
 
+        // the trade-off every KL-regularised objective makes: reward gained against KL(pi || pi_ref) paid, one point per run
+        var tradeOff = new Plot();
+        for (int s = 0; s < results.Count; s++)
+        {
+            var r = results[s];
+            var point = tradeOff.Add.Scatter(new[] { r.Kl }, new[] { r.Reward - r.ReferenceReward });
+            Style(point, s, r.Name);
+            point.MarkerSize = 9;
+            var label = tradeOff.Add.Text(r.Name, r.Kl, r.Reward - r.ReferenceReward);
+            label.LabelFontSize = 10;
+            label.OffsetX = 6;
+        }
+        tradeOff.Title("Reward gained vs KL to the reference, one point per loss (up and to the left is better)");
+        tradeOff.XLabel("KL(pi || pi_ref), mean over prompts");
+        tradeOff.YLabel("E_pi[r] - E_pi_ref[r]");
+        tradeOff.ShowLegend(Edge.Right);
+        tradeOff.SavePng(Path.Combine(dir, "reward_vs_kl.png"), 1100, 620);
+        written.Add("reward_vs_kl.png");
+
         // learned vs optimal distribution on the first prompt, for the losses with a proven optimum; with label noise the
         // DPO family is drawn against the clean-label DPO optimum, which robust DPO keeps and DPO does not
         int k = world.Candidates;

@@ -54,6 +54,13 @@ Console.WriteLine($"Tabular softmax policy, reference = initial policy; {options
 Console.WriteLine();
 
 Directory.CreateDirectory(options.OutputDirectory);
+// libtorch's and the JIT's start-up cost lands on the first call: pay it before the first timed run
+using (var warm = NewDisposeScope())
+{
+    var x = randn(new long[] { 4 }, device: device).requires_grad_(true);
+    using var r = DpoLoss.Compute(new PreferenceLogps(x - 5, x.detach() - 6), new PreferenceLogps(x.detach() - 5, x.detach() - 6));
+    r.Loss.backward();
+}
 var results = new List<RunResult>();
 foreach (var run in runs)
 {
@@ -66,6 +73,7 @@ foreach (var run in runs)
 Console.WriteLine();
 Console.WriteLine(Report.Table(results));
 Console.WriteLine(Report.Legend);
+Console.WriteLine(Report.Ranking(results));
 Report.WriteCsv(results, options.OutputDirectory);
 var plots = Plots.Write(results, world, options.OutputDirectory);
 Console.WriteLine($"Results written to {Path.GetFullPath(options.OutputDirectory)}: results.csv, curves.csv{(plots.Count > 0 ? ", " + string.Join(", ", plots) : "")}.");

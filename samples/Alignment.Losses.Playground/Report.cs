@@ -8,7 +8,7 @@ internal static class Report
     public static string Table(IReadOnlyList<RunResult> results)
     {
         var sb = new StringBuilder();
-        sb.AppendLine($"{"loss",-18} {"setting",-30} {"loss 0",9} {"loss end",9} {"reward",7} {"ref rew",7} {"win vs ref",10} {"KL",6} {"TV to opt",9} {"TV clean",8} {"time s",7}");
+        sb.AppendLine($"{"loss",-18} {"setting",-30} {"loss 0",9} {"loss end",9} {"reward",7} {"ref rew",7} {"win vs ref",10} {"KL",6} {"TV to opt",9} {"TV clean",8} {"train s",7}");
         sb.AppendLine(new string('-', 133));
         foreach (var (r, i) in results.Select((r, i) => (r, i)))
         {
@@ -32,7 +32,31 @@ internal static class Report
         reference_free: no reference log-probs (nothing anchors these to pi_ref). unpaired: each pair split into a desirable
         (chosen) and an undesirable (rejected) example, as TRL unpairs paired data. reward_model: a Bradley-Terry reward
         table r_hat fitted to the pairs; its policy is the RLHF optimum pi_ref exp(r_hat / beta), so it shares DPO's optimum.
+        train s: seconds spent in the training steps (loss, backward, optimiser), without set-up and evaluation.
         """;
+
+    /// <summary>
+    /// The runs ranked by win-rate against the reference, with the KL each paid for it and the reward gained per nat of KL
+    /// (the quantity the KL-regularised objective trades): the table's answer to "which loss should I use here?".
+    /// </summary>
+    public static string Ranking(IReadOnlyList<RunResult> results)
+    {
+        var sb = new StringBuilder("Ranking by win-rate against the reference (higher is better); KL(pi || pi_ref) is what each paid for it:\n");
+        int rank = 1;
+        foreach (var r in results.OrderByDescending(r => r.WinRate).ThenBy(r => r.Kl))
+        {
+            double gain = r.Reward - r.ReferenceReward;
+            string perKl = r.Kl > 1e-9 ? (gain / r.Kl).ToString("F3", CultureInfo.InvariantCulture) : "-";
+            sb.AppendLine(string.Create(CultureInfo.InvariantCulture,
+                $"{rank++,3}. {r.Name,-18} win {r.WinRate:F3}  reward +{gain:F3}  KL {r.Kl:F3}  reward gain per unit KL {perKl,7}  [{r.Group}]"));
+        }
+        var best = results.MaxBy(r => r.WinRate);
+        var frugal = results.Where(r => r.Kl > 1e-9).MaxBy(r => (r.Reward - r.ReferenceReward) / r.Kl);
+        if (best is not null)
+            sb.AppendLine(string.Create(CultureInfo.InvariantCulture,
+                $"Highest win-rate: {best.Name}. Most reward per unit KL: {frugal?.Name ?? "-"}. The reward_vs_kl.png plot shows the whole trade-off."));
+        return sb.ToString();
+    }
 
     public static void WriteCsv(IReadOnlyList<RunResult> results, string dir)
     {

@@ -95,7 +95,8 @@ internal static class Trainer
         yield return new("simpo", new SimPoLoss(new() { Beta = perToken, Gamma = perToken * 0.01 }), $"beta {perToken}, gamma/beta 0.01") { Group = "reference_free", Input = free };
         yield return new("alphapo", new AlphaPoLoss(new() { Beta = perToken, Gamma = perToken * 0.01, Alpha = 0.25 }), $"beta {perToken}, g/b 0.01, alpha 0.25")
             { Group = "reference_free", Input = free };
-        yield return new("orpo", new OrpoLoss(new() { Beta = Beta }), $"lambda {Beta}") { Group = "reference_free", Input = free };
+        // a tabular policy has no prompt tokens to model: ORPO's NLL covers the responses (the authors' --disable_prompt_loss)
+        yield return new("orpo", new OrpoLoss(new() { Beta = Beta, NllTokens = OrpoNllTokens.Completion }), $"lambda {Beta}, NLL on responses") { Group = "reference_free", Input = free };
 
         var unpaired = RunInput.Unpaired;
         yield return new("kto", new KtoLoss(new() { Beta = Beta }), $"beta {Beta}, lambda_D=lambda_U=1") { Group = "unpaired", Input = unpaired };
@@ -113,7 +114,6 @@ internal static class Trainer
     {
         torch.manual_seed(o.Seed);
         var rng = new Random(o.Seed);
-        var watch = Stopwatch.StartNew();
         int p = world.Prompts, k = world.Candidates, b = o.BatchSize;
 
         using var outer = NewDisposeScope();
@@ -135,6 +135,7 @@ internal static class Trainer
         int iterationLength = Math.Max(1, o.Steps / run.SelfPlayIterations);
         rewardCurve[0] = ExpectedReward(() => PolicyLogits(theta), rewards);
 
+        var watch = Stopwatch.StartNew();                       // the training steps only: set-up and evaluation are not timed
         for (int step = 0; step < o.Steps; step++)
         {
             if (run.SelfPlayIterations > 1 && step > 0 && step % iterationLength == 0)
@@ -180,9 +181,12 @@ internal static class Trainer
             optimizer.step();
             lossCurve[step] = result.Loss.ToDouble();
             if (step == 0) firstLoss = lossCurve[0];
+            watch.Stop();
             rewardCurve[step + 1] = ExpectedReward(() => PolicyLogits(theta), rewards);
             if ((step + 1) % Math.Max(1, o.Steps / 10) == 0) progress(".");
+            watch.Start();
         }
+        watch.Stop();
 
         using var final = NewDisposeScope();
         var policy = nn.functional.softmax(PolicyLogits(theta.detach()), 1);
@@ -196,7 +200,6 @@ internal static class Trainer
         Tensor? optimum = run.Optimum?.Invoke(initial, rewards);
         double? distance = optimum is null ? null : 0.5 * (policy - optimum).abs().sum(1).mean().ToDouble();
         double? toCleanDpo = run.CompareToCleanDpo ? 0.5 * (policy - DpoOptimum(initial, rewards)).abs().sum(1).mean().ToDouble() : null;
-        watch.Stop();
         return new RunResult(run.Name, run.Group, run.Setting, firstLoss, lossCurve[^1], reward, referenceReward, winRate, kl, distance, toCleanDpo,
             watch.Elapsed.TotalSeconds, rewardCurve, lossCurve,
             policy.cpu().data<float>().ToArray(), optimum?.cpu().data<float>().ToArray());

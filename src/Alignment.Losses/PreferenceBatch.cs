@@ -47,7 +47,24 @@ public sealed record PreferenceBatch(PreferenceLogps Policy, PreferenceLogps? Re
     /// completion), from which the reference point z0 = max(0, mean(l_pol - l_ref)) is estimated, detached.
     /// </summary>
     public MismatchedLogps? Mismatched { get; init; }
+
+    /// <summary>
+    /// ORPO: the policy's log-probs of each pair's prompt tokens (in the chosen sequence), for the NLL over prompt and
+    /// completion that TRL's ORPOTrainer and the ORPO authors use by default (<see cref="OrpoNllTokens.PromptAndCompletion"/>).
+    /// From one log-prob pass over <see cref="Data.CollatedPreferences.SequenceLabels"/>:
+    /// <c>all.Within(collated.PromptMask).ToPromptLogps()</c>.
+    /// </summary>
+    public PromptLogps? Prompt { get; init; }
 }
+
+/// <summary>
+/// ORPO: per pair, the summed log-probs [B] of the prompt tokens that are scored (with
+/// <see cref="LabelAlignment.ShiftByOne"/>, every prompt token after the first) under the policy, with grad, and their
+/// number [B]. The record does not own the tensors.
+/// </summary>
+/// <param name="Sum">[B] summed prompt-token log-probs (with grad: the NLL's gradient reaches the prompt tokens too).</param>
+/// <param name="TokenCounts">[B] number of scored prompt tokens (finite, &gt;= 0).</param>
+public sealed record PromptLogps(Tensor Sum, Tensor TokenCounts);
 
 /// <summary>KTO: log-probs [K] of mismatched (prompt, completion) pairs under the policy and the reference model.</summary>
 /// <param name="Policy">[K] policy log-probs (any gradient is ignored: z0 is detached).</param>

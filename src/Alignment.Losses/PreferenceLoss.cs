@@ -60,6 +60,17 @@ public abstract class PreferenceLoss<TOptions> : IPreferenceLoss where TOptions 
     /// <summary>Whether the loss needs, accepts or refuses reference log-probs. Default accepts (null = reference-free).</summary>
     protected virtual ReferenceUse ReferenceUse => ReferenceUse.Optional;
 
+    /// <summary>
+    /// Whether the batch's policy and reference tensors are log-probabilities (default true), so that a positive value (above
+    /// 1e-3, for rounding in other engines) is a mistake, such as logits or rewards passed by accident, and raises a clear
+    /// <see cref="ArgumentException"/> (with <see cref="PreferenceLossOptions.CheckFinite"/>). A loss whose inputs are scores
+    /// (the Bradley-Terry reward-model loss) returns false.
+    /// </summary>
+    protected virtual bool InputsAreLogProbs => true;
+
+    /// <summary>The largest value a log-prob input may have (rounding in other engines), above which it is refused.</summary>
+    private const double LogProbTolerance = 1e-3;
+
     /// <inheritdoc />
     public PreferenceLossResult Compute(PreferenceBatch batch)
     {
@@ -90,6 +101,8 @@ public abstract class PreferenceLoss<TOptions> : IPreferenceLoss where TOptions 
                     "batch.ExampleWeights must be non-negative and finite (a negative weight reverses a pair's preference).", "batch.ExampleWeights"));
             extraTensors.Add((exampleWeights, "batch.ExampleWeights"));
         }
+        if (Options.CheckFinite && InputsAreLogProbs)
+            CheckLogProbsNotPositive(batch, checks);
         var dtype = Numerics.DTypeFor(batch.Policy.Chosen, batch.Policy.Rejected, batch.Reference?.Chosen, batch.Reference?.Rejected);
         var terms = new PreferenceTerms(batch, dtype, checks);
         var output = Evaluate(terms, batch);
@@ -114,7 +127,7 @@ public abstract class PreferenceLoss<TOptions> : IPreferenceLoss where TOptions 
         {
             if (ReportsStandardMetrics)
             {
-                packed = terms.LossAndStandardMetrics(perExample, RewardScale, output.Rewards);
+                packed = terms.LossAndStandardMetrics(perExample, RewardScale, output.Rewards, output.Logps);
                 names = PreferenceTerms.StandardMetricNames;
             }
             else
@@ -139,6 +152,37 @@ public abstract class PreferenceLoss<TOptions> : IPreferenceLoss where TOptions 
         var metricValues = packed.narrow(0, 1, names.Length);
         scope.MoveToOuter(loss, perExample, metricValues);
         return new PreferenceLossResult(loss, perExample, metricValues, names, Name);
+    }
+
+    /// <summary>
+    /// A log-prob is at most 0; a positive one means logits, rewards or probabilities' logits were passed. NaN passes this
+    /// check (NaN &gt; tolerance is false) so that the finite check names it as NaN.
+    /// </summary>
+    private void CheckLogProbsNotPositive(PreferenceBatch batch, ValueChecks checks)
+    {
+        var inputs = new (Tensor Tensor, string Name)[]
+        {
+            (batch.Policy.Chosen, "policy.Chosen"), (batch.Policy.Rejected, "policy.Rejected"),
+            (batch.Reference?.Chosen!, "reference.Chosen"), (batch.Reference?.Rejected!, "reference.Rejected"),
+        }.Where(i => i.Tensor is not null).ToArray();
+        using (no_grad())
+        {
+            Tensor? any = null;
+            foreach (var (t, _) in inputs)
+            {
+                var positive = (t.detach() > LogProbTolerance).any();
+                any = any is null ? positive : any | positive;
+            }
+            checks.Add(any!.logical_not(), () =>
+            {
+                using var noGrad = no_grad();
+                var (tensor, name) = inputs.First(i => (i.Tensor.detach() > LogProbTolerance).any().item<bool>());
+                double largest = tensor.detach().max().to_type(ScalarType.Float64).item<double>();
+                return new ArgumentException(
+                    $"{name} holds positive values (the largest is {largest:G4}), but a sequence log-prob is a sum of log-probabilities, " +
+                    $"so it is at most 0. Were logits, rewards or scores passed instead of log-probs? (The {Name} loss reads log-probs.)", name);
+            });
+        }
     }
 
     /// <summary>A derived loss's output must be usable: named errors for the mistakes a custom loss can make.</summary>

@@ -59,6 +59,25 @@ public sealed class PreferenceLossResult : IDisposable
     /// <exception cref="ObjectDisposedException">The result (or the dispose scope it was created in) has been disposed.</exception>
     public Tensor Loss => Alive(_loss);
 
+    /// <summary>
+    /// Whether <see cref="Loss"/> has a gradient to give: false when no policy input requires grad, as in an evaluation
+    /// call (which is allowed). Calling <c>Loss.backward()</c> then fails in libtorch with "element 0 of tensors does not
+    /// require grad and does not have a grad_fn"; <see cref="Backward"/> says what is wrong instead.
+    /// </summary>
+    public bool RequiresGrad => Alive(_loss).requires_grad;
+
+    /// <summary>Runs the backward pass of <see cref="Loss"/> (the same as <c>Loss.backward()</c>), with a clear error when there is no gradient.</summary>
+    /// <exception cref="InvalidOperationException">No policy input requires grad: create the policy log-probs with
+    /// <c>requires_grad: true</c> (or from a model in training mode, outside <c>torch.no_grad()</c>).</exception>
+    public void Backward()
+    {
+        if (!RequiresGrad)
+            throw new InvalidOperationException(
+                $"The {_lossName} loss has no gradient: none of the policy log-probs requires grad (they were created without requires_grad, " +
+                "detached, or computed under torch.no_grad()). An evaluation call is fine; to train, pass policy log-probs that require grad.");
+        _loss.backward();
+    }
+
     /// <summary>The unreduced per-example losses [B] (per chosen row for RPO), with grad: use them for custom weighting.</summary>
     /// <exception cref="ObjectDisposedException">The result (or the dispose scope it was created in) has been disposed.</exception>
     public Tensor PerExample => Alive(_perExample);

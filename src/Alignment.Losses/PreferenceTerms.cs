@@ -139,18 +139,21 @@ public sealed class PreferenceTerms
     /// [per-example loss, u_w, u_l, h, h &gt; 0, l_w, l_l] and scale the reward rows in place: six kernels whatever B.
     /// (A loss call is launch-bound on a GPU, so metrics cost kernels, not arithmetic.)
     /// </summary>
-    internal Tensor LossAndStandardMetrics(Tensor perExample, double rewardScale, (Tensor Chosen, Tensor Rejected)? rewards = null)
+    internal Tensor LossAndStandardMetrics(Tensor perExample, double rewardScale, (Tensor Chosen, Tensor Rejected)? rewards = null,
+        (Tensor Chosen, Tensor Rejected)? logps = null)
     {
         using var _ = no_grad();
         var chosen = rewards is { } r ? Numerics.As(r.Chosen.detach(), DType) : ChosenLogRatio.detach();
         var rejected = rewards is { } r2 ? Numerics.As(r2.Rejected.detach(), DType) : RejectedLogRatio.detach();
+        var logpChosen = logps is { } l ? Numerics.As(l.Chosen.detach(), DType) : PolicyChosen.detach();
+        var logpRejected = logps is { } l2 ? Numerics.As(l2.Rejected.detach(), DType) : PolicyRejected.detach();
         if (rewards is not null) rewardScale = 1;   // a loss's own rewards come scaled
         Tensor packed;
         if (IsPaired && perExample.dim() == 1 && perExample.shape[0] == chosen.shape[0])
         {
             var margin = rewards is null ? Margin.detach() : chosen - rejected;   // the loss's cached margin when the rewards are the log-ratios
             var wins = (margin > 0).to_type(DType);
-            packed = stack(new[] { Numerics.As(perExample.detach(), DType), chosen, rejected, margin, wins, PolicyChosen.detach(), PolicyRejected.detach() })
+            packed = stack(new[] { Numerics.As(perExample.detach(), DType), chosen, rejected, margin, wins, logpChosen, logpRejected })
                 .mean(new long[] { 1 });
         }
         else
@@ -162,7 +165,7 @@ public sealed class PreferenceTerms
             packed = stack(new[]
             {
                 Numerics.As(perExample.detach(), DType).mean(), meanChosen, meanRejected, meanChosen - meanRejected, accuracy,
-                Mean(PolicyChosen.detach()), Mean(PolicyRejected.detach()),
+                Mean(logpChosen), Mean(logpRejected),
             });
         }
         packed.narrow(0, 1, 3).mul_(rewardScale);                             // beta * [u_w, u_l, h] = rewards and margin
@@ -184,4 +187,11 @@ public readonly record struct LossOutput(Tensor PerExample, IReadOnlyList<(strin
     /// TRL logs them. Null (default): RewardScale * (u_w, u_l).
     /// </summary>
     public (Tensor Chosen, Tensor Rejected)? Rewards { get; init; }
+
+    /// <summary>
+    /// The log-probs the standard metrics logps/chosen and logps/rejected report, when they are not the summed policy
+    /// log-probs: e.g. the per-token means that SimPO, CPO's ipo and simpo types and ORPO compute with, as TRL logs them.
+    /// Null (default): the summed policy log-probs.
+    /// </summary>
+    public (Tensor Chosen, Tensor Rejected)? Logps { get; init; }
 }

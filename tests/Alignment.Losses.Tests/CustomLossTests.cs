@@ -3,10 +3,16 @@ using Alignment.Losses;
 namespace Alignment.Losses.Tests;
 
 /// <summary>Options of the test's own loss: DPO with a per-pair target margin gamma * (s_w - s_l) from response scores.</summary>
-public sealed record MarginDpoOptions : PreferenceLossOptions
+// BetaOptions: a validated Beta in [1e-12, 1e12] (default 0.1), with the shared CheckFinite; options validate on construction
+public sealed record MarginDpoOptions : BetaOptions
 {
-    public double Beta { get; init; } = 0.5;
-    public double Gamma { get; init; } = 1.0;
+    public MarginDpoOptions() => Beta = 0.5;
+
+    public double Gamma
+    {
+        get;
+        init => field = value is >= 0 and <= 1e6 ? value : throw new ArgumentOutOfRangeException(nameof(Gamma), value, "Gamma must lie in [0, 1e6].");
+    } = 1.0;
 }
 
 /// <summary>
@@ -49,6 +55,16 @@ public class CustomLossTests
         {
             Scores = new ResponseScores(TensorUtil.Const(Sw, dtype), TensorUtil.Const(Sl, dtype)),
         };
+    }
+
+    [Fact]
+    public void The_custom_options_validate_on_construction_like_the_librarys()
+    {
+        Assert.Equal(0.5, new MarginDpoOptions().Beta);
+        Assert.Equal(2.0, new MarginDpoOptions { Beta = 2 }.Beta);
+        Assert.Throws<ArgumentOutOfRangeException>(() => new MarginDpoOptions { Beta = 0 });          // BetaOptions' own check
+        Assert.Throws<ArgumentOutOfRangeException>(() => new MarginDpoOptions { Gamma = -1 });
+        Assert.Throws<ArgumentOutOfRangeException>(() => new MarginDpoOptions { Gamma = double.NaN });
     }
 
     [Fact]

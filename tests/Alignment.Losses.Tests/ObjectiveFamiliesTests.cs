@@ -113,7 +113,7 @@ public class ObjectiveFamiliesTests
         "simpo_smoothed" => (new SimPoLoss(new SimPoOptions { LabelSmoothing = 0.2 }), (a, b, c, d) => SimPoOracle(a, b, c, d, 0.1, 0.5, 0.2, 0)),
         "alphapo" => (new AlphaPoLoss(new AlphaPoOptions { Beta = 3, Gamma = 1, Alpha = 0.5 }), (a, b, c, d) => SimPoOracle(a, b, c, d, 3, 1, 0, 0.5)),
         "alphapo_negative" => (new AlphaPoLoss(new AlphaPoOptions { Beta = 1, Gamma = 0.2, Alpha = -0.7 }), (a, b, c, d) => SimPoOracle(a, b, c, d, 1, 0.2, 0, -0.7)),
-        _ => (new OrpoLoss(new OrpoOptions { Beta = 0.25 }), (a, b, c, d) => OrpoOracle(a, b, c, d, 0.25)),
+        _ => (new OrpoLoss(new OrpoOptions { Beta = 0.25, NllTokens = OrpoNllTokens.Completion }), (a, b, c, d) => OrpoOracle(a, b, c, d, 0.25)),
     };
 
     [Theory, MemberData(nameof(ReferenceFreeCases))]
@@ -188,9 +188,10 @@ public class ObjectiveFamiliesTests
         for (int i = 0; i < got.Length; i++) Close(expected[i], got[i], $"log1mexp({TensorUtil.Values(a)[i]})", 1e-12);
         // a = 0: probability 1
         var p = new PreferenceLogps(tensor(new[] { 0.0, -3.0 }), tensor(new[] { -2.0, -1.0 }), tensor(new[] { 2.0, 3.0 }), tensor(new[] { 2.0, 3.0 }));
-        var e = Assert.Throws<ArgumentException>(() => OrpoLoss.Compute(p));
+        var completionOnly = new OrpoOptions { NllTokens = OrpoNllTokens.Completion };
+        var e = Assert.Throws<ArgumentException>(() => OrpoLoss.Compute(p, null, completionOnly));
         Assert.Contains("probability 1", e.Message);
-        using var r = OrpoLoss.Compute(new PreferenceLogps(tensor(new[] { -1e-9 }), tensor(new[] { -50.0 }), tensor(new[] { 1.0 }), tensor(new[] { 1.0 })));
+        using var r = OrpoLoss.Compute(new PreferenceLogps(tensor(new[] { -1e-9 }), tensor(new[] { -50.0 }), tensor(new[] { 1.0 }), tensor(new[] { 1.0 })), null, completionOnly);
         Assert.True(double.IsFinite(r.Loss.ToDouble()));
         foreach (var m in new[] { "log_odds_ratio", "log_odds_chosen", MetricNames.NllLoss }) Assert.True(r.Metrics.ContainsKey(m), m);
     }
@@ -206,7 +207,7 @@ public class ObjectiveFamiliesTests
             Assert.Equal("reference", e.ParamName);
         }
         var noCounts = new PreferenceLogps(tensor(new[] { -3.0 }), tensor(new[] { -4.0 }));
-        foreach (var loss in new IPreferenceLoss[] { new CpoLoss(), new SimPoLoss(), new OrpoLoss(), new CpoLoss(new CpoOptions { LossType = CpoLossType.Ipo, CpoAlpha = 0 }) })
+        foreach (var loss in new IPreferenceLoss[] { new CpoLoss(), new SimPoLoss(), new OrpoLoss(new() { NllTokens = OrpoNllTokens.Completion }), new CpoLoss(new CpoOptions { LossType = CpoLossType.Ipo, CpoAlpha = 0 }) })
             Assert.Throws<ArgumentException>(() => loss.Compute(new PreferenceBatch(noCounts)));
         using var ok = new CpoLoss(new CpoOptions { CpoAlpha = 0 }).Compute(new PreferenceBatch(noCounts));   // sigmoid without NLL needs none
         Assert.Equal(Math.Log(1 + Math.Exp(-0.1)), ok.Loss.ToDouble(), 12);

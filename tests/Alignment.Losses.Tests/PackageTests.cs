@@ -154,29 +154,64 @@ public class PackageTests
         Assert.Matches(@"loss \d\.\d{4}, accuracy", output);
     }
 
-    [Fact]
-    public void Notebook_cells_run_in_order_as_a_script()
+    /// <summary>
+    /// The notebook, executed as a user executes it: in the .NET Interactive kernel through Jupyter (headless nbconvert),
+    /// with its first cell's commented <c>#i</c> line pointed at the packed package's feed. Skipped, with the reason, where
+    /// Jupyter's nbconvert or the kernel is not installed (.ci/run installs both: Debian's jupyter-nbconvert and the
+    /// Microsoft.dotnet-interactive tool).
+    /// </summary>
+    [NotebookKernelFact]
+    public void Notebook_runs_in_the_dotnet_interactive_kernel_from_the_packed_package()
     {
-        var nb = JsonDocument.Parse(File.ReadAllText(Path.Combine(ProcessRunner.RepoRoot, "samples", "notebooks", "alignment-losses.ipynb")));
-        var cells = nb.RootElement.GetProperty("cells").EnumerateArray()
+        _pkg.EnsurePacked();
+        var dir = _pkg.NewConsumerFolder("notebook");
+        var source = File.ReadAllText(Path.Combine(ProcessRunner.RepoRoot, "samples", "notebooks", "alignment-losses.ipynb"));
+        const string feedLine = "// #i \\\"nuget: /home/me/alignment-losses-feed\\\"";
+        Assert.Contains(feedLine, source);                                   // the line the notebook tells users to edit
+        Assert.Contains("Alignment.Losses, 0.1.0\\\"", source);
+        source = source.Replace(feedLine, $"#i \\\"nuget: {_pkg.Feed}\\\"", StringComparison.Ordinal)
+                       .Replace("Alignment.Losses, 0.1.0\\\"", $"Alignment.Losses, {_pkg.Version}\\\"", StringComparison.Ordinal);
+        File.WriteAllText(Path.Combine(dir, "notebook.ipynb"), source);
+        var r = ProcessRunner.Run(NotebookKernelFactAttribute.Jupyter, dir, Build, "nbconvert", "--to", "notebook", "--execute", "notebook.ipynb",
+            "--output", "executed.ipynb", "--ExecutePreprocessor.timeout=300", "--ExecutePreprocessor.kernel_name=.net-csharp");
+        ProcessRunner.Ok(r, "jupyter nbconvert --execute");
+        using var executed = JsonDocument.Parse(File.ReadAllText(Path.Combine(dir, "executed.ipynb")));
+        var outputs = executed.RootElement.GetProperty("cells").EnumerateArray()
             .Where(c => c.GetProperty("cell_type").GetString() == "code")
-            .Select(c => string.Concat(c.GetProperty("source").EnumerateArray().Select(l => l.GetString())))
+            .SelectMany(c => c.GetProperty("outputs").EnumerateArray())
             .ToList();
-        var directives = new List<string> { "#:property PublishAot=false" };
-        var usings = new List<string>();
-        var body = new List<string>();
-        foreach (var line in cells.SelectMany(c => c.Split('\n')))
-        {
-            var nuget = Regex.Match(line, "^#r \"nuget: *([^,\"]+), *([^\"]+)\"");
-            if (nuget.Success) directives.Add($"#:package {nuget.Groups[1].Value.Trim()}@{nuget.Groups[2].Value.Trim()}");
-            else if (Regex.IsMatch(line, @"^using [A-Za-z0-9_.= ]+;\s*$") || Regex.IsMatch(line, @"^using static [A-Za-z0-9_.]+;\s*$")) usings.Add(line);
-            else body.Add(line);
-        }
-        Assert.Contains(directives, d => d.StartsWith("#:package Alignment.Losses@", StringComparison.Ordinal));
-        var output = RunScript("notebook.cs", string.Join('\n', directives.Concat(usings).Concat(body)));
-        Assert.Contains("RPO:", output);
-        Assert.Contains("tau", output);
+        Assert.DoesNotContain(outputs, o => o.GetProperty("output_type").GetString() == "error");
+        var text = string.Concat(outputs.Where(o => o.TryGetProperty("text", out _)).SelectMany(o => o.GetProperty("text").EnumerateArray().Select(l => l.GetString())));
+        Assert.Matches(@"DPO: 0\.\d{4}  accuracy", text);
+        Assert.Contains("RPO:", text);
+        Assert.Contains("tau 0.05", text);
+        Assert.DoesNotContain("NaN", text, StringComparison.Ordinal);
     }
+}
+
+/// <summary>Runs where Jupyter's nbconvert and the .NET Interactive C# kernel are installed; otherwise skipped with the reason.</summary>
+public sealed class NotebookKernelFactAttribute : FactAttribute
+{
+    public NotebookKernelFactAttribute()
+    {
+        if (Missing.Value is { } reason) Skip = reason;
+    }
+
+    internal const string Jupyter = "jupyter";
+
+    static readonly Lazy<string?> Missing = new(() =>
+    {
+        try
+        {
+            var nbconvert = ProcessRunner.Run(Jupyter, ProcessRunner.RepoRoot, TimeSpan.FromMinutes(1), "nbconvert", "--version");
+            if (nbconvert.ExitCode != 0) return "Jupyter's nbconvert is not installed (Debian: apt-get install jupyter-nbconvert).";
+            var kernels = ProcessRunner.Run(Jupyter, ProcessRunner.RepoRoot, TimeSpan.FromMinutes(1), "kernelspec", "list");
+            if (!kernels.Output.Contains(".net-csharp", StringComparison.Ordinal))
+                return "The .NET Interactive C# kernel is not installed (dotnet tool install -g Microsoft.dotnet-interactive; dotnet interactive jupyter install).";
+            return null;
+        }
+        catch (System.ComponentModel.Win32Exception) { return "Jupyter is not installed (Debian: apt-get install jupyter-nbconvert)."; }
+    });
 }
 
 /// <summary>The README's first command, in quick mode.</summary>

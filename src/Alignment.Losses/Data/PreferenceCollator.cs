@@ -160,15 +160,50 @@ public sealed class PreferenceCollator
         var completion = new bool[n * length];
         var promptMask = new bool[n * length];
         var labels = new long[n * length];
+        var sequenceLabels = new long[n * length];
         Array.Fill(ids, Options.PadTokenId);
         Array.Fill(labels, Options.IgnoreIndex);
+        Array.Fill(sequenceLabels, Options.IgnoreIndex);
         for (int i = 0; i < n; i++)
-            Fill(rows[i], i * length, ids, attention, promptMask, completion, labels);
+            Fill(rows[i], i * length, ids, attention, promptMask, completion, labels, sequenceLabels);
         var positions = new long[n * length];
         for (int i = 0; i < n; i++)
             for (long t = 0; t < length; t++) positions[i * length + t] = t;
-        return Build(truncated, device, new[] { (long)n, length }, ids, attention, promptMask, completion, labels, positions, null);
+        return Build(truncated, device, new[] { (long)n, length }, ids, attention, promptMask, completion, labels, sequenceLabels, positions, null);
     }
+
+    /// <summary>
+    /// KTO's mismatched (prompt, completion) pairs for its reference point z0, built as TRL's KTOTrainer builds them: the
+    /// batch's 2B sequences read as 2B unpaired examples (B chosen, then B rejected, as <see cref="Collate"/> lays them out),
+    /// and each one's completion replaced by the previous example's, cyclically (TRL rotates the completions by one within
+    /// the batch: (x_1, y_n), (x_2, y_1), ..., (x_n, y_(n-1))), so the mismatched completions are the batch's own.
+    /// </summary>
+    /// <remarks>
+    /// Returned as pairs so that <see cref="Collate"/> (or <see cref="CollateMismatched"/>) lays them out like the batch:
+    /// example i holds prompt i with the completions of sequences i - 1 and B + i - 1. Score all 2B rows under the policy
+    /// (no gradient is needed: z0 is detached) and the reference, and pass their sums as
+    /// <see cref="MismatchedLogps"/> (K = 2B) in <see cref="PreferenceBatch.Mismatched"/>.
+    /// </remarks>
+    /// <param name="examples">The batch's B examples (at least one).</param>
+    /// <returns>B examples whose chosen and rejected completions are the mismatched ones.</returns>
+    public static IReadOnlyList<PreferenceExample> MismatchedExamples(IReadOnlyList<PreferenceExample> examples)
+    {
+        ArgumentNullException.ThrowIfNull(examples);
+        if (examples.Count == 0)
+            throw new ArgumentException("examples is empty: a batch needs at least one example.", nameof(examples));
+        for (int i = 0; i < examples.Count; i++)
+            if (examples[i] is null) throw new ArgumentException($"example {i} is null.", nameof(examples));
+        int b = examples.Count;
+        // sequence k of the 2B: the chosen completions, then the rejected ones
+        IReadOnlyList<int> Completion(int k) => k < b ? examples[k].Chosen : examples[k - b].Rejected;
+        return examples.Select((e, i) => e with { Chosen = Completion((i - 1 + 2 * b) % (2 * b)), Rejected = Completion(b + i - 1) }).ToList();
+    }
+
+    /// <summary>
+    /// <see cref="Collate"/> of <see cref="MismatchedExamples"/>: KTO's mismatched sequences, laid out like the batch (2B rows).
+    /// </summary>
+    public CollatedPreferences CollateMismatched(IReadOnlyList<PreferenceExample> examples, Device? device = null) =>
+        Collate(MismatchedExamples(examples), device);
 
     /// <summary>
     /// A packed, padding-free batch [1, Total]: the 2B sequences (B chosen, then B rejected, each prompt + completion) end
@@ -186,13 +221,15 @@ public sealed class PreferenceCollator
         var completion = new bool[total];
         var promptMask = new bool[total];
         var labels = new long[total];
+        var sequenceLabels = new long[total];
         Array.Fill(ids, Options.PadTokenId);
         Array.Fill(labels, Options.IgnoreIndex);
+        Array.Fill(sequenceLabels, Options.IgnoreIndex);
         for (int i = 0; i < rows.Count; i++)
-            Fill(rows[i], boundaries.CumulativeLengths[i], ids, attention, promptMask, completion, labels);
+            Fill(rows[i], boundaries.CumulativeLengths[i], ids, attention, promptMask, completion, labels, sequenceLabels);
         using var positionIds = boundaries.PositionIds(total);
         var positions = positionIds.data<long>().ToArray();
-        return Build(truncated, device, new[] { 1L, total }, ids, attention, promptMask, completion, labels, positions, boundaries);
+        return Build(truncated, device, new[] { 1L, total }, ids, attention, promptMask, completion, labels, sequenceLabels, positions, boundaries);
     }
 
     private long RoundUp(long length) => Options.PadToMultipleOf is { } m ? (length + m - 1) / m * m : length;
@@ -208,20 +245,22 @@ public sealed class PreferenceCollator
     private static List<(int[] Prompt, int[] Completion)> Rows(List<TruncatedExample> truncated) =>
         truncated.Select(e => (e.Prompt, e.Chosen)).Concat(truncated.Select(e => (e.Prompt, e.Rejected))).ToList();
 
-    private static void Fill((int[] Prompt, int[] Completion) row, long start, long[] ids, bool[] attention, bool[] promptMask, bool[] completion, long[] labels)
+    private static void Fill((int[] Prompt, int[] Completion) row, long start, long[] ids, bool[] attention, bool[] promptMask, bool[] completion,
+        long[] labels, long[] sequenceLabels)
     {
         long p = start;
-        foreach (var id in row.Prompt) { ids[p] = id; attention[p] = true; promptMask[p] = true; p++; }
-        foreach (var id in row.Completion) { ids[p] = id; attention[p] = true; completion[p] = true; labels[p] = id; p++; }
+        foreach (var id in row.Prompt) { ids[p] = id; attention[p] = true; promptMask[p] = true; sequenceLabels[p] = id; p++; }
+        foreach (var id in row.Completion) { ids[p] = id; attention[p] = true; completion[p] = true; labels[p] = id; sequenceLabels[p] = id; p++; }
     }
 
     private static CollatedPreferences Build(List<TruncatedExample> truncated, Device? device, long[] shape, long[] ids, bool[] attention,
-        bool[] promptMask, bool[] completion, long[] labels, long[] positions, SequenceBoundaries? boundaries)
+        bool[] promptMask, bool[] completion, long[] labels, long[] sequenceLabels, long[] positions, SequenceBoundaries? boundaries)
     {
         var target = device ?? CPU;
         Tensor Make(long[] data) => Numerics.FromHost(data, shape, ScalarType.Int64, target);
         Tensor MakeMask(bool[] data) => Numerics.FromHost(data, shape, ScalarType.Bool, target);
-        return new CollatedPreferences(truncated, Make(ids), MakeMask(attention), MakeMask(promptMask), MakeMask(completion), Make(labels), Make(positions), boundaries);
+        return new CollatedPreferences(truncated, Make(ids), MakeMask(attention), MakeMask(promptMask), MakeMask(completion), Make(labels),
+            Make(sequenceLabels), Make(positions), boundaries);
     }
 
     /// <summary>The content key of a truncated example: the first 16 bytes of SHA-256 over the three id lists, in hex.</summary>
@@ -246,7 +285,7 @@ public sealed class CollatedPreferences : IDisposable
     private readonly Tensor[] _owned;
 
     internal CollatedPreferences(IReadOnlyList<TruncatedExample> examples, Tensor inputIds, Tensor attentionMask, Tensor promptMask,
-        Tensor completionMask, Tensor labels, Tensor positionIds, SequenceBoundaries? boundaries)
+        Tensor completionMask, Tensor labels, Tensor sequenceLabels, Tensor positionIds, SequenceBoundaries? boundaries)
     {
         Examples = examples;
         InputIds = inputIds;
@@ -254,9 +293,10 @@ public sealed class CollatedPreferences : IDisposable
         PromptMask = promptMask;
         CompletionMask = completionMask;
         Labels = labels;
+        SequenceLabels = sequenceLabels;
         PositionIds = positionIds;
         Boundaries = boundaries;
-        _owned = new[] { inputIds, attentionMask, promptMask, completionMask, labels, positionIds };
+        _owned = new[] { inputIds, attentionMask, promptMask, completionMask, labels, sequenceLabels, positionIds };
     }
 
     /// <summary>The B examples as truncated, with their cache keys.</summary>
@@ -279,6 +319,13 @@ public sealed class CollatedPreferences : IDisposable
 
     /// <summary>int64, the input ids at completion tokens and the ignore index elsewhere: pass with <see cref="LabelAlignment.ShiftByOne"/>.</summary>
     public Tensor Labels { get; }
+
+    /// <summary>
+    /// int64, the input ids at every real token (prompt and completion) and the ignore index at padding: TRL ORPOTrainer's NLL
+    /// labels. Score them (with <see cref="LabelAlignment.ShiftByOne"/>) when a loss needs the prompt's log-probs too, then
+    /// split the result with <see cref="SequenceLogProbsResult.Within"/> (<see cref="CompletionMask"/>, <see cref="PromptMask"/>).
+    /// </summary>
+    public Tensor SequenceLabels { get; }
 
     /// <summary>int64 position ids: 0..T-1 per padded row, or restarting at 0 in each packed sequence.</summary>
     public Tensor PositionIds { get; }

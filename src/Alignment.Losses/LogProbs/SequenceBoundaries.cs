@@ -136,6 +136,12 @@ internal sealed class Segments
     /// <summary>Number of sequences.</summary>
     internal long Count { get; }
 
+    /// <summary>The tensors this holds (a packed batch's segment ids), for the owner that releases them.</summary>
+    internal IEnumerable<Tensor> Tensors => _ids is null ? Enumerable.Empty<Tensor>() : new[] { _ids };
+
+    /// <summary>The same segments on a new handle (a second owner can release its own).</summary>
+    internal Segments Alias() => _ids is null ? this : new Segments(Count, _ids.alias());
+
     internal bool IsPacked => _ids is not null;
 
     /// <summary>[R, T'] per-token values summed per sequence: [Count]. Differentiable.</summary>

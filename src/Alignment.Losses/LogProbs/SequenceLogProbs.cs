@@ -89,10 +89,13 @@ public sealed class SequenceLogProbsResult : IDisposable
 {
     private readonly Tensor _sum, _tokenCounts, _mean, _tokens, _valid;
     private readonly LogProbExtras? _extras;
-    private readonly bool _packed;
+    private readonly Segments _segments;
+    private readonly bool _shift;
+    private readonly List<Tensor> _derived = new();   // views handed out by ToPreferenceLogps & co., released with the result
     private bool _disposed;
 
-    internal SequenceLogProbsResult(Tensor sum, Tensor tokenCounts, Tensor mean, Tensor tokens, Tensor valid, LogProbExtras? extras, bool packed)
+    internal SequenceLogProbsResult(Tensor sum, Tensor tokenCounts, Tensor mean, Tensor tokens, Tensor valid, LogProbExtras? extras,
+        Segments segments, bool shift)
     {
         _sum = sum;
         _tokenCounts = tokenCounts;
@@ -100,7 +103,8 @@ public sealed class SequenceLogProbsResult : IDisposable
         _tokens = tokens;
         _valid = valid;
         _extras = extras;
-        _packed = packed;
+        _segments = segments;
+        _shift = shift;
     }
 
     /// <summary>
@@ -180,9 +184,13 @@ public sealed class SequenceLogProbsResult : IDisposable
     public Tensor Mean => Alive(_mean);
 
     /// <summary>Whether the batch was packed (<see cref="SequenceBoundaries"/>).</summary>
-    public bool IsPacked => _packed;
+    public bool IsPacked => _segments.IsPacked;
 
-    /// <summary>Splits a batch stacked as [chosen; rejected] (first half chosen) into paired log-probs with token counts.</summary>
+    /// <summary>
+    /// Splits a batch stacked as [chosen; rejected] (first half chosen) into paired log-probs with token counts. The
+    /// tensors are views owned by this result: they stay valid until it is disposed, and are released with it (with or
+    /// without a dispose scope of the caller's).
+    /// </summary>
     /// <exception cref="InvalidOperationException">The number of sequences is odd.</exception>
     public PreferenceLogps ToPreferenceLogps()
     {
@@ -190,13 +198,15 @@ public sealed class SequenceLogProbsResult : IDisposable
         if (n % 2 != 0)
             throw new InvalidOperationException($"A stacked chosen/rejected batch needs an even number of sequences (B chosen, then B rejected); got {n}.");
         long half = n / 2;
-        return new PreferenceLogps(_sum.narrow(0, 0, half), _sum.narrow(0, half, half), _tokenCounts.narrow(0, 0, half), _tokenCounts.narrow(0, half, half));
+        return new PreferenceLogps(Own(_sum.narrow(0, 0, half)), Own(_sum.narrow(0, half, half)),
+            Own(_tokenCounts.narrow(0, 0, half)), Own(_tokenCounts.narrow(0, half, half)));
     }
 
     /// <summary>
     /// Splits a batch of unpaired binary feedback into unpaired log-probs with token counts: the first
     /// <paramref name="desirableCount"/> sequences are the desirable (chosen) examples, the rest the undesirable ones (for
-    /// KTO, apo_zero_unpaired and BCO). Either side may be empty.
+    /// KTO, apo_zero_unpaired and BCO). Either side may be empty. The tensors are views owned by this result (see
+    /// <see cref="ToPreferenceLogps"/>).
     /// </summary>
     /// <exception cref="ArgumentOutOfRangeException"><paramref name="desirableCount"/> is outside [0, N].</exception>
     public PreferenceLogps ToUnpairedLogps(long desirableCount)
@@ -204,8 +214,69 @@ public sealed class SequenceLogProbsResult : IDisposable
         long n = Sum.shape[0];
         if (desirableCount < 0 || desirableCount > n)
             throw new ArgumentOutOfRangeException(nameof(desirableCount), desirableCount, $"desirableCount must be in [0, {n}] (the number of sequences).");
-        return PreferenceLogps.Unpaired(_sum.narrow(0, 0, desirableCount), _sum.narrow(0, desirableCount, n - desirableCount),
-            _tokenCounts.narrow(0, 0, desirableCount), _tokenCounts.narrow(0, desirableCount, n - desirableCount));
+        return PreferenceLogps.Unpaired(Own(_sum.narrow(0, 0, desirableCount)), Own(_sum.narrow(0, desirableCount, n - desirableCount)),
+            Own(_tokenCounts.narrow(0, 0, desirableCount)), Own(_tokenCounts.narrow(0, desirableCount, n - desirableCount)));
+    }
+
+    /// <summary>
+    /// The chosen half of a batch stacked as [chosen; rejected] as <see cref="PromptLogps"/>, for ORPO's NLL over prompt and
+    /// completion: call it on the prompt part, <c>all.Within(collated.PromptMask).ToPromptLogps()</c>. Views owned by this result.
+    /// </summary>
+    /// <exception cref="InvalidOperationException">The number of sequences is odd.</exception>
+    public PromptLogps ToPromptLogps()
+    {
+        long n = Sum.shape[0];
+        if (n % 2 != 0)
+            throw new InvalidOperationException($"A stacked chosen/rejected batch needs an even number of sequences (B chosen, then B rejected); got {n}.");
+        return new PromptLogps(Own(_sum.narrow(0, 0, n / 2)), Own(_tokenCounts.narrow(0, 0, n / 2)));
+    }
+
+    /// <summary>
+    /// The same token log-probs restricted to the positions where <paramref name="mask"/> is nonzero: per-sequence sums,
+    /// counts, means and token log-probs of that part only (differentiable), and the extras (step statistics, WPO terms)
+    /// summed over that part; no LD-DPO weighting. One log-prob
+    /// pass then serves several parts of a sequence: compute the log-probs with labels on every attended token
+    /// (<see cref="Data.CollatedPreferences.SequenceLabels"/>), then take <c>Within(CompletionMask)</c> for the loss and
+    /// <c>Within(PromptMask)</c> for ORPO's NLL over prompt and completion (TRL's).
+    /// </summary>
+    /// <param name="mask">[R, T] in the layout of the labels passed to Compute (bool, integer or finite floating), on their device;
+    /// with <see cref="LabelAlignment.ShiftByOne"/> entry t marks label t (scored by position t - 1), as for Compute's mask.</param>
+    /// <returns>A new result the caller disposes (independent of this one).</returns>
+    /// <exception cref="ArgumentException">The mask's shape, dtype or device does not match, or it holds NaN/Inf.</exception>
+    public SequenceLogProbsResult Within(Tensor mask)
+    {
+        Alive(_tokens);
+        Guard.Usable(mask, nameof(mask));
+        long rows = _tokens.shape[0], positions = _tokens.shape[1] + (_shift ? 1 : 0);
+        if (mask.dim() != 2 || mask.shape[0] != rows || mask.shape[1] != positions)
+            throw new ArgumentException($"mask must have the labels' shape [{rows}, {positions}]; got {Guard.Shape(mask)}.", nameof(mask));
+        if (mask.is_complex())
+            throw new ArgumentException($"mask must be bool, integer or floating; got {mask.dtype}.", nameof(mask));
+        Guard.SameDevice(_tokens, "these log-probs", mask, nameof(mask));
+        using var scope = NewDisposeScope();
+        if (mask.is_floating_point())
+        {
+            using var noGrad = no_grad();
+            if (!isfinite(mask).all().item<bool>())
+                throw new ArgumentException("mask contains NaN or Inf; a mask marks each position with 0 (skip) or a nonzero value (count).", nameof(mask));
+        }
+        Tensor valid;
+        using (no_grad()) valid = _valid & ((_shift ? mask.narrow(1, 1, positions - 1) : mask) != 0);
+        var tokens = _tokens * valid.to_type(_tokens.dtype);
+        var sum = _segments.Reduce(tokens);
+        var counts = _segments.Reduce(valid.to_type(_sum.dtype));
+        var segments = _segments.Alias();
+        var result = new SequenceLogProbsResult(sum, counts, sum / counts.clamp_min(1), tokens, valid, _extras?.Within(valid, tokens, segments), segments, _shift);
+        result.MoveToOuter(scope);
+        return result;
+    }
+
+    /// <summary>Detaches <paramref name="view"/> from any dispose scope and keeps it with this result (released by Dispose).</summary>
+    private Tensor Own(Tensor view)
+    {
+        view.DetachFromDisposeScope();
+        lock (_derived) _derived.Add(view);
+        return view;
     }
 
     private Tensor Alive(Tensor t)
@@ -217,17 +288,24 @@ public sealed class SequenceLogProbsResult : IDisposable
     }
 
     private IEnumerable<Tensor> Owned() =>
-        new[] { _sum, _tokenCounts, _mean, _tokens, _valid }.Concat(_extras?.Results ?? Enumerable.Empty<Tensor>());
+        new[] { _sum, _tokenCounts, _mean, _tokens, _valid }.Concat(_extras?.Results ?? Enumerable.Empty<Tensor>())
+            .Concat(_extras?.Buffers ?? Enumerable.Empty<Tensor>()).Concat(_segments.Tensors);
 
     /// <summary>Moves the result's tensors out of <paramref name="scope"/>.</summary>
     internal void MoveToOuter(DisposeScope scope) => scope.MoveToOuter(Owned().ToArray());
 
-    /// <summary>Releases the tensors (and gradients the library's backward passes returned on this thread outside any scope).</summary>
+    /// <summary>Releases the tensors, the views handed out (<see cref="ToPreferenceLogps"/> and the like), and gradients the
+    /// library's backward passes returned on this thread outside any scope.</summary>
     public void Dispose()
     {
         if (_disposed) return;
         _disposed = true;
         foreach (var t in Owned()) t.Dispose();
+        lock (_derived)
+        {
+            foreach (var t in _derived) t.Dispose();
+            _derived.Clear();
+        }
         BackwardLeftovers.Release();
     }
 }
@@ -493,6 +571,23 @@ internal sealed class LogProbExtras
         if (statistics) { _entropy = Buffer(); _logitMean = Buffer(); _hit = Buffer(); }
     }
 
+    private LogProbExtras(Tensor valid, Tensor? logSumSquares, Tensor? entropy, Tensor? logitMean, Tensor? hit)
+    {
+        Valid = valid;
+        (_logSumSquares, _entropy, _logitMean, _hit) = (logSumSquares, entropy, logitMean, hit);
+    }
+
+    /// <summary>The per-token buffers, kept with the result (small: [R, T'] each) so that a part of it can be summed again.</summary>
+    internal IEnumerable<Tensor> Buffers => new[] { _logSumSquares, _entropy, _logitMean, _hit }.OfType<Tensor>();
+
+    /// <summary>The same extras summed over the positions <paramref name="valid"/> only (new handles: the caller owns them).</summary>
+    internal LogProbExtras Within(Tensor valid, Tensor tokenLogp, Segments segments)
+    {
+        var part = new LogProbExtras(valid, _logSumSquares?.alias(), _entropy?.alias(), _logitMean?.alias(), _hit?.alias());
+        part.Finish(tokenLogp, segments);
+        return part;
+    }
+
     /// <summary>The extras the options ask for, or null.</summary>
     internal static LogProbExtras? For(SequenceLogProbsOptions options, Tensor valid, ScalarType dtype) =>
         options.WpoTerms || options.StepStatistics ? new LogProbExtras(valid, options.WpoTerms, options.StepStatistics, dtype) : null;
@@ -548,7 +643,7 @@ internal sealed class LogProbExtras
 internal static class Targets
 {
     /// <summary>In-range target ids (0 where masked) and the validity mask, both [R, T'], and how positions map to sequences.</summary>
-    internal sealed record Prepared(Tensor Targets, Tensor Valid, Segments Segments);
+    internal sealed record Prepared(Tensor Targets, Tensor Valid, Segments Segments, bool Shift);
 
     /// <summary>
     /// Validates labels and mask against an [N, T, ...] input (or a packed [1, Total, ...] one with its boundaries), applies
@@ -621,7 +716,7 @@ internal static class Targets
                 $"labels must be token ids in [0, {vocab}) (or {options.IgnoreIndex} to skip); label {y[first[0], first[1]].cpu().item<long>()} at sequence {first[0]}, position {first[1] + (alignment == LabelAlignment.ShiftByOne ? 1 : 0)} is not.",
                 nameof(labels));
         }
-        return new Prepared(y.where(valid, zeros_like(y)).contiguous(), valid, segments);   // masked positions gather id 0, weighted by 0
+        return new Prepared(y.where(valid, zeros_like(y)).contiguous(), valid, segments, alignment == LabelAlignment.ShiftByOne);   // masked positions gather id 0, weighted by 0
     }
 
     /// <summary>
@@ -662,7 +757,7 @@ internal static class Targets
         using (no_grad()) finite = isfinite(sum.detach()).all().item<bool>();
         if (!finite) throw diagnose(sum);
         extras?.Finish(tokens, prepared.Segments);
-        return new SequenceLogProbsResult(sum, counts, sum / counts.clamp_min(1), tokens, prepared.Valid, extras, prepared.Segments.IsPacked);
+        return new SequenceLogProbsResult(sum, counts, sum / counts.clamp_min(1), tokens, prepared.Valid, extras, prepared.Segments, prepared.Shift);
     }
 
     /// <summary>The error for non-finite sums whose inputs are the culprits at valid positions: names the sequences.</summary>

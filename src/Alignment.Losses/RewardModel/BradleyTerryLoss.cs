@@ -50,6 +50,10 @@ public sealed class BradleyTerryLoss : PreferenceLoss<BradleyTerryOptions>
     protected override ReferenceUse ReferenceUse => ReferenceUse.Refused;
 
     /// <inheritdoc />
+    /// <remarks>False: the log-prob slots hold the reward head's scores, which may be positive.</remarks>
+    protected override bool InputsAreLogProbs => false;
+
+    /// <inheritdoc />
     protected override bool ReportsStandardMetrics => false;
 
     /// <inheritdoc />

@@ -82,6 +82,13 @@ public static partial class TrlLosses
         var weights = config.LossWeights ?? Enumerable.Repeat(1.0, types.Count).ToArray();
         if (weights.Count != types.Count)
             throw new ArgumentException($"loss_weights has {weights.Count} entries but loss_type has {types.Count}; give one weight per loss type.", "loss_weights");
+        for (int k = 0; k < weights.Count; k++)
+            Field($"loss_weights[{k}]", () => Internal.Guard.Weight(weights[k], $"loss_weights[{k}]"));
+        if (config.LdAlpha is not null) LogProbOptions(config);   // ld_alpha is checked here too, not only when the log-prob options are built
+        if (config.LabelSmoothing != 0 && !types.Any(t => LabelSmoothingTypes.Contains(t)))
+            throw new ArgumentException(
+                $"label_smoothing is set ({config.LabelSmoothing}) but TRL's DPOTrainer reads it only for {string.Join(", ", LabelSmoothingTypes)}; " +
+                $"{string.Join(", ", types)} ignore it. Leave it at 0.", "label_smoothing");
         if (config.UseWeighting && types.Any(t => t is "aot" or "aot_unpaired"))
             throw new ArgumentException("use_weighting cannot be combined with aot or aot_unpaired (their losses are per rank, not per pair), as in TRL.", "use_weighting");
         var map = Map(config);
@@ -133,13 +140,16 @@ public static partial class TrlLosses
             "apo_zero" => new ApoLoss(new() { Beta = beta }),
             "apo_down" => new ApoLoss(new() { Beta = beta, ScoreMap = map, Anchor = ApoAnchor.Down }),
             "discopop" => new DiscoPopLoss(Field("discopop_tau", () => new DiscoPopOptions { Beta = beta, ScoreMap = map, Tau = c.DiscopopTau })),
-            "sft" => new SftLoss(),
+            "sft" => new SftLoss(new() { Beta = beta }),
             "sigmoid_norm" => new SigmoidNormLoss(new() { Beta = beta, ScoreMap = map }),
             _ => throw new ArgumentException($"Unknown loss_type '{type}'. Valid: {string.Join(", ", LossTypes)}.", "loss_type"),
         };
     }
 
-    /// <summary>Builds an option, reporting a range error under the TRL field's name.</summary>
+    /// <summary>
+    /// Builds an option, reporting a range error under the TRL field's name: <paramref name="field"/>, or, where one call
+    /// sets several fields, the option's own name in TRL's snake case (CpoAlpha → cpo_alpha).
+    /// </summary>
     private static T Field<T>(string field, Func<T> build)
     {
         try
@@ -148,8 +158,12 @@ public static partial class TrlLosses
         }
         catch (ArgumentOutOfRangeException e)
         {
-            throw new ArgumentOutOfRangeException(field, e.ActualValue,
-                string.Create(CultureInfo.InvariantCulture, $"TRL field {field}: {e.Message.Split(" (Parameter")[0]}"));
+            string name = field.Contains(' ', StringComparison.Ordinal) && e.ParamName is { Length: > 0 } p ? SnakeCase(p) : field;
+            throw new ArgumentOutOfRangeException(name, e.ActualValue,
+                string.Create(CultureInfo.InvariantCulture, $"TRL field {name}: {e.Message.Split(" (Parameter")[0]}"));
         }
     }
+
+    private static string SnakeCase(string pascal) =>
+        string.Concat(pascal.Select((ch, i) => char.IsUpper(ch) ? (i > 0 ? "_" : "") + char.ToLowerInvariant(ch) : ch.ToString()));
 }

@@ -20,8 +20,12 @@ public sealed record AotOptions : BetaOptions
     /// <summary>Paired (default) or unpaired.</summary>
     public AotForm Form { get; init => field = Guard.Defined(value, nameof(Form)); } = AotForm.Paired;
 
-    /// <summary>eps in [0, 0.5): the loss on each sorted difference is (1 - eps) softplus(-beta d) + eps softplus(beta d). Default 0.</summary>
-    public double LabelSmoothing { get; init => field = Guard.InRange(value, 0, 0.5, nameof(LabelSmoothing)); } = 0;
+    /// <summary>
+    /// eps in [0, 1], as TRL accepts it: the loss on each sorted difference is (1 - eps) softplus(-beta d) + eps softplus(beta d).
+    /// Default 0. At eps = 0.5 the loss is symmetric in d (no preference is learned: its gradient at d = 0 is zero), and
+    /// above 0.5 it prefers the rejected side (flipped labels); both are accepted because TRL's config accepts them.
+    /// </summary>
+    public double LabelSmoothing { get; init => field = Guard.InClosedRange(value, 0, 1, nameof(LabelSmoothing)); } = 0;
 }
 
 /// <summary>

@@ -2,8 +2,8 @@ using TorchSharp;
 
 namespace Alignment.Losses;
 
-/// <summary>Options of <see cref="SftLoss"/> (none beyond the shared ones).</summary>
-public sealed record SftOptions : PreferenceLossOptions;
+/// <summary>Options of <see cref="SftLoss"/>: beta scales the reward metrics only (TRL's DPOConfig beta; the loss has none).</summary>
+public sealed record SftOptions : BetaOptions;
 
 /// <summary>
 /// The supervised term of preference training: the negative log-likelihood of the chosen completions, as a token-weighted
@@ -26,8 +26,9 @@ public sealed class SftLoss : PreferenceLoss<SftOptions>
     public override string Name => "sft";
 
     /// <inheritdoc />
-    /// <remarks>1: the reward metrics report the raw log-ratios (SFT has no beta).</remarks>
-    protected override double RewardScale => 1;
+    /// <remarks>beta: the reward metrics are beta times the log-ratios, as TRL's DPOTrainer logs them for every loss type
+    /// (the loss itself does not depend on beta).</remarks>
+    protected override double RewardScale => Options.Beta;
 
     /// <inheritdoc />
     protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch)

@@ -24,7 +24,9 @@ public record SimPoOptions : BetaOptions
 /// <para>Per pair, with per-token means a = l / n: z = beta (a_w - a_l) - gamma and L = (1 - eps) softplus(-z) + eps softplus(z).
 /// With eps = 0 the gradient is always chosen up and rejected down, and its magnitude sigmoid(-z) halves where the
 /// per-token margin a_w - a_l reaches gamma / beta (the target margin). Needs both token counts; reference-free.
-/// Rewards are reported as beta * a, as TRL logs them.</para>
+/// Rewards are reported as beta * a and logps/* as the per-token means, as TRL logs them. This is the paper's SimPO
+/// (TRL's CPOConfig with loss_type simpo and cpo_alpha 0); TRL's default cpo_alpha 1 adds the NLL (CPO-SimPO:
+/// <see cref="CpoLoss"/> with <see cref="CpoLossType.Simpo"/>).</para>
 /// </remarks>
 public class SimPoLoss : PreferenceLoss<SimPoOptions>
 {
@@ -49,7 +51,7 @@ public class SimPoLoss : PreferenceLoss<SimPoOptions>
         var (aw, al) = ReferenceFreeMath.Means(terms, Name);
         var (rw, rl) = (Reward(aw), Reward(al));
         var z = (rw - rl) * Options.Beta - Options.Gamma;
-        return new(PreferenceMath.LabelSmoothed(z, Options.LabelSmoothing)) { Rewards = (rw * Options.Beta, rl * Options.Beta) };
+        return new(PreferenceMath.LabelSmoothed(z, Options.LabelSmoothing)) { Rewards = (rw * Options.Beta, rl * Options.Beta), Logps = (aw, al) };
     }
 
     /// <summary>SimPO with default (or given) options. The policy log-probs must carry token counts.</summary>
@@ -86,8 +88,7 @@ public sealed class AlphaPoLoss : SimPoLoss
     /// <inheritdoc />
     public override string Name => "alphapo";
 
-    private protected override Tensor Reward(Tensor meanLogp) =>
-        Alpha == 0 ? meanLogp : -(meanLogp * -Alpha).expm1() / Alpha;
+    private protected override Tensor Reward(Tensor meanLogp) => ReferenceFreeMath.AlphaReward(meanLogp, Alpha);
 
     /// <summary>AlphaPO with default (or given) options. The policy log-probs must carry token counts.</summary>
     public static PreferenceLossResult Compute(PreferenceLogps policy, AlphaPoOptions? options) =>
