@@ -15,6 +15,8 @@ internal sealed record LmOptions
     public int Seed { get; init; } = 1;
     public string Device { get; init; } = "cpu";
     public string Output { get; init; } = "lm-output";
+    /// <summary>ORPO's NLL tokens: TRL's prompt and completion (default), or the completion only (--disable_prompt_loss).</summary>
+    public bool OrpoPromptLoss { get; init; } = true;
 
     private const string Help = """
         Aligns a small causal transformer on a polite-vs-rude preference dataset with the library end to end:
@@ -32,6 +34,9 @@ internal sealed record LmOptions
           --device cpu|cuda  where to train (default cpu)
           --output DIR       output folder (default lm-output; --out also works)
           --quick            a short run for tests (sft 80, steps 40)
+          --orpo-nll all|completion
+                             ORPO's NLL over prompt and completion (all: TRL's and the authors' default) or over the
+                             completion only (the authors' --disable_prompt_loss) (default all)
         """;
 
     public static LmOptions? Parse(string[] args)
@@ -55,6 +60,7 @@ internal sealed record LmOptions
                     "--seed" => o with { Seed = Int() },
                     "--device" => o with { Device = Next() is var d && d is "cpu" or "cuda" ? d : throw new ArgumentException("--device must be cpu or cuda") },
                     "--output" or "--out" => o with { Output = Next() },
+                    "--orpo-nll" => o with { OrpoPromptLoss = Next() switch { "all" => true, "completion" => false, var v => throw new ArgumentException($"--orpo-nll must be all or completion; got {v}") } },
                     "--quick" => o with { SftSteps = 80, Steps = 40, LogEvery = 10 },
                     "--help" or "-h" => throw new OperationCanceledException(),
                     _ => throw new ArgumentException($"unknown option {args[i]}"),

@@ -82,7 +82,9 @@ IPreferenceLoss LossByName(string name) => name switch
     "rpo" => new RpoLoss(new RpoOptions { Beta = options.Beta }),
     "dpo" => TrlLosses.Create("sigmoid", new TrlDpoConfig { Beta = options.Beta }),
     // TRL's CPO, ORPO, KTO and BCO trainers' objectives; BCO's running reward mean is this run's state
-    _ when TrlLosses.TrainerObjectives.Contains(name) => TrlLosses.CreateForTrainer(name, new TrlTrainerConfig { Beta = options.Beta, BcoBaseline = new BcoRewardBaseline() }),
+    "orpo" when !options.OrpoPromptLoss => new OrpoLoss(new OrpoOptions { Beta = options.Beta, NllTokens = OrpoNllTokens.Completion }),
+    "bco" => TrlLosses.CreateForTrainer(name, new TrlTrainerConfig { Beta = options.Beta, BcoBaseline = new BcoRewardBaseline() }),
+    _ when TrlLosses.TrainerObjectives.Contains(name) => TrlLosses.CreateForTrainer(name, new TrlTrainerConfig { Beta = options.Beta }),
     _ => TrlLosses.Create(name, new TrlDpoConfig { Beta = options.Beta }),
 };
 
@@ -105,19 +107,17 @@ PreferenceBatch BatchFor(IPreferenceLoss loss, List<PreferenceExample> examples,
     }
 }
 
-// KTO's reference point: each prompt with the next example's chosen completion (TRL takes the previous one's; either
-// mismatches every pair), under the policy (no gradient: z0 is detached) and under the reference model, which this
-// needs at run time (the cache holds matched pairs only).
+// KTO's reference point from mismatched (prompt, completion) pairs built as TRL builds them (the batch's 2B sequences,
+// each with the previous one's completion: PreferenceCollator.CollateMismatched), under the policy (no gradient: z0 is
+// detached) and under the reference model, which this needs at run time (the cache holds matched pairs only).
 MismatchedLogps Mismatched(List<PreferenceExample> examples)
 {
     referenceModel ??= LoadReference();
-    int n = examples.Count;
-    var shifted = examples.Select((e, i) => e with { Chosen = examples[(i + 1) % n].Chosen, Rejected = examples[(i + 1) % n].Rejected }).ToList();
-    using var m = collator.Collate(shifted, device);
+    using var m = collator.CollateMismatched(examples, device);
     using var noGrad = no_grad();
     using var policy = FusedLinearLogProbs.Compute(model.forward(m.InputIds, m.AttentionMask), model.Head.weight!, null, m.Labels, null, LabelAlignment.ShiftByOne);
     using var reference = FusedLinearLogProbs.Compute(referenceModel.forward(m.InputIds, m.AttentionMask), referenceModel.Head.weight!, null, m.Labels, null, LabelAlignment.ShiftByOne);
-    return new MismatchedLogps(policy.Sum.narrow(0, 0, n), reference.Sum.narrow(0, 0, n));   // the chosen rows
+    return new MismatchedLogps(policy.Sum.detach().clone(), reference.Sum.detach().clone());   // all 2B rows, kept after the results go
 }
 
 TinyTransformer LoadReference()

@@ -8,7 +8,7 @@ using static TorchSharp.torch;
 var cases = new Dictionary<string, Action>
 {
     // RPO's [B, B] matrices at B = 100,000 (3 x 40 GB): refused before any allocation
-    ["rpo-huge-batch"] = () => RpoLoss.Compute(new PreferenceLogps(randn(100_000), randn(100_000)), null, randn(100_000, 8)),
+    ["rpo-huge-batch"] = () => RpoLoss.Compute(new PreferenceLogps(-rand(100_000), -rand(100_000)), null, randn(100_000, 8)),
     ["cosine-weighting-huge"] = () => new CosineSoftmaxWeighting(0.5).ComputeWeights(randn(100_000, 8), randn(100_000, 8), ScalarType.Float32),
     // the head product [2, V] with V = 2^33 (64 GiB) fails inside libtorch: caught and named, with and without a bias
     ["fused-huge-vocabulary"] = () => FusedLinearLogProbs.Compute(randn(1, 2, 8), randn(1, 8).expand(1L << 33, 8), null,
@@ -19,8 +19,8 @@ var cases = new Dictionary<string, Action>
     ["backward-failure"] = () =>
     {
         Alignment.Losses.Internal.LibraryFunctionTesting.FailNextBackward = () => new ExternalException("CUDA out of memory. Tried to allocate 2.00 GiB (injected)");
-        var chosen = randn(4).requires_grad_(true);
-        using var r = RpoLoss.Compute(new PreferenceLogps(chosen, randn(4)), null, randn(4, 3));
+        var chosen = (-rand(4)).requires_grad_(true);                 // log-probs: at most 0
+        using var r = RpoLoss.Compute(new PreferenceLogps(chosen, -rand(4)), null, randn(4, 3));
         try { r.Loss.backward(); }
         catch (ExternalException e)
         {

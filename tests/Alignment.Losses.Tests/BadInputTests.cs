@@ -98,7 +98,7 @@ public class BadInputTests
         yield return new("exo eps = 0", () => _ = new ExoPairOptions { LabelSmoothing = 0 }, AOOR, "LabelSmoothing");
         yield return new("exo eps = 1", () => _ = new ExoPairOptions { LabelSmoothing = 1 }, AOOR, "LabelSmoothing");
         yield return new("discopop tau = 0", () => _ = new DiscoPopOptions { Tau = 0 }, AOOR, "Tau");
-        yield return new("aot eps = 0.5", () => _ = new AotOptions { LabelSmoothing = 0.5 }, AOOR, "LabelSmoothing");
+        yield return new("aot eps above 1", () => _ = new AotOptions { LabelSmoothing = 1.5 }, AOOR, "LabelSmoothing");
         yield return new("apo anchor out of range", () => _ = new ApoOptions { Anchor = (ApoAnchor)5 }, AOOR, "Anchor");
         yield return new("alpha-divergence NaN", () => ScoreMap.AlphaDivergence(double.NaN), AOOR, "alpha");
         yield return new("score map null", () => _ = new DpoOptions { ScoreMap = null! }, typeof(ArgumentNullException), "ScoreMap");

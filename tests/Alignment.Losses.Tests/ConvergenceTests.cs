@@ -116,13 +116,13 @@ public class ConvergenceTests
         const double beta = 0.5;
         var h = new Parameter(zeros(1, dtype: ScalarType.Float64), requires_grad: true);
         var opt = optim.SGD(new[] { h }, 0.01);
-        var zero = zeros(1, dtype: ScalarType.Float64);
+        var rejected = full(1, -10.0, dtype: ScalarType.Float64);       // log-probs (at most 0): chosen h - 10, rejected -10
         int stoppedAt = -1;
         for (int s = 0; s < 2000; s++)
         {
             using var step = NewDisposeScope();
             opt.zero_grad();
-            using var r = HingeLoss.Compute(new PreferenceLogps(h * 1, zero), null, new HingeOptions { Beta = beta });
+            using var r = HingeLoss.Compute(new PreferenceLogps(h - 10, rejected), null, new HingeOptions { Beta = beta });
             r.Loss.backward();
             if (h.grad!.ToDouble() == 0 && stoppedAt < 0) stoppedAt = s;
             opt.step();
@@ -137,12 +137,12 @@ public class ConvergenceTests
         using var scope = NewDisposeScope();
         var h = new Parameter(zeros(1, dtype: ScalarType.Float64), requires_grad: true);
         var opt = optim.Adam(new[] { h }, 0.05);
-        var zero = zeros(1, dtype: ScalarType.Float64);
+        var rejected = full(1, -10.0, dtype: ScalarType.Float64);       // log-probs (at most 0): chosen h - 10, rejected -10
         for (int s = 0; s < 2000; s++)
         {
             using var step = NewDisposeScope();
             opt.zero_grad();
-            using var r = ConservativeDpoLoss.Compute(new PreferenceLogps(h * 1, zero), null, new ConservativeDpoOptions { Beta = 0.5, LabelSmoothing = 0.2 });
+            using var r = ConservativeDpoLoss.Compute(new PreferenceLogps(h - 10, rejected), null, new ConservativeDpoOptions { Beta = 0.5, LabelSmoothing = 0.2 });
             r.Loss.backward();
             opt.step();
         }

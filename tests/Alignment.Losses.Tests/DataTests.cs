@@ -189,7 +189,7 @@ public class DataTests
         var e = Assert.Throws<ArgumentException>(() => PromptEmbeddings.MeanPooled(hidden, zeros(3, 4, dtype: ScalarType.Bool)));
         Assert.Equal("promptMask", e.ParamName);
         // feeds RPO directly
-        using var r = RpoLoss.Compute(new PreferenceLogps(randn(3), randn(3)), new PreferenceLogps(randn(3), randn(3)), PromptEmbeddings.MeanPooled(hidden, mask));
+        using var r = RpoLoss.Compute(new PreferenceLogps(-rand(3) * 9, -rand(3) * 9), new PreferenceLogps(-rand(3) * 9, -rand(3) * 9), PromptEmbeddings.MeanPooled(hidden, mask));
         Assert.True(double.IsFinite(r.Loss.ToDouble()));
     }
 }

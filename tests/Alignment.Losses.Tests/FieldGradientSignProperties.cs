@@ -87,8 +87,8 @@ public class FieldGradientSignProperties
         using var scope = NewDisposeScope();
         var loss = new DiscoPopLoss(new DiscoPopOptions { Beta = 1, Tau = 0.05 });
         var z = Enumerable.Range(-60, 121).Select(k => k * 0.05).ToArray();                 // beta Delta from -3 to 3
-        var chosen = tensor(z).requires_grad_(true);
-        using var r = loss.Compute(new PreferenceBatch(new PreferenceLogps(chosen, zeros(z.Length, dtype: ScalarType.Float64))));
+        var chosen = tensor(z.Select(m => m - 10).ToArray()).requires_grad_(true);      // log-probs with margins z over -10
+        using var r = loss.Compute(new PreferenceBatch(new PreferenceLogps(chosen, full(z.Length, -10.0, dtype: ScalarType.Float64))));
         r.Loss.backward();
         var g = TensorUtil.Values(chosen.grad!);
         var oracle = Oracle.DiscoPop(z, new double[z.Length], null, null, 1, 0.05, Oracle.ReverseKl).GradChosen;

@@ -20,11 +20,11 @@ public class FieldObjectiveTests
         using var scope = NewDisposeScope();
         var loss = new ExoPairLoss(new ExoPairOptions { Beta = 0.5, LabelSmoothing = 0.2 });
         double hStar = loss.StationaryLogit / 0.5;                                          // ln 4 / 0.5
-        using var at = loss.Compute(new PreferenceBatch(P(new[] { hStar }, new[] { 0.0 })));
+        using var at = loss.Compute(new PreferenceBatch(P(new[] { hStar - 10 }, new[] { -10.0 })));        // margin h* between log-probs
         Assert.Equal(0.0, at.Loss.ToDouble(), 12);
         using var init = loss.Compute(new PreferenceBatch(P(new[] { -3.0 }, new[] { -3.0 })));
         Assert.Equal(-Ln2 - (Math.Log(0.8) + Math.Log(0.2)) / 2, init.Loss.ToDouble(), 12);   // KL([1/2, 1/2] || [0.8, 0.2])
-        using var away = loss.Compute(new PreferenceBatch(P(new[] { hStar + 1, hStar - 1 }, new[] { 0.0, 0.0 })));
+        using var away = loss.Compute(new PreferenceBatch(P(new[] { hStar - 9, hStar - 11 }, new[] { -10.0, -10.0 })));
         Assert.True(TensorUtil.Values(away.PerExample).All(v => v > 0));
     }
 
@@ -52,7 +52,7 @@ public class FieldObjectiveTests
     {
         using var scope = NewDisposeScope();
         var z = new[] { -2.0, -0.5, 0.5, 2.0 };
-        using var r = DiscoPopLoss.Compute(P(z, new double[4]), null, new DiscoPopOptions { Beta = 1, Tau = 1e-6 });
+        using var r = DiscoPopLoss.Compute(P(z.Select(m => m - 10).ToArray(), new[] { -10.0, -10, -10, -10 }), null, new DiscoPopOptions { Beta = 1, Tau = 1e-6 });   // margins z
         var v = TensorUtil.Values(r.PerExample);
         Assert.Equal(Oracle.Softplus(2), v[0], 12);
         Assert.Equal(Oracle.Softplus(0.5), v[1], 12);
@@ -191,7 +191,13 @@ public class FieldObjectiveTests
             ["apo_zero"] = "apo_zero", ["apo_down"] = "apo_down", ["discopop"] = "discopop", ["sft"] = "sft", ["sigmoid_norm"] = "sigmoid_norm",
         };
         Assert.Equal(expected.Keys.OrderBy(k => k), TrlLosses.LossTypes.OrderBy(k => k));
-        foreach (var (trl, name) in expected) Assert.Equal(name, TrlLosses.Create(trl, config).Name);
+        // label_smoothing only for the types TRL reads it for (exo_pair needs it > 0); the others refuse it by TRL's name
+        string[] smoothed = { "robust", "exo_pair", "aot", "aot_unpaired" };
+        foreach (var (trl, name) in expected)
+        {
+            Assert.Equal(name, TrlLosses.Create(trl, smoothed.Contains(trl) ? config : new TrlDpoConfig()).Name);
+            if (!smoothed.Contains(trl)) Assert.Equal("label_smoothing", Assert.Throws<ArgumentException>(() => TrlLosses.Create(trl, config)).ParamName);
+        }
         var e = Assert.Throws<ArgumentException>(() => TrlLosses.Create("dpop", config));
         Assert.Equal("loss_type", e.ParamName);
         Assert.Contains("sigmoid, hinge, ipo", e.Message);

@@ -55,8 +55,10 @@ public class GradientSignProperties
         double t = threshold(x);
         var above = Enumerable.Range(0, x.B).Select(i => i % 2 == 0).ToArray();
         var h = Enumerable.Range(0, x.B).Select(i => t + (above[i] ? 1 : -1) * (0.01 + x.Mu[i])).ToArray();
-        // u_l = 0 (reference rejected = policy rejected), u_w = h
-        return (x with { Rr = x.Pr, Rc = x.Pc.Select((p, i) => p - h[i]).ToArray() }, above);
+        // u_l = 0 (reference rejected = policy rejected), u_w = h; the chosen pair shifted down together where the reference
+        // would be above -0.1 (log-probs are at most 0)
+        var pc = x.Pc.Select((p, i) => p + Math.Min(0, -0.1 - (p - h[i]))).ToArray();
+        return (x with { Rr = x.Pr, Pc = pc, Rc = pc.Select((p, i) => p - h[i]).ToArray() }, above);
     }
 
     [Fact]
@@ -110,7 +112,14 @@ public class GradientSignProperties
             var rejectedAbove = Enumerable.Range(0, raw.B).Select(i => i % 3 == 0).ToArray();
             var uw = tw.Select((t, i) => t + (chosenAbove[i] ? 1 : -1) * (0.01 + raw.Mu[i])).ToArray();
             var ul = tl.Select((t, i) => t + (rejectedAbove[i] ? 1 : -1) * (0.01 + raw.Mu[i])).ToArray();
-            var x = raw with { Rc = raw.Pc.Select((p, i) => p - uw[i]).ToArray(), Rr = raw.Pr.Select((p, i) => p - ul[i]).ToArray() };
+            // policy = reference + u, both shifted down together where the reference would be above -0.1 (log-probs are at most 0)
+            double[] Down(double[] p, double[] u) => p.Select((v, i) => Math.Min(0, -0.1 - (v - u[i]))).ToArray();
+            double[] dw = Down(raw.Pc, uw), dl = Down(raw.Pr, ul);
+            var x = raw with
+            {
+                Pc = raw.Pc.Select((p, i) => p + dw[i]).ToArray(), Pr = raw.Pr.Select((p, i) => p + dl[i]).ToArray(),
+                Rc = raw.Pc.Select((p, i) => p + dw[i] - uw[i]).ToArray(), Rr = raw.Pr.Select((p, i) => p + dl[i] - ul[i]).ToArray(),
+            };
             var (gc, gr) = Grads(c, x);
             // past its target the chosen is pushed DOWN (positive gradient); below it, up. Rejected: below its target it is pushed UP.
             bool ok = Enumerable.Range(0, x.B).All(i =>

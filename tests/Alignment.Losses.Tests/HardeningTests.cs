@@ -179,7 +179,7 @@ public class HardeningTests
     [Fact]
     public void An_overflow_with_finite_inputs_names_the_options_and_the_magnitudes_not_the_log_probs()
     {
-        var policy = new PreferenceLogps(F(1e30f, -3), F(-2, -4));
+        var policy = new PreferenceLogps(F(-2, -3), F(-1e30f, -4));     // finite log-probs, a margin of 1e30
         var e = Assert.Throws<ArithmeticException>(() => DpoLoss.Compute(policy, null, new DpoOptions { Beta = 1e12 }));
         Assert.Contains("overflowed Float32", e.Message);
         Assert.Contains("Beta = 1000000000000", e.Message);

@@ -48,8 +48,8 @@ public class MemoryTests
     {
         var stats = DisposeScopeManager.Statistics;
         using var inputs = NewDisposeScope();
-        var policy = new PreferenceLogps(randn(8).requires_grad_(true), randn(8).requires_grad_(true));
-        var reference = new PreferenceLogps(randn(8), randn(8));
+        var policy = new PreferenceLogps((randn(8) - 20).requires_grad_(true), (randn(8) - 20).requires_grad_(true));
+        var reference = new PreferenceLogps(randn(8) - 20, randn(8) - 20);
         var embeddings = randn(8, 5);
         long before = stats.ThreadTotalLiveCount;
         using (var scope = NewDisposeScope())
@@ -69,22 +69,28 @@ public class MemoryTests
         // a fresh thread has no dispose scope at all
         long created = -1, baseline = -1, liveAfterCall = -1, liveAfterDispose = -1;
         double loss = double.NaN;
+        Exception? error = null;
         var thread = new Thread(() =>
         {
-            var stats = DisposeScopeManager.Statistics;
-            stats.Reset();
-            using var chosen = randn(8);
-            using var rejected = randn(8);
-            baseline = stats.ThreadTotalLiveCount;                    // the two inputs
-            var r = DpoLoss.Compute(new PreferenceLogps(chosen, rejected));
-            liveAfterCall = stats.ThreadTotalLiveCount;
-            created = stats.CreatedInScopeCount;
-            loss = r.Loss.ToDouble();
-            r.Dispose();
-            liveAfterDispose = stats.ThreadTotalLiveCount;
+            try
+            {
+                var stats = DisposeScopeManager.Statistics;
+                stats.Reset();
+                using var chosen = tensor(Enumerable.Range(0, 8).Select(i => -1f - i).ToArray());
+                using var rejected = tensor(Enumerable.Range(0, 8).Select(i => -2f - 0.5f * i).ToArray());
+                baseline = stats.ThreadTotalLiveCount;                    // the two inputs
+                var r = DpoLoss.Compute(new PreferenceLogps(chosen, rejected));
+                liveAfterCall = stats.ThreadTotalLiveCount;
+                created = stats.CreatedInScopeCount;
+                loss = r.Loss.ToDouble();
+                r.Dispose();
+                liveAfterDispose = stats.ThreadTotalLiveCount;
+            }
+            catch (Exception e) { error = e; }                              // reported below, not a crashed test host
         });
         thread.Start();
         thread.Join();
+        Assert.Null(error);
         Assert.True(double.IsFinite(loss));
         Assert.True(created > 3, "the loss creates its temporaries inside its own scope");
         Assert.Equal(baseline + 3, liveAfterCall);                   // only the 3 result tensors outlive the call

@@ -38,11 +38,12 @@ public class MetricsAndChecksTests
                 uw = pc.Select((v, i) => v - rc[i]).ToArray();
                 ul = pr.Select((v, i) => v - rr[i]).ToArray();
             }
-            double scale = loss switch { "spo" => x.Alpha, "sft" => 1, _ => x.Beta };
+            double scale = loss switch { "spo" => x.Alpha, _ => x.Beta };
             if (c.Rewards is { } own) { (uw, ul) = own(x); scale = 1; }   // already scaled
             double accuracy = batch.Policy.IsPaired
                 ? uw.Zip(ul).Count(p => p.First > p.Second) / (double)uw.Length
                 : uw.Sum(w => ul.Count(l => w > l)) / (double)(uw.Length * ul.Length);
+            if (c.Logps is { } logps) (pc, pr) = logps(x);
             var expected = new Dictionary<string, double>
             {
                 [MetricNames.RewardsChosen] = scale * Mean(uw),

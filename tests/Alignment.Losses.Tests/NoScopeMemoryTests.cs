@@ -123,13 +123,13 @@ public class NoScopeMemoryTests
                     Path.Combine(dir.FullName, Guid.NewGuid().ToString("N") + ".cache"), new Alignment.Losses.Data.ReferenceCacheOptions { Progress = null });
                 var logits = randn(1, 16, 10).requires_grad_(true);   // 13 tokens padded to 16
                 var baseline = new BcoRewardBaseline();
-                var unpaired = PreferenceLogps.Unpaired(randn(2).requires_grad_(true), randn(3).requires_grad_(true));
-                var unpairedRef = PreferenceLogps.Unpaired(randn(2), randn(3));
+                var unpaired = PreferenceLogps.Unpaired((-rand(2) - 1).requires_grad_(true), (-rand(3) - 1).requires_grad_(true));
+                var unpairedRef = PreferenceLogps.Unpaired(-rand(2) - 1, -rand(3) - 1);
                 var counts = tensor(new[] { 3.0f, 4.0f });
                 var paired = new PreferenceLogps(-(rand(2) + 1).requires_grad_(true), -(rand(2) + 1).requires_grad_(true), counts, counts);
                 var losses = new (IPreferenceLoss Loss, PreferenceBatch Batch)[]
                 {
-                    (new CpoLoss(), new PreferenceBatch(paired)), (new AlphaPoLoss(), new PreferenceBatch(paired)), (new OrpoLoss(), new PreferenceBatch(paired)),
+                    (new CpoLoss(), new PreferenceBatch(paired)), (new AlphaPoLoss(), new PreferenceBatch(paired)), (new OrpoLoss(), new PreferenceBatch(paired) { Prompt = new PromptLogps(-rand(2), counts) }),
                     (new KtoLoss(), new PreferenceBatch(unpaired, unpairedRef) { KlDivergence = zeros(1) }), (new BcoLoss(baseline), new PreferenceBatch(unpaired, unpairedRef)),
                     (new BradleyTerryLoss(), new PreferenceBatch(new PreferenceLogps(randn(2).requires_grad_(true), randn(2).requires_grad_(true)))),
                 };

@@ -220,8 +220,8 @@ public class ObjectiveFamiliesTests
 
     static (PreferenceLogps Policy, PreferenceLogps Reference, Tensor W, Tensor L, double[] Pw, double[] Rw, double[] Pl, double[] Rl) Unpaired(Random rng, int d, int u)
     {
-        var pw = Uniform(rng, d, -60, -5); var rw = pw.Select(x => x + (rng.NextDouble() - 0.5) * 20).ToArray();
-        var pl = Uniform(rng, u, -60, -5); var rl = pl.Select(x => x + (rng.NextDouble() - 0.5) * 20).ToArray();
+        var pw = Uniform(rng, d, -60, -5); var rw = pw.Select(x => Math.Min(x + (rng.NextDouble() - 0.5) * 20, -0.1)).ToArray();
+        var pl = Uniform(rng, u, -60, -5); var rl = pl.Select(x => Math.Min(x + (rng.NextDouble() - 0.5) * 20, -0.1)).ToArray();
         var (w, l) = (TensorUtil.Leaf(pw, ScalarType.Float64), TensorUtil.Leaf(pl, ScalarType.Float64));
         return (PreferenceLogps.Unpaired(w, l), PreferenceLogps.Unpaired(tensor(rw), tensor(rl)), w, l, pw, rw, pl, rl);
     }
@@ -406,15 +406,53 @@ public class ObjectiveFamiliesTests
         var baseline = new BcoRewardBaseline();
         var expected = new Dictionary<string, string>
         {
-            ["cpo"] = "cpo", ["simpo"] = "simpo", ["alphapo"] = "alphapo", ["orpo"] = "orpo", ["kto"] = "kto",
-            ["apo_zero_unpaired"] = "apo_zero_unpaired", ["bco"] = "bco", ["sigmoid"] = "dpo", ["ipo"] = "ipo_per_token",
+            ["cpo"] = "cpo", ["simpo"] = "cpo_simpo", ["alphapo"] = "simpo", ["orpo"] = "orpo", ["kto"] = "kto",
+            ["apo_zero_unpaired"] = "apo_zero_unpaired", ["sigmoid"] = "dpo", ["ipo"] = "ipo_per_token",
         };
         foreach (var (name, lossName) in expected)
-            Assert.Equal(lossName, TrlLosses.CreateForTrainer(name, new TrlTrainerConfig { BcoBaseline = baseline }).Name);
+            Assert.Equal(lossName, TrlLosses.CreateForTrainer(name).Name);
+        Assert.Equal("bco", TrlLosses.CreateForTrainer("bco", new TrlTrainerConfig { BcoBaseline = baseline }).Name);
         Assert.Equal("cpo_hinge", TrlLosses.CreateForTrainer("cpo", new TrlTrainerConfig { CpoLossType = "hinge" }).Name);
-        Assert.Equal(0.3, ((AlphaPoOptions)((AlphaPoLoss)TrlLosses.CreateForTrainer("alphapo", new TrlTrainerConfig { Alpha = 0.3 })).Options).Alpha);
+        Assert.Equal("simpo", TrlLosses.CreateForTrainer("simpo", new TrlTrainerConfig { CpoAlpha = 0 }).Name);
+        var alphapo = (CpoLoss)TrlLosses.CreateForTrainer("alphapo", new TrlTrainerConfig { Alpha = 0.3 });
+        Assert.Equal(("alphapo", 0.3, 0.0, CpoLossType.Simpo), (alphapo.Name, alphapo.Options.Alpha, alphapo.Options.CpoAlpha, alphapo.Options.LossType));
+        var cpoAlphapo = (CpoLoss)TrlLosses.CreateForTrainer("cpo", new TrlTrainerConfig { CpoLossType = "alphapo", Alpha = 0.5 });
+        Assert.Equal(("alphapo", 0.0), (cpoAlphapo.Name, cpoAlphapo.Options.CpoAlpha));
+        var simpo = (CpoLoss)TrlLosses.CreateForTrainer("simpo");
+        Assert.Equal((1.0, 0.5, 0.1), (simpo.Options.CpoAlpha, simpo.Options.SimpoGamma, simpo.Options.Beta));   // TRL's CPOConfig defaults
         Assert.Throws<ArgumentException>(() => TrlLosses.CreateForTrainer("bco"));
         Assert.Contains("kto", Assert.Throws<ArgumentException>(() => TrlLosses.CreateForTrainer("ktoo")).Message);
+    }
+
+    [Theory]
+    [InlineData("kto", "BcoBaseline")]
+    [InlineData("orpo", "cpo_alpha")]
+    [InlineData("orpo", "label_smoothing")]
+    [InlineData("cpo", "desirable_weight")]
+    [InlineData("sigmoid", "simpo_gamma")]
+    [InlineData("sigmoid", "label_smoothing")]
+    [InlineData("cpo-hinge", "label_smoothing")]
+    [InlineData("cpo-sigmoid", "simpo_gamma")]
+    [InlineData("alphapo", "cpo_alpha")]
+    [InlineData("alphapo", "loss_type")]
+    public void Trl_trainer_names_refuse_a_field_their_trainer_does_not_read_by_its_trl_name(string name, string field)
+    {
+        var baseline = new BcoRewardBaseline();
+        var config = field switch
+        {
+            "BcoBaseline" => new TrlTrainerConfig { BcoBaseline = baseline },
+            "cpo_alpha" => new TrlTrainerConfig { CpoAlpha = 0.5 },
+            "label_smoothing" => new TrlTrainerConfig { LabelSmoothing = 0.1 },
+            "desirable_weight" => new TrlTrainerConfig { DesirableWeight = 2 },
+            "simpo_gamma" => new TrlTrainerConfig { SimpoGamma = 1 },
+            "loss_type" => new TrlTrainerConfig { CpoLossType = "sigmoid" },
+            _ => throw new InvalidOperationException(field),
+        };
+        var (trainer, type) = name.StartsWith("cpo-") ? ("cpo", name[4..]) : (name, null);
+        if (type is not null) config = config with { CpoLossType = type };
+        var e = Assert.Throws<ArgumentException>(() => TrlLosses.CreateForTrainer(trainer, config));
+        Assert.Equal(field, e.ParamName);
+        Assert.Contains(field, e.Message);
     }
 
     [Fact]

@@ -26,31 +26,37 @@ public static partial class Oracle
         ((1 - eps) * Softplus(-z) + eps * Softplus(z), -(1 - eps) * Sigmoid(-z) + eps * Sigmoid(z));
 
     /// <summary>
-    /// CPO (TRL CPOTrainer): pref(x) with x = l_w - l_l (sigmoid, hinge) or x = a_w - a_l per-token means (ipo), plus
-    /// cpo_alpha times the chosen tokens' mean NLL, -sum l_w / sum n_w.
+    /// CPO (TRL CPOTrainer, every loss_type): x = l (sigmoid, hinge) or a = l / n (ipo, simpo) per side, the AlphaPO reward
+    /// R(x) = (1 - e^(-shape x)) / shape (R(x) = x at shape 0), z = R(x_w) - R(x_l) (minus gamma / beta for simpo);
+    /// pref = smoothed logistic of beta z (sigmoid, simpo), relu(1 - beta z) (hinge), (z - 1/(2 beta))^2 (ipo); plus
+    /// cpo_alpha times the chosen tokens' mean NLL, -sum l_w / sum n_w. R'(x) = e^(-shape x).
     /// </summary>
-    public static Result Cpo(double[] pc, double[] pr, double[] nw, double[] nl, string type, double beta, double eps, double alpha)
+    public static Result Cpo(double[] pc, double[] pr, double[] nw, double[] nl, string type, double beta, double eps, double cpoAlpha,
+        double shape = 0, double gamma = 0)
     {
         int b = pc.Length;
+        bool perToken = type is "ipo" or "simpo";
+        double R(double x) => shape == 0 ? x : -Expm1(-shape * x) / shape;
+        double dR(double x) => shape == 0 ? 1 : Math.Exp(-shape * x);
         double tokens = nw.Sum(), sum = 0;
         var gc = new double[b]; var gr = new double[b];
         for (int i = 0; i < b; i++)
         {
-            bool perToken = type == "ipo";
-            double x = perToken ? pc[i] / nw[i] - pr[i] / nl[i] : pc[i] - pr[i];
-            double f, df;
-            if (type == "hinge") (f, df) = (Math.Max(0, 1 - beta * x), 1 - beta * x > 0 ? -beta : 0);
-            else if (perToken) (f, df) = (Math.Pow(x - 1 / (2 * beta), 2), 2 * (x - 1 / (2 * beta)));
+            double xw = perToken ? pc[i] / nw[i] : pc[i], xl = perToken ? pr[i] / nl[i] : pr[i];
+            double z = R(xw) - R(xl) - (type == "simpo" ? gamma / beta : 0);
+            double f, df;                                            // df = dpref / dz
+            if (type == "hinge") (f, df) = (Math.Max(0, 1 - beta * z), 1 - beta * z > 0 ? -beta : 0);
+            else if (type == "ipo") (f, df) = (Math.Pow(z - 1 / (2 * beta), 2), 2 * (z - 1 / (2 * beta)));
             else
             {
-                (f, df) = Smoothed(beta * x, eps);
+                (f, df) = Smoothed(beta * z, eps);
                 df *= beta;
             }
             sum += f;
-            gc[i] = df / b / (perToken ? nw[i] : 1) - alpha / tokens;
-            gr[i] = -df / b / (perToken ? nl[i] : 1);
+            gc[i] = df * dR(xw) / b / (perToken ? nw[i] : 1) - cpoAlpha / tokens;
+            gr[i] = -df * dR(xl) / b / (perToken ? nl[i] : 1);
         }
-        return new Result(sum / b + alpha * -pc.Sum() / tokens, gc, gr);
+        return new Result(sum / b + cpoAlpha * -pc.Sum() / tokens, gc, gr);
     }
 
     /// <summary>
@@ -80,12 +86,14 @@ public static partial class Oracle
 
     /// <summary>
     /// ORPO (TRL ORPOTrainer): NLL - beta mean logsigmoid(log odds ratio), log odds(a) = a - log(1 - e^a) of the per-token
-    /// means; d log odds / da = 1 / (1 - e^a).
+    /// means; d log odds / da = 1 / (1 - e^a). The NLL is the chosen sequences' token-weighted mean, over prompt and
+    /// completion when the prompt's summed log-probs <paramref name="pp"/> and token counts <paramref name="np"/> are given
+    /// (TRL's default), over the completions alone otherwise.
     /// </summary>
-    public static Result Orpo(double[] pc, double[] pr, double[] nw, double[] nl, double beta)
+    public static Result Orpo(double[] pc, double[] pr, double[] nw, double[] nl, double beta, double[]? pp = null, double[]? np = null)
     {
         int b = pc.Length;
-        double tokens = nw.Sum(), ratio = 0;
+        double tokens = nw.Sum() + (np?.Sum() ?? 0), ratio = 0;
         var gc = new double[b]; var gr = new double[b];
         for (int i = 0; i < b; i++)
         {
@@ -96,7 +104,7 @@ public static partial class Oracle
             gc[i] = dz / -Expm1(aw) / nw[i] - 1 / tokens;
             gr[i] = -dz / -Expm1(al) / nl[i];
         }
-        return new Result(-pc.Sum() / tokens - beta * ratio / b, gc, gr);
+        return new Result(-(pc.Sum() + (pp?.Sum() ?? 0)) / tokens - beta * ratio / b, gc, gr);
     }
 
     /// <summary>

@@ -208,6 +208,10 @@ public sealed class NotebookKernelFactAttribute : FactAttribute
             var kernels = ProcessRunner.Run(Jupyter, ProcessRunner.RepoRoot, TimeSpan.FromMinutes(1), "kernelspec", "list");
             if (!kernels.Output.Contains(".net-csharp", StringComparison.Ordinal))
                 return "The .NET Interactive C# kernel is not installed (dotnet tool install -g Microsoft.dotnet-interactive; dotnet interactive jupyter install).";
+            bool onPath = (Environment.GetEnvironmentVariable("PATH") ?? "").Split(Path.PathSeparator)
+                .Append(ProcessRunner.GlobalToolsFolder).Any(d => File.Exists(Path.Combine(d, "dotnet-interactive")));
+            if (!onPath)
+                return "The .NET Interactive kernel is registered with Jupyter but its tool, dotnet-interactive, is not on PATH nor in ~/.dotnet/tools.";
             return null;
         }
         catch (System.ComponentModel.Win32Exception) { return "Jupyter is not installed (Debian: apt-get install jupyter-nbconvert)."; }
@@ -257,7 +261,8 @@ public class PlaygroundTests
             string Run(params string[] extra) => ProcessRunner.Ok(ProcessRunner.Dotnet(ProcessRunner.RepoRoot, TimeSpan.FromMinutes(5),
                 new[] { "run", "--project", "samples/Alignment.Losses.LanguageModel", "--", "--quick", "--output", outDir }.Concat(extra).ToArray()),
                 "language-model sample");
-            void AssertAligned(params string[] losses)
+            void AssertAligned(params string[] losses) => AssertAlignedTo(0.9, losses);
+            void AssertAlignedTo(double minAccuracy, params string[] losses)
             {
                 var csv = File.ReadAllLines(Path.Combine(outDir, "results.csv"));
                 Assert.Equal(losses, csv.Skip(1).Select(row => row.Split(',')[0]));
@@ -267,7 +272,7 @@ public class PlaygroundTests
                     double before = double.Parse(f[1], System.Globalization.CultureInfo.InvariantCulture);
                     double after = double.Parse(f[2], System.Globalization.CultureInfo.InvariantCulture);
                     double win = double.Parse(f[3], System.Globalization.CultureInfo.InvariantCulture);
-                    Assert.True(after >= 0.9 && after > before, $"{f[0]}: held-out reward accuracy {before} -> {after}");
+                    Assert.True(after >= minAccuracy && after > before, $"{f[0]}: held-out reward accuracy {before} -> {after}");
                     Assert.True(win > 0.5, $"{f[0]}: win-rate vs reference {win}");
                 }
             }
@@ -280,8 +285,13 @@ public class PlaygroundTests
             Assert.Equal(2, Directory.GetFiles(outDir, "reference-*.cache").Length);
             // a restart with the same seed reproduces the reference model and finds its cached log-probs; this time with
             // an unpaired objective (KTO, whose mismatched pairs need the reference model at run time) and a reference-free one
-            Assert.Contains("reused from", Run("--losses", "kto,orpo"));
+            Assert.Contains("reused from", Run("--losses", "kto,orpo", "--orpo-nll", "completion"));
             AssertAligned("kto", "orpo");
+            // ORPO as TRL runs it, NLL over prompt and completion (the prompt's log-probs from the same pass, split by
+            // Within): the prompts' NLL (the loss is 2.9 at step 10 after the completion-only SFT) dominates 40 quick steps, so
+            // the held-out accuracy rises less (0.00 -> 0.64 measured) though the replies improve
+            Run("--losses", "orpo");
+            AssertAlignedTo(0.5, "orpo");
         }
         finally { Directory.Delete(outDir, recursive: true); }
     }

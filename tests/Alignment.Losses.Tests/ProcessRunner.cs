@@ -39,6 +39,9 @@ public static class ProcessRunner
     }
 
     /// <summary>Runs <paramref name="program"/> with its output and error captured together.</summary>
+    /// <summary>Where <c>dotnet tool install -g</c> puts tools.</summary>
+    public static string GlobalToolsFolder { get; } = Path.Combine(Environment.GetFolderPath(Environment.SpecialFolder.UserProfile), ".dotnet", "tools");
+
     public static Result Run(string program, string workingDirectory, TimeSpan timeout, params string[] args)
     {
         var psi = new ProcessStartInfo(program) { WorkingDirectory = workingDirectory, RedirectStandardOutput = true, RedirectStandardError = true };
@@ -46,6 +49,10 @@ public static class ProcessRunner
         // the test host runs under `dotnet test`; its MSBuild variables must not leak into a nested build
         foreach (var key in psi.Environment.Keys.Where(k => k.StartsWith("MSBUILD", StringComparison.OrdinalIgnoreCase)).ToList())
             psi.Environment.Remove(key);
+        // dotnet's global tools (the .NET Interactive kernel that Jupyter starts as `dotnet interactive`) live here; a login
+        // shell adds the folder to PATH, a test host may not have it
+        if (Directory.Exists(GlobalToolsFolder) && !(psi.Environment["PATH"] ?? "").Split(Path.PathSeparator).Contains(GlobalToolsFolder))
+            psi.Environment["PATH"] = (psi.Environment["PATH"] is { Length: > 0 } path ? path + Path.PathSeparator : "") + GlobalToolsFolder;
         psi.Environment["DOTNET_CLI_TELEMETRY_OPTOUT"] = "1";
         psi.Environment["DOTNET_NOLOGO"] = "1";
         var output = new StringBuilder();

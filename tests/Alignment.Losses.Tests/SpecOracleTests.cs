@@ -115,7 +115,7 @@ public class SpecOracleTests
     public void Sppo_is_zero_at_its_targets_with_zero_gradient()
     {
         using var scope = NewDisposeScope();
-        double beta = 0.01, pw = 0.7, pl = 0.2;
+        double beta = 0.1, pw = 0.7, pl = 0.2;       // policy log-probs -8 and -23 at the targets
         var pc = TensorUtil.Leaf(new[] { -10 + (pw - 0.5) / beta }, F64);
         var pr = TensorUtil.Leaf(new[] { -20 + (pl - 0.5) / beta }, F64);
         using var r = new SppoLoss(new SppoOptions { Beta = beta }).Compute(
@@ -196,8 +196,8 @@ public class SpecOracleTests
     {
         using var scope = NewDisposeScope();
         double eps = 0.2, beta = 0.5;
-        var clean = P(new[] { h }, new[] { 0.0 });
-        var flipped = P(new[] { 0.0 }, new[] { h });
+        var clean = P(new[] { h - 20 }, new[] { -20.0 });              // log-prob margin h
+        var flipped = P(new[] { -20.0 }, new[] { h - 20 });
         var options = new RobustDpoOptions { Beta = beta, LabelSmoothing = eps };
         using var a = RobustDpoLoss.Compute(clean, null, options);
         using var b = RobustDpoLoss.Compute(flipped, null, options);
@@ -211,8 +211,8 @@ public class SpecOracleTests
         using var scope = NewDisposeScope();
         var loss = new ConservativeDpoLoss(new ConservativeDpoOptions { Beta = 0.5, LabelSmoothing = 0.2 });
         Assert.Equal(2.772588722239781, loss.StationaryMargin, 12);   // ln(0.8 / 0.2) / 0.5
-        var chosen = TensorUtil.Leaf(new[] { loss.StationaryMargin }, F64);
-        using var r = loss.Compute(new PreferenceBatch(new PreferenceLogps(chosen, T(0))));
+        var chosen = TensorUtil.Leaf(new[] { loss.StationaryMargin - 10 }, F64);   // margin h* over a rejected log-prob of -10
+        using var r = loss.Compute(new PreferenceBatch(new PreferenceLogps(chosen, T(-10))));
         r.Loss.backward();
         Assert.Equal(0.0, chosen.grad!.ToDouble(), 12);
     }

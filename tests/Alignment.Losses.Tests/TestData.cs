@@ -13,6 +13,12 @@ public sealed record Inputs(
 {
     public int B => Pc.Length;
 
+    /// <summary>ORPO's prompt tokens, derived so that shrinking keeps them in step: 1 to 7 tokens per prompt.</summary>
+    public double[] Np => Nl.Select(n => 1 + Math.Floor(n) % 7).ToArray();
+
+    /// <summary>ORPO's summed prompt log-probs: -1.5 per prompt token (exact in every dtype, so rounding leaves them alone).</summary>
+    public double[] Pp => Np.Select(m => -1.5 * m).ToArray();
+
     static string F(double[] xs) => "[" + string.Join(", ", xs.Select(x => x.ToString("G6", CultureInfo.InvariantCulture))) + "]";
 
     public override string ToString() =>
@@ -59,7 +65,8 @@ public static class Generators
         from tau in Uniform(0.1, 2)
         from alpha in Uniform(0.2, 2)
         from kl in Uniform(0, 3)
-        select new Inputs(pc, pr, pc.Select((v, i) => v + dc[i]).ToArray(), pr.Select((v, i) => v + dr[i]).ToArray(),
+        // reference log-probs near the policy's, and like every log-prob at most 0 (the losses refuse positive ones)
+        select new Inputs(pc, pr, pc.Select((v, i) => Math.Min(v + dc[i], -0.25)).ToArray(), pr.Select((v, i) => Math.Min(v + dr[i], -0.25)).ToArray(),
             nw, nl, sl.Select((v, i) => v + gap[i]).ToArray(), sl, pw, pl, mu,
             emb.Select(e => e.All(v => v == 0) ? e.Select(_ => 1.0).ToArray() : e).ToArray(), beta, eps, tau, alpha, kl);
 
@@ -98,6 +105,15 @@ public static class TensorUtil
 
     public static double[] Values(Tensor t) => t.detach().to_type(ScalarType.Float64).cpu().data<double>().ToArray();
 
+    /// <summary>Same shape and every element within <paramref name="tol"/> (absolute), with a message naming what differs.</summary>
+    public static void AssertClose(Tensor expected, Tensor actual, double tol, string what)
+    {
+        Assert.Equal(expected.shape, actual.shape);
+        double[] e = Values(expected), a = Values(actual);
+        for (int i = 0; i < e.Length; i++)
+            Assert.True(Math.Abs(e[i] - a[i]) <= tol, $"{what}[{i}]: {a[i]:R}, expected {e[i]:R}");
+    }
+
     public static Tensor Matrix(double[][] rows, ScalarType dtype)
     {
         var flat = rows.SelectMany(r => r).ToArray();
@@ -118,9 +134,13 @@ public sealed class BatchTensors
         Nw = C(x.Nw); Nl = C(x.Nl); Sw = C(x.Sw); Sl = C(x.Sl); Pw = C(x.Pw); Pl = C(x.Pl); Mu = C(x.Mu);
         Kl = TensorUtil.Const(new[] { x.Kl }, dtype).to(device).squeeze();
         Emb = TensorUtil.Matrix(x.Emb, dtype).to(device);
+        Prompt = new PromptLogps(C(x.Pp), C(x.Np));
     }
 
     public Tensor PolicyChosen, PolicyRejected, RefChosen, RefRejected, Nw, Nl, Sw, Sl, Pw, Pl, Mu, Kl, Emb;
+
+    /// <summary>ORPO's prompt log-probs and token counts (constants).</summary>
+    public PromptLogps Prompt;
 
     /// <summary>A batch with every side input set; each loss reads what it needs.</summary>
     public PreferenceBatch Full(bool withReference = true) =>
@@ -132,7 +152,7 @@ public sealed class BatchTensors
         };
 
     /// <summary>The policy log-probs with token counts and no reference (reference-free losses, the reward model).</summary>
-    public PreferenceBatch ReferenceFree() => new(new PreferenceLogps(PolicyChosen, PolicyRejected, Nw, Nl));
+    public PreferenceBatch ReferenceFree() => new(new PreferenceLogps(PolicyChosen, PolicyRejected, Nw, Nl)) { Prompt = Prompt };
 
     /// <summary>
     /// Unpaired feedback: the chosen rows are the desirable examples, the first <paramref name="undesirable"/> rejected rows
@@ -160,6 +180,12 @@ public sealed record LossCase(
     /// (e.g. beta times per-token means for SimPO and ORPO). Null: beta * (l_pol - l_ref).
     /// </summary>
     public Func<Inputs, (double[] Chosen, double[] Rejected)>? Rewards { get; init; }
+
+    /// <summary>
+    /// The log-probs logps/chosen and logps/rejected should report where they are not the summed log-probs (per-token means
+    /// for the losses that average, as TRL logs them). Null: the summed log-probs.
+    /// </summary>
+    public Func<Inputs, (double[] Chosen, double[] Rejected)>? Logps { get; init; }
 
     /// <summary>False for a loss that reports its own metrics instead of the standard ones (the Bradley-Terry reward model).</summary>
     public bool StandardMetrics { get; init; } = true;
@@ -241,7 +267,7 @@ public static class LossCatalog
             x => Oracle.Aot(x.Pc, x.Pr, x.Rc, x.Rr, x.Beta, x.Eps, unpaired: false)),
         new("aot_unpaired", x => new AotLoss(new() { Beta = x.Beta, Form = AotForm.Unpaired }), Full,
             x => Oracle.Aot(x.Pc, x.Pr, x.Rc, x.Rr, x.Beta, 0, unpaired: true)),
-        new("sft", _ => new SftLoss(), Full, x => Oracle.Sft(x.Pc, x.Pr, x.Nw)),
+        new("sft", x => new SftLoss(new() { Beta = x.Beta }), Full, x => Oracle.Sft(x.Pc, x.Pr, x.Nw)),
         new("mpo", x => new WeightedLoss((new DpoLoss(new() { Beta = x.Beta }), 0.8), (new BcoPairLoss(new() { Beta = x.Beta }), 0.2), (new SftLoss(), 1.0)), Full,
             x => Oracle.Weighted((Oracle.Dpo(x.Pc, x.Pr, x.Rc, x.Rr, x.Beta), 0.8), (Oracle.BcoPair(x.Pc, x.Pr, x.Rc, x.Rr, x.Beta, Oracle.ReverseKl), 0.2), (Oracle.Sft(x.Pc, x.Pr, x.Nw), 1.0))),
         new("dpo_weighted", x => new DpoLoss(new() { Beta = x.Beta, ScoreMap = ScoreMap.AlphaDivergence(x.Alpha) }), t => t.Full() with { ExampleWeights = t.Mu },
@@ -251,21 +277,33 @@ public static class LossCatalog
             x => Oracle.Cpo(x.Pc, x.Pr, x.Nw, x.Nl, "sigmoid", x.Beta, 0, x.Alpha)),
         new("cpo_smoothed", x => new CpoLoss(new() { Beta = x.Beta, LabelSmoothing = x.Eps, CpoAlpha = x.Tau }), t => t.ReferenceFree(),
             x => Oracle.Cpo(x.Pc, x.Pr, x.Nw, x.Nl, "sigmoid", x.Beta, x.Eps, x.Tau)),
+        // summed log-probs reach -200, so the AlphaPO shape on them stays small for e^(-alpha l) to fit float16
+        new("cpo_alpha_shape", x => new CpoLoss(new() { Beta = x.Beta, CpoAlpha = x.Tau, Alpha = 0.01 * x.Alpha }), t => t.ReferenceFree(),
+            x => Oracle.Cpo(x.Pc, x.Pr, x.Nw, x.Nl, "sigmoid", x.Beta, 0, x.Tau, shape: 0.01 * x.Alpha))
+            { Rewards = x => (x.Pc.Select(l => x.Beta * -Oracle.Expm1(-0.01 * x.Alpha * l) / (0.01 * x.Alpha)).ToArray(), x.Pr.Select(l => x.Beta * -Oracle.Expm1(-0.01 * x.Alpha * l) / (0.01 * x.Alpha)).ToArray()) },
         new("cpo_hinge", x => new CpoLoss(new() { Beta = x.Beta / 50, LossType = CpoLossType.Hinge, CpoAlpha = x.Alpha }), t => t.ReferenceFree(),
             x => Oracle.Cpo(x.Pc, x.Pr, x.Nw, x.Nl, "hinge", x.Beta / 50, 0, x.Alpha)) { Rewards = x => (x.Pc.Select(l => x.Beta / 50 * l).ToArray(), x.Pr.Select(l => x.Beta / 50 * l).ToArray()) },
         new("cpo_ipo", x => new CpoLoss(new() { Beta = x.Beta, LossType = CpoLossType.Ipo, CpoAlpha = x.Alpha }), t => t.ReferenceFree(),
-            x => Oracle.Cpo(x.Pc, x.Pr, x.Nw, x.Nl, "ipo", x.Beta, 0, x.Alpha)) { Rewards = x => PerTokenRewards(x, a => a) },
+            x => Oracle.Cpo(x.Pc, x.Pr, x.Nw, x.Nl, "ipo", x.Beta, 0, x.Alpha)) { Rewards = x => PerTokenRewards(x, a => a), Logps = PerTokenLogps },
+        new("cpo_simpo", x => new CpoLoss(new() { Beta = x.Beta, LossType = CpoLossType.Simpo, LabelSmoothing = x.Eps, SimpoGamma = x.Tau, CpoAlpha = x.Alpha }), t => t.ReferenceFree(),
+            x => Oracle.Cpo(x.Pc, x.Pr, x.Nw, x.Nl, "simpo", x.Beta, x.Eps, x.Alpha, gamma: x.Tau)) { Rewards = x => PerTokenRewards(x, a => a), Logps = PerTokenLogps },
+        new("cpo_simpo_alpha_shape", x => new CpoLoss(new() { Beta = x.Beta, LossType = CpoLossType.Simpo, SimpoGamma = x.Tau, CpoAlpha = 0, Alpha = -x.Alpha }), t => t.ReferenceFree(),
+            x => Oracle.Cpo(x.Pc, x.Pr, x.Nw, x.Nl, "simpo", x.Beta, 0, 0, shape: -x.Alpha, gamma: x.Tau))
+            { Rewards = x => PerTokenRewards(x, a => -Oracle.Expm1(x.Alpha * a) / -x.Alpha), Logps = PerTokenLogps },
         new("simpo", x => new SimPoLoss(new() { Beta = x.Beta, Gamma = x.Tau }), t => t.ReferenceFree(),
-            x => Oracle.SimPo(x.Pc, x.Pr, x.Nw, x.Nl, x.Beta, x.Tau, 0, 0)) { Rewards = x => PerTokenRewards(x, a => a) },
+            x => Oracle.SimPo(x.Pc, x.Pr, x.Nw, x.Nl, x.Beta, x.Tau, 0, 0)) { Rewards = x => PerTokenRewards(x, a => a), Logps = PerTokenLogps },
         new("simpo_smoothed", x => new SimPoLoss(new() { Beta = x.Beta, Gamma = x.Tau, LabelSmoothing = x.Eps }), t => t.ReferenceFree(),
-            x => Oracle.SimPo(x.Pc, x.Pr, x.Nw, x.Nl, x.Beta, x.Tau, x.Eps, 0)) { Rewards = x => PerTokenRewards(x, a => a) },
+            x => Oracle.SimPo(x.Pc, x.Pr, x.Nw, x.Nl, x.Beta, x.Tau, x.Eps, 0)) { Rewards = x => PerTokenRewards(x, a => a), Logps = PerTokenLogps },
         // per-token means reach -200 here, so alpha stays small enough for e^(-alpha a) and the gradient to fit float16
         new("alphapo", x => new AlphaPoLoss(new() { Beta = x.Beta, Gamma = x.Tau, Alpha = 0.02 * x.Alpha }), t => t.ReferenceFree(),
-            x => Oracle.SimPo(x.Pc, x.Pr, x.Nw, x.Nl, x.Beta, x.Tau, 0, 0.02 * x.Alpha)) { Rewards = x => PerTokenRewards(x, a => -Oracle.Expm1(-0.02 * x.Alpha * a) / (0.02 * x.Alpha)) },
+            x => Oracle.SimPo(x.Pc, x.Pr, x.Nw, x.Nl, x.Beta, x.Tau, 0, 0.02 * x.Alpha))
+            { Rewards = x => PerTokenRewards(x, a => -Oracle.Expm1(-0.02 * x.Alpha * a) / (0.02 * x.Alpha)), Logps = PerTokenLogps },
         new("alphapo_negative", x => new AlphaPoLoss(new() { Beta = x.Beta, Gamma = x.Tau, Alpha = -x.Alpha }), t => t.ReferenceFree(),
-            x => Oracle.SimPo(x.Pc, x.Pr, x.Nw, x.Nl, x.Beta, x.Tau, 0, -x.Alpha)) { Rewards = x => PerTokenRewards(x, a => -Oracle.Expm1(x.Alpha * a) / -x.Alpha) },
+            x => Oracle.SimPo(x.Pc, x.Pr, x.Nw, x.Nl, x.Beta, x.Tau, 0, -x.Alpha)) { Rewards = x => PerTokenRewards(x, a => -Oracle.Expm1(x.Alpha * a) / -x.Alpha), Logps = PerTokenLogps },
         new("orpo", x => new OrpoLoss(new() { Beta = x.Beta }), t => t.ReferenceFree(),
-            x => Oracle.Orpo(x.Pc, x.Pr, x.Nw, x.Nl, x.Beta)) { Rewards = x => PerTokenRewards(x, a => a) },
+            x => Oracle.Orpo(x.Pc, x.Pr, x.Nw, x.Nl, x.Beta, x.Pp, x.Np)) { Rewards = x => PerTokenRewards(x, a => a), Logps = PerTokenLogps },
+        new("orpo_completion_nll", x => new OrpoLoss(new() { Beta = x.Beta, NllTokens = OrpoNllTokens.Completion }), t => t.ReferenceFree() with { Prompt = null },
+            x => Oracle.Orpo(x.Pc, x.Pr, x.Nw, x.Nl, x.Beta)) { Rewards = x => PerTokenRewards(x, a => a), Logps = PerTokenLogps },
         // unpaired feedback (spec §10): chosen rows desirable, rejected rows undesirable
         new("kto", x => new KtoLoss(new() { Beta = x.Beta, UndesirableWeight = x.Alpha }), t => t.Unpaired(),
             x => Oracle.Kto(x.Pc, x.Pr, x.Rc, x.Rr, x.Kl, x.Beta, 1, x.Alpha, apo: false)),
@@ -283,6 +321,10 @@ public static class LossCatalog
     /// <summary>beta * R(l / n) for each side: the rewards the per-token reference-free losses report.</summary>
     static (double[] Chosen, double[] Rejected) PerTokenRewards(Inputs x, Func<double, double> r) =>
         (x.Pc.Select((l, i) => x.Beta * r(l / x.Nw[i])).ToArray(), x.Pr.Select((l, i) => x.Beta * r(l / x.Nl[i])).ToArray());
+
+    /// <summary>The per-token mean log-probs (l_w / n_w, l_l / n_l).</summary>
+    static (double[] Chosen, double[] Rejected) PerTokenLogps(Inputs x) =>
+        (x.Pc.Select((l, i) => l / x.Nw[i]).ToArray(), x.Pr.Select((l, i) => l / x.Nl[i]).ToArray());
 
     public static IEnumerable<object[]> Names => All.Select(c => new object[] { c.Name });
 

@@ -79,19 +79,22 @@ public static partial class TrlLosses
         ArgumentNullException.ThrowIfNull(config);
         var types = config.LossType ?? throw new ArgumentException("loss_type is required.", "loss_type");
         if (types.Count == 0) throw new ArgumentException($"loss_type must name at least one of: {string.Join(", ", LossTypes)}.", "loss_type");
+        foreach (var type in types)
+            if (!LossTypes.Contains(type))
+                throw new ArgumentException($"Unknown loss_type '{type}'. Valid: {string.Join(", ", LossTypes)}.", "loss_type");
         var weights = config.LossWeights ?? Enumerable.Repeat(1.0, types.Count).ToArray();
         if (weights.Count != types.Count)
             throw new ArgumentException($"loss_weights has {weights.Count} entries but loss_type has {types.Count}; give one weight per loss type.", "loss_weights");
         for (int k = 0; k < weights.Count; k++)
             Field($"loss_weights[{k}]", () => Internal.Guard.Weight(weights[k], $"loss_weights[{k}]"));
         if (config.LdAlpha is not null) LogProbOptions(config);   // ld_alpha is checked here too, not only when the log-prob options are built
+        var map = Map(config);
         if (config.LabelSmoothing != 0 && !types.Any(t => LabelSmoothingTypes.Contains(t)))
             throw new ArgumentException(
                 $"label_smoothing is set ({config.LabelSmoothing}) but TRL's DPOTrainer reads it only for {string.Join(", ", LabelSmoothingTypes)}; " +
                 $"{string.Join(", ", types)} ignore it. Leave it at 0.", "label_smoothing");
         if (config.UseWeighting && types.Any(t => t is "aot" or "aot_unpaired"))
             throw new ArgumentException("use_weighting cannot be combined with aot or aot_unpaired (their losses are per rank, not per pair), as in TRL.", "use_weighting");
-        var map = Map(config);
         var parts = types.Select((t, k) => (Create(t, config, map), weights[k])).ToArray();
         return parts.Length == 1 && parts[0].Item2 == 1 ? parts[0].Item1 : new WeightedLoss(parts);
     }
