@@ -150,8 +150,12 @@ public abstract class PreferenceLoss<TOptions> : IPreferenceLoss where TOptions 
         }
         checks.Verify();
         var metricValues = packed.narrow(0, 1, names.Length);
+        output.Commit?.Invoke();                                     // state changes only once nothing can fail
         scope.MoveToOuter(loss, perExample, metricValues);
-        return new PreferenceLossResult(loss, perExample, metricValues, names, Name);
+        return new PreferenceLossResult(loss, perExample, metricValues, names, Name)
+        {
+            UnpairedCounts = batch.Policy.IsPaired ? null : (batch.Policy.ChosenCount, batch.Policy.RejectedCount),
+        };
     }
 
     /// <summary>

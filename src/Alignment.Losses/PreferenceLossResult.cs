@@ -55,6 +55,14 @@ public sealed class PreferenceLossResult : IDisposable
         _lossName = lossName;
     }
 
+    /// <summary>
+    /// For a loss computed on unpaired log-probs (KTO, BCO, unpaired RPO, ...): the number of desirable (chosen) and
+    /// undesirable (rejected) examples, D and U. The chosen-side metrics (rewards/chosen, logps/chosen) are means over D,
+    /// the rejected-side ones over U, so <see cref="Metrics.MetricsAccumulator"/> weights each by its own count. Null for
+    /// paired batches (every metric is a mean over the B pairs).
+    /// </summary>
+    public (long Chosen, long Rejected)? UnpairedCounts { get; init; }
+
     /// <summary>The scalar loss (mean of <see cref="PerExample"/>), float32 (float64 for float64 inputs), on the inputs' device, with grad.</summary>
     /// <exception cref="ObjectDisposedException">The result (or the dispose scope it was created in) has been disposed.</exception>
     public Tensor Loss => Alive(_loss);

@@ -194,4 +194,11 @@ public readonly record struct LossOutput(Tensor PerExample, IReadOnlyList<(strin
     /// Null (default): the summed policy log-probs.
     /// </summary>
     public (Tensor Chosen, Tensor Rejected)? Logps { get; init; }
+
+    /// <summary>
+    /// A change to state the caller owns (BCO's running reward mean), run only after the call has passed every check
+    /// (inputs, example weights, a finite result), just before the result is returned: a call that throws leaves that
+    /// state as it was, so a retry does not count a batch twice. Null (default): the loss changes no state.
+    /// </summary>
+    public Action? Commit { get; init; }
 }

@@ -409,3 +409,71 @@ public class HardeningTests
             hidden, weight, null, labels, null, LabelAlignment.Aligned));
     }
 }
+
+/// <summary>Issue #24, round two: state left as it was by failed calls, combinations that overflow, unpaired metrics.</summary>
+public class HardeningRoundTwoTests
+{
+    static Tensor F(params double[] v) => tensor(v, dtype: ScalarType.Float64);
+
+    [Fact]
+    public void A_bco_call_that_fails_validation_leaves_the_callers_baseline_as_it_was()
+    {
+        using var scope = NewDisposeScope();
+        var baseline = new BcoRewardBaseline();
+        var loss = new BcoLoss(baseline, new BcoOptions { Beta = 0.5 });
+        var policy = PreferenceLogps.Unpaired(F(-3, -4), F(-6));
+        var reference = PreferenceLogps.Unpaired(F(-4, -4.5), F(-5));
+        using (var ok = loss.Compute(new PreferenceBatch(policy, reference))) { }
+        var (mean, count) = (baseline.Mean, baseline.Count);
+        Assert.Equal(3, count);
+        // negative weights, then the wrong number of weights: both refused, the baseline untouched, so a retry counts once
+        Assert.Throws<ArgumentException>(() => loss.Compute(new PreferenceBatch(policy, reference) { ExampleWeights = F(1, -1, 1) }));
+        Assert.Throws<ArgumentException>(() => loss.Compute(new PreferenceBatch(policy, reference) { ExampleWeights = F(1, 1) }));
+        Assert.Equal((mean, count), (baseline.Mean, baseline.Count));
+        using var retry = loss.Compute(new PreferenceBatch(policy, reference) { ExampleWeights = F(1, 1, 1) });
+        Assert.Equal(6, baseline.Count);
+        Assert.Equal(mean, baseline.Mean, 12);                         // the same batch again: the mean of its rewards twice
+        Assert.Equal(mean, retry[MetricNames.Delta], 12);
+    }
+
+    [Fact]
+    public void A_weighted_combination_that_overflows_is_an_arithmetic_error_not_a_silent_infinity()
+    {
+        using var scope = NewDisposeScope();
+        var policy = new PreferenceLogps(tensor(new[] { -5e28f }), tensor(new[] { -1f }), tensor(new[] { 1f }), tensor(new[] { 1f }));
+        var loss = new WeightedLoss((new SftLoss(), 1e12));
+        var e = Assert.Throws<ArithmeticException>(() => loss.Compute(new PreferenceBatch(policy)));
+        Assert.Contains("overflowed", e.Message);
+        Assert.Contains("1E+12", e.Message);
+        Assert.Contains("sft", e.Message);
+    }
+
+    [Fact]
+    public void Unpaired_metrics_accumulate_over_micro_batches_to_the_full_batchs()
+    {
+        using var scope = NewDisposeScope();
+        double[] dw = { -3, -5, -2, -7 }, dr = { -3.5, -4, -2.5, -6 }, uw = { -6, -8, -4, -9 }, ur = { -5, -8.5, -4.2, -9.5 };
+        var loss = new KtoLoss(new KtoOptions { Beta = 0.3 });
+        PreferenceLossResult Run(int[] d, int[] u) => loss.Compute(new PreferenceBatch(
+            PreferenceLogps.Unpaired(F(d.Select(i => dw[i]).ToArray()), F(u.Select(i => uw[i]).ToArray())),
+            PreferenceLogps.Unpaired(F(d.Select(i => dr[i]).ToArray()), F(u.Select(i => ur[i]).ToArray())))
+        { KlDivergence = zeros(1, dtype: ScalarType.Float64) });           // a fixed z0, so micro-batches see the same objective
+        using var full = Run(new[] { 0, 1, 2, 3 }, new[] { 0, 1, 2, 3 });
+        foreach (var (first, second) in new[]
+        {
+            ((new[] { 0, 1, 2 }, new[] { 0 }), (new[] { 3 }, new[] { 1, 2, 3 })),      // (3, 1) + (1, 3)
+            ((new[] { 0, 1, 2, 3 }, Array.Empty<int>()), (Array.Empty<int>(), new[] { 0, 1, 2, 3 })),   // one side empty in each
+        })
+        {
+            var acc = new Alignment.Losses.Metrics.MetricsAccumulator();
+            using (var a = Run(first.Item1, first.Item2)) acc.Add(a);
+            using (var b = Run(second.Item1, second.Item2)) acc.Add(b);
+            var m = acc.Flush();
+            foreach (var name in new[] { MetricNames.Loss, MetricNames.RewardsChosen, MetricNames.RewardsRejected, MetricNames.RewardsMargins, MetricNames.LogpsChosen, MetricNames.LogpsRejected })
+            {
+                double want = name == MetricNames.Loss ? full.Loss.ToDouble() : full[name];
+                Assert.True(Math.Abs(m[name] - want) < 1e-12, $"{name}: accumulated {m[name]:R}, full batch {want:R}");
+            }
+        }
+    }
+}

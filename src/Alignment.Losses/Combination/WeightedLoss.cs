@@ -85,6 +85,16 @@ public sealed class WeightedLoss : IPreferenceLoss
             perExample = perExample + results[k].PerExample.to_type(dtype) * _parts[k].Weight;
         }
 
+        // every part's loss is finite (each checks its own); their weighted sum can still overflow
+        using (no_grad())
+            if (!isfinite(loss).item<bool>())
+            {
+                var parts = string.Join(", ", results.Select((r, k) =>
+                    $"{_parts[k].Loss.Name} {r.Loss.detach().to_type(ScalarType.Float64).item<double>().ToString("G4", System.Globalization.CultureInfo.InvariantCulture)} x weight {_parts[k].Weight.ToString("G4", System.Globalization.CultureInfo.InvariantCulture)}"));
+                throw new ArithmeticException(
+                    $"The weighted combination {Name} overflowed {dtype} although every part's loss is finite ({parts}). Lower the weights (TRL's loss_weights) or the parts' scale.");
+            }
+
         var names = new List<string>();
         var values = new List<Tensor>();
         using (no_grad())

@@ -26,6 +26,7 @@ public sealed class MetricsAccumulator
     private readonly Dictionary<string, (double Sum, double Weight)> _values = new();
     private readonly List<string> _order = new();
     private LogProbStatistics? _statistics;
+    private bool _unpaired;
 
     /// <summary>Creates an accumulator whose metric names start with <paramref name="prefix"/> ("" for training, "eval_" for evaluation).</summary>
     public MetricsAccumulator(string prefix = "")
@@ -54,8 +55,27 @@ public sealed class MetricsAccumulator
             values = cat(new[] { result.Loss.detach().to(ScalarType.Float64, CPU).reshape(1), result.MetricTensor.to(ScalarType.Float64, CPU).reshape(-1) })
                 .data<double>().ToArray();
         Add(MetricNames.Loss, values[0], weight);
-        for (int i = 0; i < result.MetricNames.Count; i++) Add(result.MetricNames[i], values[i + 1], weight);
+        for (int i = 0; i < result.MetricNames.Count; i++) Add(result.MetricNames[i], values[i + 1], MetricWeight(result, result.MetricNames[i], weight));
+        _unpaired |= result.UnpairedCounts is not null;
         Count++;
+    }
+
+    /// <summary>
+    /// The number of examples a metric is a mean over: the pairs (or all examples), except for unpaired batches, whose
+    /// chosen-side metrics are means over the D desirable examples, rejected-side ones over the U undesirable ones, and
+    /// rewards/accuracies over the D x U (desirable, undesirable) combinations. An empty side then weighs 0 instead of
+    /// counting as a 0. rewards/margins is kept as chosen minus rejected (<see cref="Flush"/>).
+    /// </summary>
+    private static double MetricWeight(PreferenceLossResult result, string name, double examples)
+    {
+        if (result.UnpairedCounts is not { } counts) return examples;
+        return name switch
+        {
+            MetricNames.RewardsChosen or MetricNames.LogpsChosen => counts.Chosen,
+            MetricNames.RewardsRejected or MetricNames.LogpsRejected => counts.Rejected,
+            MetricNames.RewardsAccuracies => (double)counts.Chosen * counts.Rejected,
+            _ => examples,
+        };
     }
 
     /// <summary>Adds the log-prob step's statistics (sums over tokens; see <see cref="SequenceLogProbsResult.Statistics"/>).</summary>
@@ -69,7 +89,8 @@ public sealed class MetricsAccumulator
         if (!(weight >= 0) || double.IsInfinity(weight))
             throw new ArgumentException($"weight must be finite and >= 0; got {weight}.", nameof(weight));
         if (!_values.TryGetValue(name, out var current)) _order.Add(name);
-        _values[name] = (current.Sum + value * weight, current.Weight + weight);
+        // a weight of 0 (an empty side of an unpaired batch) contributes nothing, not even its NaN
+        _values[name] = weight == 0 ? current : (current.Sum + value * weight, current.Weight + weight);
     }
 
     /// <summary>The window's weighted averages so far, prefixed, in the order names first appeared (statistics last).</summary>
@@ -81,6 +102,10 @@ public sealed class MetricsAccumulator
             var (sum, weight) = _values[name];
             result[Prefix + name] = weight > 0 ? sum / weight : double.NaN;
         }
+        // unpaired: the margin of the window is its chosen mean minus its rejected mean, each over its own examples
+        if (_unpaired && result.TryGetValue(Prefix + MetricNames.RewardsMargins, out _)
+            && result.TryGetValue(Prefix + MetricNames.RewardsChosen, out var chosen) && result.TryGetValue(Prefix + MetricNames.RewardsRejected, out var rejected))
+            result[Prefix + MetricNames.RewardsMargins] = chosen - rejected;
         if (_statistics is { } s)
             foreach (var (name, value) in s.ToMetrics()) result[Prefix + name] = value;
         return result;
@@ -100,6 +125,7 @@ public sealed class MetricsAccumulator
         _values.Clear();
         _order.Clear();
         _statistics = null;
+        _unpaired = false;
         Count = 0;
     }
 

@@ -41,11 +41,13 @@ public sealed class BcoRewardBaseline
     }
 
     /// <summary>Adds <paramref name="count"/> rewards whose mean is <paramref name="batchMean"/> (finite, count &gt; 0).</summary>
-    internal void Update(double batchMean, long count)
+    internal void Update(double batchMean, long count) => (Mean, Count) = Updated(Mean, Count, batchMean, count);
+
+    /// <summary>The state after adding <paramref name="count"/> rewards of mean <paramref name="batchMean"/> to (mean, seen).</summary>
+    internal static (double Mean, long Count) Updated(double mean, long seen, double batchMean, long count)
     {
-        long total = Count + count;
-        Mean += (batchMean - Mean) * count / total;
-        Count = total;
+        long total = checked(seen + count);
+        return (mean + (batchMean - mean) * count / total, total);
     }
 
     /// <summary>The state as JSON: {"mean": ..., "count": ...} (round-trip precision).</summary>
@@ -112,17 +114,34 @@ public sealed class BcoLoss : UnpairedPreferenceLoss<BcoOptions>
         double beta = Options.Beta;
         var rewardChosen = terms.ChosenLogRatio * beta;
         var rewardRejected = terms.RejectedLogRatio * beta;
+        // in training delta includes this batch's rewards (TRL updates before use); the caller's baseline is updated only when
+        // the whole call has succeeded (LossOutput.Commit), so a call that fails validation leaves it as it was
+        double delta = Baseline.Mean;
+        Action? commit = null;
         if (Baseline.Training)
         {
             // the batch's mean reward, summed in float64 on the device: one scalar comes back, not D + U rewards
             using var noGrad = no_grad();
             long count = rewardChosen.shape[0] + rewardRejected.shape[0];
             double batchMean = cat(new[] { rewardChosen.detach(), rewardRejected.detach() }, 0).to_type(ScalarType.Float64).sum().ToDouble() / count;
-            if (double.IsFinite(batchMean)) Baseline.Update(batchMean, count);   // non-finite inputs fail the loss's own check below
+            if (double.IsFinite(batchMean))                         // non-finite inputs fail the loss's own check below
+            {
+                var baseline = Baseline;
+                var (mean, seen) = (baseline.Mean, baseline.Count);
+                delta = BcoRewardBaseline.Updated(mean, seen, batchMean, count).Mean;
+                commit = () =>
+                {
+                    if (baseline.Mean != mean || baseline.Count != seen)
+                        throw new InvalidOperationException("The BCO baseline changed during the call (another thread updated it); share one baseline per training loop.");
+                    baseline.Update(batchMean, count);
+                };
+            }
         }
-        double delta = Baseline.Mean;
         var desirable = PreferenceMath.NegLogSigmoid(rewardChosen - delta);
         var undesirable = PreferenceMath.NegLogSigmoid(-(rewardRejected - delta));
-        return new(cat(new[] { desirable, undesirable }, 0), new[] { (MetricNames.Delta, full(1, delta, dtype: terms.DType, device: rewardChosen.device).squeeze()) });
+        return new(cat(new[] { desirable, undesirable }, 0), new[] { (MetricNames.Delta, full(1, delta, dtype: terms.DType, device: rewardChosen.device).squeeze()) })
+        {
+            Commit = commit,
+        };
     }
 }
