@@ -477,3 +477,63 @@ public class HardeningRoundTwoTests
         }
     }
 }
+
+/// <summary>Issue #24, round two: the data path and the helpers under bad input.</summary>
+public class HardeningRoundTwoDataTests
+{
+    static readonly Alignment.Losses.Data.PreferenceExample Good = new(new[] { 1, 2 }, new[] { 3 }, new[] { 4, 5 });
+
+    [Fact]
+    public void The_collator_refuses_token_ids_it_would_drop_and_sizes_it_cannot_hold()
+    {
+        var collator = new Alignment.Losses.Data.PreferenceCollator();
+        var e = Assert.Throws<ArgumentException>(() => collator.Collate(new[] { Good, new Alignment.Losses.Data.PreferenceExample(new[] { 1 }, new[] { 7, -100 }, new[] { 4 }) }));
+        Assert.Contains("example 1", e.Message);
+        Assert.Contains("chosen completion", e.Message);
+        var own = new Alignment.Losses.Data.PreferenceCollator(new() { IgnoreIndex = 5 });
+        Assert.Contains("IgnoreIndex", Assert.Throws<ArgumentException>(() => own.Collate(new[] { Good })).Message);
+        Assert.Equal("PadTokenId", Assert.Throws<ArgumentOutOfRangeException>(() => new Alignment.Losses.Data.PreferenceCollatorOptions { PadTokenId = -1 }).ParamName);
+        var huge = new Alignment.Losses.Data.PreferenceCollator(new() { PadToMultipleOf = int.MaxValue });
+        Assert.Equal("PadToMultipleOf", Assert.Throws<ArgumentException>(() => huge.Collate(new[] { Good })).ParamName);
+        Assert.Equal("PadToMultipleOf", Assert.Throws<ArgumentException>(() => huge.CollatePacked(new[] { Good })).ParamName);
+    }
+
+    [Fact]
+    public void Kto_refuses_two_reference_points_and_balance_advice_names_the_bad_count()
+    {
+        using var scope = NewDisposeScope();
+        var policy = PreferenceLogps.Unpaired(tensor(new[] { -3.0 }), tensor(new[] { -4.0 }));
+        var reference = PreferenceLogps.Unpaired(tensor(new[] { -3.5 }), tensor(new[] { -3.5 }));
+        var both = new PreferenceBatch(policy, reference) { KlDivergence = zeros(1, dtype: ScalarType.Float64), Mismatched = new MismatchedLogps(tensor(new[] { -5.0 }), tensor(new[] { -5.5 })) };
+        Assert.Equal("batch.KlDivergence", Assert.Throws<ArgumentException>(() => new KtoLoss().Compute(both)).ParamName);
+        Assert.Equal("undesirable", Assert.Throws<ArgumentOutOfRangeException>(() => KtoLoss.BalanceAdvice(5, -1)).ParamName);
+        Assert.Equal("desirable", Assert.Throws<ArgumentOutOfRangeException>(() => KtoLoss.BalanceAdvice(-5, 1)).ParamName);
+    }
+
+    [Fact]
+    public void Token_kl_refuses_a_negative_mask()
+    {
+        using var scope = NewDisposeScope();
+        var logits = randn(1, 3, 4);
+        var e = Assert.Throws<ArgumentException>(() => TokenKl.Compute(logits, randn(1, 3, 4), tensor(new long[] { 1, -1, 0 }).reshape(1, 3)));
+        Assert.Equal("mask", e.ParamName);
+    }
+
+    [Fact]
+    public void The_console_sink_counts_hours_past_a_day_and_every_sink_gets_a_row_when_one_throws()
+    {
+        Assert.Equal("49:05:12", Alignment.Losses.Metrics.ConsoleMetricsSink.Duration(49 * 3600 + 5 * 60 + 12));
+        Assert.Equal("00:00:07", Alignment.Losses.Metrics.ConsoleMetricsSink.Duration(7.2));
+        Assert.EndsWith(" h", Alignment.Losses.Metrics.ConsoleMetricsSink.Duration(1e300));
+        var after = new StringWriter();
+        using var sinks = new Alignment.Losses.Metrics.MetricsSinks(new Throwing(), new Alignment.Losses.Metrics.ConsoleMetricsSink(after));
+        Assert.Throws<IOException>(() => sinks.Write(3, new Dictionary<string, double> { ["loss"] = 0.5 }));
+        Assert.Contains("step 3 | loss 0.5", after.ToString());
+    }
+
+    sealed class Throwing : Alignment.Losses.Metrics.IMetricsSink
+    {
+        public void Write(long step, IReadOnlyDictionary<string, double> metrics) => throw new IOException("disk full");
+        public void Dispose() { }
+    }
+}

@@ -32,8 +32,12 @@ public enum PromptTruncation
 /// </remarks>
 public sealed record PreferenceCollatorOptions
 {
-    /// <summary>Token id written into padding positions (they are masked out). Default 0.</summary>
-    public int PadTokenId { get; init; }
+    /// <summary>Token id (&gt;= 0) written into padding positions (they are masked out). Default 0.</summary>
+    public int PadTokenId
+    {
+        get => field;
+        init => field = value >= 0 ? value : throw new ArgumentOutOfRangeException(nameof(PadTokenId), value, "PadTokenId must be a token id (>= 0); padding is masked out, so any id of the vocabulary works.");
+    }
 
     /// <summary>Longest prompt kept (null: no limit).</summary>
     public int? MaxPromptLength
@@ -126,6 +130,16 @@ public sealed class PreferenceCollator
             throw new ArgumentException($"{where} has an empty chosen completion: there is nothing to score.", nameof(example));
         if (example.Rejected.Count == 0)
             throw new ArgumentException($"{where} has an empty rejected completion: there is nothing to score.", nameof(example));
+        foreach (var (tokens, part) in new[] { (example.Prompt, "prompt"), (example.Chosen, "chosen completion"), (example.Rejected, "rejected completion") })
+            for (int t = 0; t < tokens.Count; t++)
+            {
+                if (tokens[t] < 0)
+                    throw new ArgumentException($"{where}: its {part} has a negative token id ({tokens[t]}) at position {t}; token ids are >= 0.", nameof(example));
+                if (tokens[t] == Options.IgnoreIndex)
+                    throw new ArgumentException(
+                        $"{where}: its {part} has token id {tokens[t]} at position {t}, which equals IgnoreIndex, so its label would be dropped silently. Choose an IgnoreIndex outside the vocabulary (TRL's -100).",
+                        nameof(example));
+            }
         var prompt = example.Prompt.ToArray();
         if (Options.MaxPromptLength is { } maxPrompt && prompt.Length > maxPrompt)
             prompt = Options.PromptTruncation == PromptTruncation.KeepEnd ? prompt[^maxPrompt..] : prompt[..maxPrompt];
@@ -155,6 +169,7 @@ public sealed class PreferenceCollator
         long length = rows.Max(r => (long)r.Prompt.Length + r.Completion.Length);
         length = RoundUp(length);
         int n = rows.Count;
+        CheckSize(n, length);
         var ids = new long[n * length];
         var attention = new bool[n * length];
         var completion = new bool[n * length];
@@ -216,6 +231,7 @@ public sealed class PreferenceCollator
         var lengths = rows.Select(r => (long)r.Prompt.Length + r.Completion.Length).ToArray();
         var boundaries = SequenceBoundaries.FromLengths(lengths);
         long total = RoundUp(boundaries.TotalTokens);
+        CheckSize(1, total);
         var ids = new long[total];
         var attention = new bool[total];
         var completion = new bool[total];
@@ -233,6 +249,15 @@ public sealed class PreferenceCollator
     }
 
     private long RoundUp(long length) => Options.PadToMultipleOf is { } m ? (length + m - 1) / m * m : length;
+
+    /// <summary>The [rows, length] batch must fit the arrays .NET allocates (at most int.MaxValue elements).</summary>
+    private void CheckSize(long rows, long length)
+    {
+        if (length > Array.MaxLength / rows)
+            throw new ArgumentException(
+                $"The collated batch would be {rows} x {length} tokens{(Options.PadToMultipleOf is { } m ? $" (PadToMultipleOf = {m})" : "")}, more than an array holds ({Array.MaxLength:N0} elements). " +
+                "Lower PadToMultipleOf or the batch's lengths.", Options.PadToMultipleOf is null ? "examples" : nameof(PreferenceCollatorOptions.PadToMultipleOf));
+    }
 
     private List<TruncatedExample> TruncateAll(IReadOnlyList<PreferenceExample> examples)
     {

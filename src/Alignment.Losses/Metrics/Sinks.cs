@@ -27,7 +27,18 @@ public sealed class MetricsSinks : IMetricsSink
     /// <inheritdoc/>
     public void Write(long step, IReadOnlyDictionary<string, double> metrics)
     {
-        foreach (var sink in _sinks) sink.Write(step, metrics);
+        // every sink gets the row even when one throws; then the failures are reported together
+        List<Exception>? failures = null;
+        foreach (var sink in _sinks)
+        {
+            try { sink.Write(step, metrics); }
+            catch (Exception e) { (failures ??= new()).Add(e); }
+        }
+        if (failures is not null)
+        {
+            if (failures.Count == 1) System.Runtime.ExceptionServices.ExceptionDispatchInfo.Capture(failures[0]).Throw();
+            throw new AggregateException($"{failures.Count} metric sinks failed at step {step}.", failures);
+        }
     }
 
     /// <inheritdoc/>
@@ -67,14 +78,23 @@ public sealed class ConsoleMetricsSink : IMetricsSink
         foreach (var name in _names ?? metrics.Keys)
             if (metrics.TryGetValue(name, out var value)) line.Append(CultureInfo.InvariantCulture, $" | {name} {value:G4}");
         var elapsed = _clock.Elapsed;
-        line.Append(CultureInfo.InvariantCulture, $" | {elapsed:hh\\:mm\\:ss}");
+        line.Append(" | ").Append(Duration(elapsed.TotalSeconds));
         if (_totalSteps is { } n && step > 0 && step <= n)
-            line.Append(CultureInfo.InvariantCulture, $" (left ~{TimeSpan.FromSeconds(elapsed.TotalSeconds / step * (n - step)):hh\\:mm\\:ss})");
+            line.Append(" (left ~").Append(Duration(elapsed.TotalSeconds / step * (n - step))).Append(')');
         _writer.WriteLine(line.ToString());
     }
 
     /// <summary>Flushes the writer (it is not closed: it may be the console).</summary>
     public void Dispose() => _writer.Flush();
+
+    /// <summary>h:mm:ss with total hours (a run of days reads 49:05:12, not 01:05:12); any size of estimate, no overflow.</summary>
+    internal static string Duration(double seconds)
+    {
+        if (!double.IsFinite(seconds) || seconds < 0) return "?";
+        if (seconds >= 3600.0 * 1e6) return $"{seconds / 3600:G3} h";
+        long s = (long)Math.Round(seconds);
+        return string.Create(CultureInfo.InvariantCulture, $"{s / 3600:00}:{s / 60 % 60:00}:{s % 60:00}");
+    }
 }
 
 /// <summary>

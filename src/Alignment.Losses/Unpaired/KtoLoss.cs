@@ -45,6 +45,10 @@ public sealed class KtoLoss : UnpairedPreferenceLoss<KtoOptions>
     /// <inheritdoc />
     protected override IEnumerable<(Tensor? Tensor, string Name)> Validate(PreferenceBatch batch, ValueChecks checks)
     {
+        if (batch.Mismatched is not null && batch.KlDivergence is not null)
+            throw new ArgumentException(
+                "KTO's reference point comes from batch.Mismatched (z0 = mean of the mismatched pairs' log-ratios) or from batch.KlDivergence (a precomputed z0), not both: set one.",
+                "batch.KlDivergence");
         if (batch.Mismatched is { } m)
         {
             foreach (var (t, name) in new[] { (m.Policy, "batch.Mismatched.Policy"), (m.Reference, "batch.Mismatched.Reference") })
@@ -97,7 +101,8 @@ public sealed class KtoLoss : UnpairedPreferenceLoss<KtoOptions>
     public static string? BalanceAdvice(long desirable, long undesirable, KtoOptions? options = null)
     {
         options ??= new KtoOptions();
-        if (desirable < 0 || undesirable < 0) throw new ArgumentOutOfRangeException(nameof(desirable), "counts must be >= 0.");
+        if (desirable < 0) throw new ArgumentOutOfRangeException(nameof(desirable), desirable, "desirable must be >= 0 (a number of examples).");
+        if (undesirable < 0) throw new ArgumentOutOfRangeException(nameof(undesirable), undesirable, "undesirable must be >= 0 (a number of examples).");
         if (desirable == 0 || undesirable == 0) return null;
         double ratio = options.DesirableWeight * desirable / (options.UndesirableWeight * undesirable);
         if (ratio >= 1 && ratio <= 4.0 / 3) return null;

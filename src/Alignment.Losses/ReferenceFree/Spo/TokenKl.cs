@@ -23,7 +23,7 @@ public static class TokenKl
     /// <param name="policyLogits">[S, T, V] policy next-token logits (with grad), any floating dtype.</param>
     /// <param name="referenceLogits">[S, T, V] reference next-token logits (no grad is taken).</param>
     /// <param name="mask">[S, T]: nonzero (or true) where the position counts (completion tokens), 0 elsewhere; bool or
-    /// numeric, and finite when floating.</param>
+    /// numeric (not negative), and finite when floating.</param>
     /// <param name="chunkElements">Upper bound on logits per fp32 chunk (default <see cref="DefaultChunkElements"/>).</param>
     /// <returns>[S] float32 (float64 for float64 logits) per-sample KL, differentiable with respect to <paramref name="policyLogits"/>.</returns>
     /// <exception cref="ArgumentException">A shape, dtype or device is invalid, or the logits (or a floating mask) hold NaN/Inf.</exception>
@@ -51,6 +51,8 @@ public static class TokenKl
         {
             using var scope = NewDisposeScope();
             Guard.AllFinite((policyLogits, nameof(policyLogits)), (referenceLogits, nameof(referenceLogits)), (mask.is_floating_point() ? mask : null, nameof(mask)));
+            if (mask.dtype != ScalarType.Bool && (mask.detach() < 0).any().item<bool>())
+                throw new ArgumentException("mask holds negative values; it marks the positions that count with nonzero (1 or true) and the others with 0.", nameof(mask));
             var dtype = policyLogits.dtype == ScalarType.Float64 ? ScalarType.Float64 : ScalarType.Float32;
             var weights = (mask.detach() != 0).to_type(dtype);
             var input = policyLogits.requires_grad ? policyLogits.view(policyLogits.shape) : policyLogits;   // see SequenceLogProbs
