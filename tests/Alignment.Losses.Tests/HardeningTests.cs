@@ -537,3 +537,39 @@ public class HardeningRoundTwoDataTests
         public void Dispose() { }
     }
 }
+
+public class ReferenceCacheRoundTwoTests
+{
+    static readonly Alignment.Losses.Data.PreferenceExample Good = new(new[] { 1, 2 }, new[] { 3 }, new[] { 4, 5 });
+
+    [Fact]
+    public void An_unwritable_cache_path_fails_before_the_reference_pass_and_stale_temporaries_are_removed()
+    {
+        var dir = Directory.CreateTempSubdirectory("cache-round-two-");
+        try
+        {
+            var blocker = Path.Combine(dir.FullName, "a-file");
+            File.WriteAllText(blocker, "not a folder");
+            int calls = 0;
+            SequenceLogProbsResult Reference(Alignment.Losses.Data.CollatedPreferences b)
+            {
+                calls++;
+                return SequenceLogProbs.Compute(zeros(b.InputIds.shape[0], b.InputIds.shape[1], 6), b.Labels, null, LabelAlignment.ShiftByOne);
+            }
+            var collator = new Alignment.Losses.Data.PreferenceCollator();
+            var options = new Alignment.Losses.Data.ReferenceCacheOptions { Progress = null };
+            var e = Assert.Throws<ArgumentException>(() => Alignment.Losses.Data.ReferenceLogProbCache.Build(new[] { Good }, collator, Reference, Path.Combine(blocker, "ref.cache"), options));
+            Assert.Equal("path", e.ParamName);
+            Assert.Equal(0, calls);                                     // no reference work was done
+            // a temporary left by a process that no longer exists is removed by the next build; the build leaves none
+            var path = Path.Combine(dir.FullName, "ref.cache");
+            var stale = path + ".tmp-" + int.MaxValue;
+            File.WriteAllText(stale, "partial");
+            Alignment.Losses.Data.ReferenceLogProbCache.Build(new[] { Good }, collator, Reference, path, options);
+            Assert.Equal(1, calls);
+            Assert.False(File.Exists(stale));
+            Assert.Equal(new[] { path }, Directory.GetFiles(dir.FullName, "ref.cache*"));
+        }
+        finally { dir.Delete(recursive: true); }
+    }
+}

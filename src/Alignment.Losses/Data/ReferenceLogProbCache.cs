@@ -93,6 +93,7 @@ public sealed class ReferenceLogProbCache
         ArgumentException.ThrowIfNullOrEmpty(path);
         options ??= new ReferenceCacheOptions();
         if (dataset.Count == 0) throw new ArgumentException("dataset is empty: there is nothing to cache.", nameof(dataset));
+        CheckWritable(System.IO.Path.GetFullPath(path));                 // before hours of reference passes, not after
         var entries = new Dictionary<string, Entry>();
         var clock = Stopwatch.StartNew();
         for (int start = 0; start < dataset.Count; start += options.BatchSize)
@@ -209,6 +210,38 @@ public sealed class ReferenceLogProbCache
         return new PreferenceLogps(Row(0), Row(1), Row(2), Row(3));
     }
 
+    /// <summary>
+    /// Creates the folder and a probe file beside <paramref name="path"/>, so that a path that cannot be written fails before
+    /// the reference pass; removes temporary files that a killed or failed earlier build left (their process is gone).
+    /// </summary>
+    private static void CheckWritable(string path)
+    {
+        var folder = System.IO.Path.GetDirectoryName(path)!;
+        try
+        {
+            Directory.CreateDirectory(folder);
+            var probe = path + ".tmp-probe-" + Environment.ProcessId;
+            using (File.Create(probe, 1, FileOptions.DeleteOnClose)) { }
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException or NotSupportedException)
+        {
+            throw new ArgumentException($"The reference cache cannot be written at {path}: {e.Message} Choose a writable path (checked before the reference pass).", nameof(path), e);
+        }
+        foreach (var stale in Directory.EnumerateFiles(folder, System.IO.Path.GetFileName(path) + ".tmp-*"))
+        {
+            var suffix = stale[(path.Length + ".tmp-".Length)..].Replace("probe-", "", StringComparison.Ordinal);
+            if (!int.TryParse(suffix, out var pid) || pid == Environment.ProcessId || ProcessAlive(pid)) continue;
+            try { File.Delete(stale); } catch (IOException) { } catch (UnauthorizedAccessException) { }
+        }
+    }
+
+    private static bool ProcessAlive(int pid)
+    {
+        try { using var p = Process.GetProcessById(pid); return !p.HasExited; }
+        catch (ArgumentException) { return false; }
+        catch (InvalidOperationException) { return false; }
+    }
+
     private void Save()
     {
         var folder = System.IO.Path.GetDirectoryName(Path);
@@ -233,11 +266,18 @@ public sealed class ReferenceLogProbCache
         }
         var body = stream.ToArray();
         var temporary = Path + ".tmp-" + Environment.ProcessId;
-        using (var file = File.Create(temporary))
+        try
         {
-            file.Write(body);
-            file.Write(SHA256.HashData(body));
+            using (var file = File.Create(temporary))
+            {
+                file.Write(body);
+                file.Write(SHA256.HashData(body));
+            }
+            File.Move(temporary, Path, overwrite: true);
         }
-        File.Move(temporary, Path, overwrite: true);
+        finally
+        {
+            if (File.Exists(temporary)) try { File.Delete(temporary); } catch (IOException) { } catch (UnauthorizedAccessException) { }
+        }
     }
 }
