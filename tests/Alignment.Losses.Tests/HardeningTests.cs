@@ -573,3 +573,24 @@ public class ReferenceCacheRoundTwoTests
         finally { dir.Delete(recursive: true); }
     }
 }
+
+public class CsvSinkRoundTwoTests
+{
+    [Fact]
+    public void The_csv_sink_streams_a_new_column_into_earlier_rows_and_recreates_a_deleted_file_with_its_header()
+    {
+        var dir = Directory.CreateTempSubdirectory("csv-round-two-");
+        try
+        {
+            var path = Path.Combine(dir.FullName, "m.csv");
+            using var sink = new Alignment.Losses.Metrics.CsvMetricsSink(path);
+            sink.Write(1, new Dictionary<string, double> { ["loss"] = 0.5 });
+            sink.Write(2, new Dictionary<string, double> { ["loss"] = 0.25, ["eval_loss"] = 0.75 });
+            Assert.Equal(new[] { "step,loss,eval_loss", "1,0.5,", "2,0.25,0.75" }, File.ReadAllLines(path));
+            File.Delete(path);
+            sink.Write(3, new Dictionary<string, double> { ["loss"] = 0.125 });
+            Assert.Equal(new[] { "step,loss,eval_loss", "3,0.125," }, File.ReadAllLines(path));
+        }
+        finally { dir.Delete(recursive: true); }
+    }
+}

@@ -106,7 +106,6 @@ public sealed class CsvMetricsSink : IMetricsSink
 {
     private readonly string _path;
     private readonly List<string> _columns = new();
-    private readonly List<(long Step, Dictionary<string, double> Values)> _rows = new();
 
     /// <summary>Creates (or overwrites) the file at <paramref name="path"/>; its folder is created.</summary>
     public CsvMetricsSink(string path)
@@ -122,26 +121,35 @@ public sealed class CsvMetricsSink : IMetricsSink
     public string FilePath => _path;
 
     /// <inheritdoc/>
+    /// <remarks>Rows are appended; a metric seen for the first time adds a column, which rewrites the file once, streaming
+    /// (earlier rows get empty cells): nothing is kept in memory but the column names. A file deleted during the run is
+    /// recreated with its header.</remarks>
     public void Write(long step, IReadOnlyDictionary<string, double> metrics)
     {
         ArgumentNullException.ThrowIfNull(metrics);
-        var row = metrics.ToDictionary(m => m.Key, m => m.Value);
-        _rows.Add((step, row));
-        var added = row.Keys.Where(k => !_columns.Contains(k)).ToList();
-        if (added.Count > 0)
+        var added = metrics.Keys.Where(k => !_columns.Contains(k)).ToList();
+        _columns.AddRange(added);
+        if (!File.Exists(_path))
+            File.WriteAllText(_path, Header() + Line(step, metrics));
+        else if (added.Count > 0)
         {
-            _columns.AddRange(added);
-            var all = new StringBuilder(Header());
-            foreach (var r in _rows) all.Append(Line(r.Step, r.Values));
-            File.WriteAllText(_path, all.ToString());
+            var temporary = _path + ".tmp-" + Environment.ProcessId;
+            using (var writer = new StreamWriter(temporary))
+            {
+                writer.Write(Header());
+                var padding = new string(',', added.Count);
+                foreach (var line in File.ReadLines(_path).Skip(1)) writer.Write(line + padding + "\n");
+                writer.Write(Line(step, metrics));
+            }
+            File.Move(temporary, _path, overwrite: true);
         }
         else
-            File.AppendAllText(_path, Line(step, row));
+            File.AppendAllText(_path, Line(step, metrics));
     }
 
     private string Header() => "step" + string.Concat(_columns.Select(c => "," + Quote(c))) + "\n";
 
-    private string Line(long step, Dictionary<string, double> values) =>
+    private string Line(long step, IReadOnlyDictionary<string, double> values) =>
         step.ToString(CultureInfo.InvariantCulture) +
         string.Concat(_columns.Select(c => "," + (values.TryGetValue(c, out var v) ? v.ToString("R", CultureInfo.InvariantCulture) : ""))) + "\n";
 
