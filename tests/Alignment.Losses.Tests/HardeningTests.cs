@@ -594,3 +594,23 @@ public class CsvSinkRoundTwoTests
         finally { dir.Delete(recursive: true); }
     }
 }
+
+public class BoundariesRoundTwoTests
+{
+    [Fact]
+    public void Boundaries_refuse_lengths_they_cannot_serve_with_named_errors()
+    {
+        var b = SequenceBoundaries.FromLengths(new long[] { 2, 4 });
+        Assert.Equal("total", Assert.Throws<ArgumentOutOfRangeException>(() => b.PositionIds(-1)).ParamName);
+        Assert.Equal("total", Assert.Throws<ArgumentOutOfRangeException>(() => b.CausalAttentionMask(3)).ParamName);
+        Assert.Equal("dtype", Assert.Throws<ArgumentException>(() => b.CumulativeLengthsTensor(dtype: ScalarType.Float32)).ParamName);
+        // 2^31 + 2 tokens do not fit Int32 offsets
+        var huge = SequenceBoundaries.FromLengths(new long[] { int.MaxValue, 3 });
+        Assert.Equal("dtype", Assert.Throws<ArgumentException>(() => huge.CumulativeLengthsTensor()).ParamName);
+        using var wide = huge.CumulativeLengthsTensor(dtype: ScalarType.Int64);
+        Assert.Equal((long)int.MaxValue + 3, wide[2].item<long>());
+        // 200,000 tokens: a [200000, 200000] mask (40 GB, about 160 GB of work) is refused before allocating on this machine
+        var big = SequenceBoundaries.FromLengths(new long[] { 200_000 });
+        Assert.Throws<InsufficientMemoryException>(() => big.CausalAttentionMask());
+    }
+}

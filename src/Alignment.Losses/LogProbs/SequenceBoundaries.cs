@@ -74,13 +74,21 @@ public sealed class SequenceBoundaries
     public long Length(int index) => _cumulative[index + 1] - _cumulative[index];
 
     /// <summary>cu_seqlens as a tensor [S + 1] (int32 by default, as variable-length attention kernels take it).</summary>
-    public Tensor CumulativeLengthsTensor(Device? device = null, ScalarType dtype = ScalarType.Int32) =>
-        Numerics.FromHost(_cumulative, new[] { (long)_cumulative.Length }, dtype, device ?? CPU);
+    /// <exception cref="ArgumentException"><paramref name="dtype"/> is not Int32 or Int64, or Int32 cannot hold the total (2^31 tokens or more).</exception>
+    public Tensor CumulativeLengthsTensor(Device? device = null, ScalarType dtype = ScalarType.Int32)
+    {
+        if (dtype is not (ScalarType.Int32 or ScalarType.Int64))
+            throw new ArgumentException($"dtype must be Int32 or Int64; got {dtype}.", nameof(dtype));
+        if (dtype == ScalarType.Int32 && TotalTokens > int.MaxValue)
+            throw new ArgumentException($"{TotalTokens} packed tokens do not fit Int32 offsets; pass dtype: ScalarType.Int64.", nameof(dtype));
+        return Numerics.FromHost(_cumulative, new[] { (long)_cumulative.Length }, dtype, device ?? CPU);
+    }
 
     /// <summary>Position ids [1, <paramref name="total"/>] restarting at 0 in each sequence (positions past the last boundary continue the last one).</summary>
+    /// <exception cref="ArgumentOutOfRangeException"><paramref name="total"/> is below the packed tokens or above an array's length.</exception>
     public Tensor PositionIds(long? total = null, Device? device = null)
     {
-        long length = total ?? TotalTokens;
+        long length = CheckTotal(total);
         var ids = new long[length];
         for (int s = 0; s < Count; s++)
             for (long p = _cumulative[s]; p < Math.Min(_cumulative[s + 1], length); p++) ids[p] = p - _cumulative[s];
@@ -93,9 +101,28 @@ public sealed class SequenceBoundaries
     /// attend to a key (same sequence, key not after query). Positions past the last boundary attend to themselves only.
     /// For small models; large ones use a variable-length attention kernel with <see cref="CumulativeLengthsTensor"/>.
     /// </summary>
+    /// <exception cref="InsufficientMemoryException">The [total, total] mask does not fit (checked before allocating on the CPU).</exception>
     public Tensor CausalAttentionMask(long? total = null, Device? device = null)
     {
+        long length = CheckTotal(total);
+        // the mask and its temporaries (same, causal, padding): about four [total, total] bool tensors at the peak
+        Native.EnsureCpuMemory(4 * length * length, device ?? CPU, "SequenceBoundaries.CausalAttentionMask", () => $"[{length}, {length}] bool");
+        return Native.Run("SequenceBoundaries.CausalAttentionMask", () => $"[{length}, {length}] bool (several temporaries of that size)",
+            () => CausalAttentionMaskCore(length, device));
+    }
+
+    /// <summary>The row length a caller asks for: at least the packed tokens, and a length an array can hold.</summary>
+    private long CheckTotal(long? total)
+    {
         long length = total ?? TotalTokens;
+        if (length < TotalTokens || length > Array.MaxLength)
+            throw new ArgumentOutOfRangeException(nameof(total), length,
+                $"total must be between the packed tokens ({TotalTokens}) and {Array.MaxLength} (the row's padded length).");
+        return length;
+    }
+
+    private Tensor CausalAttentionMaskCore(long length, Device? device)
+    {
         using var scope = NewDisposeScope();
         var ids = SegmentIds(length, device ?? CPU);
         var same = ids.unsqueeze(1) == ids.unsqueeze(0);
