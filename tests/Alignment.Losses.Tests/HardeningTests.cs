@@ -614,3 +614,64 @@ public class BoundariesRoundTwoTests
         Assert.Throws<InsufficientMemoryException>(() => big.CausalAttentionMask());
     }
 }
+
+public class ReferenceCacheLoadRoundTwoTests
+{
+    static readonly Alignment.Losses.Data.PreferenceExample Good = new(new[] { 1, 2 }, new[] { 3 }, new[] { 4, 5 });
+
+    /// <summary>A cache of one example, with its first entry's four doubles and the count rewritten and the checksum renewed.</summary>
+    static string Tampered(string dir, Action<byte[], int, int> edit)
+    {
+        var path = Path.Combine(dir, Guid.NewGuid().ToString("N") + ".cache");
+        Alignment.Losses.Data.ReferenceLogProbCache.Build(new[] { Good }, new Alignment.Losses.Data.PreferenceCollator(),
+            b => SequenceLogProbs.Compute(zeros(b.InputIds.shape[0], b.InputIds.shape[1], 6), b.Labels, null, LabelAlignment.ShiftByOne),
+            path, new Alignment.Losses.Data.ReferenceCacheOptions { Progress = null });
+        var bytes = File.ReadAllBytes(path);
+        int descriptionLength = BitConverter.ToInt32(bytes, 12);
+        int countAt = 16 + descriptionLength, entryAt = countAt + 8 + 16;
+        edit(bytes, countAt, entryAt);
+        var body = bytes.AsSpan(0, bytes.Length - 32);
+        System.Security.Cryptography.SHA256.HashData(body).CopyTo(bytes.AsSpan(bytes.Length - 32));
+        File.WriteAllBytes(path, bytes);
+        return path;
+    }
+
+    [Fact]
+    public void Load_refuses_what_build_would_refuse_and_names_the_file_and_lookup_refuses_what_its_dtype_cannot_hold()
+    {
+        var dir = Directory.CreateTempSubdirectory("cache-load-").FullName;
+        try
+        {
+            void Refused(Action<byte[], int, int> edit, string because)
+            {
+                var path = Tampered(dir, edit);
+                var e = Assert.Throws<InvalidDataException>(() => Alignment.Losses.Data.ReferenceLogProbCache.Load(path));
+                Assert.Contains(path, e.Message);
+                Assert.Contains(because, e.Message);
+            }
+            Refused((b, _, at) => BitConverter.GetBytes(double.NaN).CopyTo(b, at), "holds values no build writes");
+            Refused((b, _, at) => BitConverter.GetBytes(-2.0).CopyTo(b, at + 16), "holds values no build writes");      // a negative token count
+            Refused((b, count, _) => BitConverter.GetBytes(long.MaxValue).CopyTo(b, count), "do not fit the file");
+            // a log-prob beyond float16: refused for a Float16 lookup, fine as Float32
+            var big = Tampered(dir, (b, _, at) => BitConverter.GetBytes(-70_000.0).CopyTo(b, at));
+            var cache = Alignment.Losses.Data.ReferenceLogProbCache.Load(big);
+            using var scope = NewDisposeScope();
+            var batch = new Alignment.Losses.Data.PreferenceCollator().Collate(new[] { Good });
+            Assert.Equal("dtype", Assert.Throws<ArgumentException>(() => cache.Lookup(batch, ScalarType.Float16)).ParamName);
+            Assert.Equal("dtype", Assert.Throws<ArgumentException>(() => cache.Lookup(batch, ScalarType.Int64)).ParamName);
+            Assert.Equal(-70_000.0, cache.Lookup(batch).Chosen.ToDouble());
+            batch.Dispose();
+            Assert.Throws<ObjectDisposedException>(() => cache.Lookup(batch));
+        }
+        finally { Directory.Delete(dir, recursive: true); }
+    }
+
+    [Fact]
+    public void A_bco_baseline_beyond_the_inputs_range_is_named()
+    {
+        using var scope = NewDisposeScope();
+        var loss = new BcoLoss(BcoRewardBaseline.FromJson("{\"mean\": 1e300, \"count\": 5}"));
+        var policy = PreferenceLogps.Unpaired(tensor(new[] { -3f }), tensor(new[] { -4f }));
+        Assert.Equal("baseline", Assert.Throws<ArgumentException>(() => loss.Compute(new PreferenceBatch(policy, policy))).ParamName);
+    }
+}

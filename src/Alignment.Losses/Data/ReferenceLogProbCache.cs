@@ -151,24 +151,45 @@ public sealed class ReferenceLogProbCache
         var body = bytes.AsSpan(0, bytes.Length - 32);
         if (!SHA256.HashData(body).AsSpan().SequenceEqual(bytes.AsSpan(bytes.Length - 32)))
             throw new InvalidDataException($"{full} is corrupted or truncated (its checksum does not match); rebuild it.");
-        using var reader = new BinaryReader(new MemoryStream(bytes, 0, body.Length));
-        reader.ReadBytes(Magic.Length);
-        int version = reader.ReadInt32();
-        if (version != Version)
-            throw new InvalidDataException($"{full} is a version {version} cache; this library reads version {Version}. Rebuild it.");
-        string description = Encoding.UTF8.GetString(reader.ReadBytes(reader.ReadInt32()));
-        if (expectedDescription is not null && description != expectedDescription)
-            throw new InvalidDataException($"{full} holds reference log-probs of \"{description}\", not of \"{expectedDescription}\". Rebuild it, or use another path.");
-        long count = reader.ReadInt64();
-        var entries = new Dictionary<string, Entry>((int)count);
-        for (long i = 0; i < count; i++)
+        try
         {
-            var key = Convert.ToHexString(reader.ReadBytes(16));
-            entries[key] = new Entry(reader.ReadDouble(), reader.ReadDouble(), reader.ReadDouble(), reader.ReadDouble());
+            using var reader = new BinaryReader(new MemoryStream(bytes, 0, body.Length));
+            reader.ReadBytes(Magic.Length);
+            int version = reader.ReadInt32();
+            if (version != Version)
+                throw new InvalidDataException($"{full} is a version {version} cache; this library reads version {Version}. Rebuild it.");
+            int descriptionLength = reader.ReadInt32();
+            if (descriptionLength < 0 || descriptionLength > body.Length - reader.BaseStream.Position)
+                throw new InvalidDataException($"{full} is not a valid reference log-prob cache (its description length {descriptionLength} does not fit the file). Rebuild it.");
+            string description = Encoding.UTF8.GetString(reader.ReadBytes(descriptionLength));
+            if (expectedDescription is not null && description != expectedDescription)
+                throw new InvalidDataException($"{full} holds reference log-probs of \"{description}\", not of \"{expectedDescription}\". Rebuild it, or use another path.");
+            long count = reader.ReadInt64();
+            const int EntryBytes = 16 + 4 * 8;
+            if (count < 0 || count > (body.Length - reader.BaseStream.Position) / EntryBytes)
+                throw new InvalidDataException($"{full} is not a valid reference log-prob cache (it claims {count} entries, which do not fit the file). Rebuild it.");
+            var entries = new Dictionary<string, Entry>((int)count);
+            for (long i = 0; i < count; i++)
+            {
+                var key = Convert.ToHexString(reader.ReadBytes(16));
+                var entry = new Entry(reader.ReadDouble(), reader.ReadDouble(), reader.ReadDouble(), reader.ReadDouble());
+                // what Build refuses, Load refuses too: non-finite or positive log-probs, token counts that are not whole and positive
+                if (!double.IsFinite(entry.Chosen) || !double.IsFinite(entry.Rejected) || entry.Chosen > 1e-3 || entry.Rejected > 1e-3
+                    || !(entry.ChosenTokens >= 0) || !(entry.RejectedTokens >= 0) || entry.ChosenTokens != Math.Floor(entry.ChosenTokens)
+                    || entry.RejectedTokens != Math.Floor(entry.RejectedTokens) || double.IsInfinity(entry.ChosenTokens) || double.IsInfinity(entry.RejectedTokens))
+                    throw new InvalidDataException(
+                        $"{full} entry {i} (key {key}) holds values no build writes (log-probs {entry.Chosen}, {entry.Rejected}; token counts {entry.ChosenTokens}, {entry.RejectedTokens}). Rebuild it.");
+                if (!entries.TryAdd(key, entry))
+                    throw new InvalidDataException($"{full} holds key {key} twice (entry {i}); no build writes that. Rebuild it.");
+            }
+            if (reader.BaseStream.Position != body.Length)
+                throw new InvalidDataException($"{full} has {body.Length - reader.BaseStream.Position} unexpected bytes after its {count} entries.");
+            return new ReferenceLogProbCache(full, description, entries);
         }
-        if (reader.BaseStream.Position != body.Length)
-            throw new InvalidDataException($"{full} has {body.Length - reader.BaseStream.Position} unexpected bytes after its {count} entries.");
-        return new ReferenceLogProbCache(full, description, entries);
+        catch (Exception e) when (e is EndOfStreamException or ArgumentException or DecoderFallbackException or OverflowException)
+        {
+            throw new InvalidDataException($"{full} is not a valid reference log-prob cache ({e.Message}). Rebuild it.", e);
+        }
     }
 
     /// <summary>Checks that every example of <paramref name="dataset"/>, truncated by <paramref name="collator"/>, is in the cache.</summary>
@@ -192,6 +213,10 @@ public sealed class ReferenceLogProbCache
     public PreferenceLogps Lookup(CollatedPreferences batch, ScalarType dtype = ScalarType.Float32)
     {
         ArgumentNullException.ThrowIfNull(batch);
+        if (dtype is not (ScalarType.Float64 or ScalarType.Float32 or ScalarType.BFloat16 or ScalarType.Float16))
+            throw new ArgumentException($"dtype must be a floating type (Float32 by default, Float64, BFloat16 or Float16); got {dtype}.", nameof(dtype));
+        if (batch.InputIds.IsInvalid)
+            throw new ObjectDisposedException(nameof(batch), "The collated batch has been disposed; look up its reference log-probs before disposing it.");
         int b = batch.PairCount;
         var values = new double[4, b];
         for (int i = 0; i < b; i++)
@@ -205,6 +230,13 @@ public sealed class ReferenceLogProbCache
                     $"Example {i} of this batch (key {example.Key}) has {example.Chosen.Length}/{example.Rejected.Length} completion tokens, but the cache scored {e.ChosenTokens}/{e.RejectedTokens}: the reference used another mask. Rebuild it.");
             (values[0, i], values[1, i], values[2, i], values[3, i]) = (e.Chosen, e.Rejected, e.ChosenTokens, e.RejectedTokens);
         }
+        double largest = dtype == ScalarType.Float16 ? 65504 : dtype == ScalarType.Float64 ? double.MaxValue : float.MaxValue;
+        for (int r = 0; r < 4; r++)
+            for (int i = 0; i < b; i++)
+                if (Math.Abs(values[r, i]) > largest)
+                    throw new ArgumentException(
+                        $"Example {i}'s cached {(r < 2 ? "log-prob" : "token count")} ({values[r, i]:G6}) does not fit {dtype} (largest {largest:G6}); look it up as Float32 (the default) and let the loss upcast.",
+                        nameof(dtype));
         var device = batch.InputIds.device;
         Tensor Row(int r) => Internal.Numerics.FromHost(Enumerable.Range(0, b).Select(i => values[r, i]).ToArray(), new[] { (long)b }, dtype, device);
         return new PreferenceLogps(Row(0), Row(1), Row(2), Row(3));

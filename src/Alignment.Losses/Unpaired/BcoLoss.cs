@@ -46,7 +46,9 @@ public sealed class BcoRewardBaseline
     /// <summary>The state after adding <paramref name="count"/> rewards of mean <paramref name="batchMean"/> to (mean, seen).</summary>
     internal static (double Mean, long Count) Updated(double mean, long seen, double batchMean, long count)
     {
-        long total = checked(seen + count);
+        if (seen > long.MaxValue - count)
+            throw new InvalidOperationException($"The BCO baseline has counted {seen} rewards and cannot count {count} more (the count would overflow Int64); start a new baseline.");
+        long total = seen + count;
         return (mean + (batchMean - mean) * count / total, total);
     }
 
@@ -118,6 +120,11 @@ public sealed class BcoLoss : UnpairedPreferenceLoss<BcoOptions>
         // the whole call has succeeded (LossOutput.Commit), so a call that fails validation leaves it as it was
         double delta = Baseline.Mean;
         Action? commit = null;
+        double largest = terms.DType switch { ScalarType.Float64 => double.MaxValue, _ => float.MaxValue };
+        if (Math.Abs(delta) > largest)
+            throw new ArgumentException(
+                $"The BCO baseline's mean ({delta:G4}) is beyond {terms.DType}'s range, so no reward can be compared with it: a restored state from another run or a corrupted checkpoint? Start a new BcoRewardBaseline.",
+                "baseline");
         if (Baseline.Training)
         {
             // the batch's mean reward, summed in float64 on the device: one scalar comes back, not D + U rewards
