@@ -675,3 +675,18 @@ public class ReferenceCacheLoadRoundTwoTests
         Assert.Equal("baseline", Assert.Throws<ArgumentException>(() => loss.Compute(new PreferenceBatch(policy, policy))).ParamName);
     }
 }
+
+public class MeanPoolingRoundTwoTests
+{
+    [Fact]
+    public void Mean_pooling_refuses_a_nan_mask_and_blames_an_overflow_not_the_hidden_states()
+    {
+        using var scope = NewDisposeScope();
+        var hidden = ones(2, 3, 4);
+        var nanMask = tensor(new[] { 1f, float.NaN, 0, 1, 1, 0 }).reshape(2, 3);
+        Assert.Equal("promptMask", Assert.Throws<ArgumentException>(() => PromptEmbeddings.MeanPooled(hidden, nanMask)).ParamName);
+        var huge = full(2, 3, 4, 3e38f);                                   // finite, but two of them sum past float32
+        var e = Assert.Throws<ArithmeticException>(() => PromptEmbeddings.MeanPooled(huge, ones(2, 3)));
+        Assert.Contains("overflowed", e.Message);
+    }
+}

@@ -64,6 +64,8 @@ public sealed class PromptEmbeddings
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
         var dtype = hidden.dtype == ScalarType.Float64 ? ScalarType.Float64 : ScalarType.Float32;
+        if (promptMask.is_floating_point() && !isfinite(promptMask).all().item<bool>())
+            throw new ArgumentException("promptMask holds NaN or Inf; it marks prompt tokens with nonzero (1 or true) and the others with 0.", nameof(promptMask));
         var m = (promptMask != 0);
         var counts = m.sum(1, type: ScalarType.Int64);
         if ((counts == 0).any().item<bool>())
@@ -75,7 +77,15 @@ public sealed class PromptEmbeddings
         var summed = hidden.detach().to_type(dtype).masked_fill(m.logical_not().unsqueeze(2), 0).sum(1);
         var pooled = summed / counts.to_type(dtype).unsqueeze(1);
         if (!isfinite(pooled).all().item<bool>())
-            throw new ArgumentException("hidden contains NaN or Inf at prompt tokens; the pooled embeddings would be non-finite.", nameof(hidden));
+        {
+            // the inputs' fault only if they hold NaN/Inf at prompt tokens; otherwise the sum overflowed the compute dtype
+            bool inputBad = !isfinite(hidden.detach().masked_fill(m.logical_not().unsqueeze(2), 0)).all().item<bool>();
+            if (inputBad)
+                throw new ArgumentException("hidden contains NaN or Inf at prompt tokens; the pooled embeddings would be non-finite.", nameof(hidden));
+            throw new ArithmeticException(
+                $"Mean-pooling overflowed {dtype}: hidden is finite but its sum over the prompt tokens is not (largest magnitude {hidden.detach().abs().max().to_type(ScalarType.Float64).item<double>():G4}). " +
+                "Pass float64 hidden states, or normalise them first.");
+        }
         return pooled.MoveToOuterDisposeScope();
     }
 
