@@ -8,7 +8,7 @@ namespace Alignment.Losses.Logging;
 /// Writes each logging step's metrics to an <see cref="ILogger"/> as one structured entry: the message
 /// "step 120: loss=0.5312 rewards/accuracies=0.8125 ...", and as state the step ("Step") and every metric under its
 /// own name, so that structured providers (Serilog, OpenTelemetry, Application Insights, JSON console) keep them as
-/// fields.
+/// fields. A metric named like one of the entry's own keys ("Step", "{OriginalFormat}") is kept as "metric:Step".
 /// </summary>
 public sealed class LoggerMetricsSink : IMetricsSink
 {
@@ -51,10 +51,15 @@ public sealed class LoggerMetricsSink : IMetricsSink
         public MetricsState(long step, IReadOnlyDictionary<string, double> metrics)
         {
             _items = new List<KeyValuePair<string, object?>> { new("Step", step) };
-            _items.AddRange(metrics.Select(m => new KeyValuePair<string, object?>(m.Key, m.Value)));
+            // a metric whose name is one of the entry's own keys (Step, {OriginalFormat}) is kept under "metric:" + its name,
+            // so that it neither replaces the step nor breaks providers that read the format
+            _items.AddRange(metrics.Select(m => new KeyValuePair<string, object?>(Reserved(m.Key) ? "metric:" + m.Key : m.Key, m.Value)));
             _message = $"step {step}:" + string.Concat(metrics.Select(m => " " + m.Key + "=" + m.Value.ToString("G6", CultureInfo.InvariantCulture)));
             _items.Add(new("{OriginalFormat}", _message));
         }
+
+        private static bool Reserved(string name) =>
+            string.Equals(name, "Step", StringComparison.OrdinalIgnoreCase) || name == "{OriginalFormat}";
 
         public KeyValuePair<string, object?> this[int index] => _items[index];
 

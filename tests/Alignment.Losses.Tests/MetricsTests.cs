@@ -169,5 +169,13 @@ public class MetricsTests
         new LoggerMetricsSink(logger, LogLevel.Debug).Write(13, new Dictionary<string, double> { ["loss"] = 1 });
         Assert.Single(logger.Entries);   // below the logger's level: nothing
         Assert.Throws<ArgumentOutOfRangeException>(() => new LoggerMetricsSink(logger, LogLevel.None));
+        // metrics named like the entry's own keys do not replace them
+        sink.Write(14, new Dictionary<string, double> { ["Step"] = 3, ["{OriginalFormat}"] = 4 });
+        var clash = logger.Entries[^1].State;
+        Assert.Single(clash, kv => kv.Key == "Step");
+        Assert.Contains(new KeyValuePair<string, object?>("Step", 14L), clash);
+        Assert.Contains(new KeyValuePair<string, object?>("metric:Step", 3.0), clash);
+        Assert.Contains(new KeyValuePair<string, object?>("metric:{OriginalFormat}", 4.0), clash);
+        Assert.Single(clash, kv => kv.Key == "{OriginalFormat}");
     }
 }
