@@ -220,9 +220,9 @@ public abstract class PreferenceLoss<TOptions> : IPreferenceLoss where TOptions 
         };
         inputs.AddRange(extraTensors);
         Guard.AllFinite(inputs.ToArray());
-        double largest = Guard.MaxAbs(inputs.Select(i => i.Item1));
+        var (largest, where) = inputs.Select(i => (Max: Guard.MaxAbs(new[] { i.Item1 }), Name: i.Item2)).MaxBy(i => i.Max);
         return new ArithmeticException(
-            $"The {Name} loss overflowed {dtype} although every input is finite: the largest input magnitude is {largest:G4} and the options are {Options}. " +
+            $"The {Name} loss overflowed {dtype} although every input is finite: the largest input magnitude is {largest:G4} (in {where}) and the options are {Options}. " +
             "The product of a hyperparameter and the inputs exceeds the range of the compute dtype; reduce the hyperparameter or check the scale of the inputs " +
             "(summed log-probs of real sequences are rarely beyond 1e5).");
     }

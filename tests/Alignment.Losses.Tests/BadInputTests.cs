@@ -122,9 +122,9 @@ public class BadInputTests
         // RPO
         yield return new("rpo zero-norm embedding row", () => RpoLoss.Compute(Ok(), null, F(1, 0, 0, 0, 0, 1).reshape(3, 2)), AE, "chosen embeddings");
         yield return new("rpo embedding rows != pairs", () => RpoLoss.Compute(Ok(), null, randn(4, 5)), AE, "promptEmbeddings");
-        yield return new("rpo embeddings not 2-D", () => RpoLoss.Compute(Ok(), null, randn(3)), AE, "embeddings");
-        yield return new("rpo embeddings integer", () => RpoLoss.Compute(Ok(), null, ones(3, 2, dtype: ScalarType.Int32)), AE, "embeddings");
-        yield return new("rpo embeddings NaN", () => RpoLoss.Compute(Ok(), null, full(3, 2, double.NaN)), AE, "promptEmbeddings.Chosen");
+        yield return new("rpo embeddings not 2-D", () => RpoLoss.Compute(Ok(), null, randn(3)), AE, "promptEmbeddings");
+        yield return new("rpo embeddings integer", () => RpoLoss.Compute(Ok(), null, ones(3, 2, dtype: ScalarType.Int32)), AE, "promptEmbeddings");
+        yield return new("rpo embeddings NaN", () => RpoLoss.Compute(Ok(), null, full(3, 2, double.NaN)), AE, "promptEmbeddings");
         yield return new("rpo embeddings on another device", () => RpoLoss.Compute(Ok(), null, empty(3, 2, device: META)), AE, "promptEmbeddings embeddings");
         yield return new("rpo unpaired D mismatch", () => PromptEmbeddings.Unpaired(randn(3, 4), randn(2, 5)), AE, "rejected");
         yield return new("rpo unpaired rows != rejected", () => RpoLoss.Compute(PreferenceLogps.Unpaired(randn(3), randn(2)), null, PromptEmbeddings.Unpaired(randn(3, 4), randn(5, 4))), AE, "promptEmbeddings.Rejected");

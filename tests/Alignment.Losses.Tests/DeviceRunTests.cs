@@ -21,12 +21,12 @@ public class DeviceRunTests
         // the CPU-side plumbing tests pass; the CUDA ones are discovered and skipped with their reason, never silently dropped
         Assert.Contains("PASS Alignment.Losses.Tests.CudaKernelPlumbingTests.Cpu_logits_use_the_chunked_path_and_never_touch_cuda", output);
         Assert.Contains("SKIP Alignment.Losses.Tests.CudaTests.Values_and_gradients_match_the_oracle_on_cuda_and_stay_on_the_device: No CUDA device", output);
-        // 8 cases: 3 pass on any machine, the kernel compile check too where NVRTC is found (.ci/run fetches it), the rest skip
+        // 8 cases: 3 pass on any machine, two more where NVRTC is found (.ci/run fetches it), the rest skip
         var totals = System.Text.RegularExpressions.Regex.Match(output, @"\n(\d+) passed, 0 failed, (\d+) skipped");
         Assert.True(totals.Success, output);
         int passed = int.Parse(totals.Groups[1].Value), skipped = int.Parse(totals.Groups[2].Value);
         Assert.Equal(8, passed + skipped);
-        Assert.InRange(passed, 3, 4);
+        Assert.InRange(passed, 3, 5);                                   // the compile check and the compile-error test need NVRTC
 
         var unknown = ProcessRunner.Dotnet(ProcessRunner.RepoRoot, TimeSpan.FromMinutes(5),
             "run", "--project", "tests/Alignment.Losses.TestRunner", "-c", Configuration, "--", "--class", "No.Such.Class");

@@ -690,3 +690,19 @@ public class MeanPoolingRoundTwoTests
         Assert.Contains("overflowed", e.Message);
     }
 }
+
+public class RpoMessagesRoundTwoTests
+{
+    [Fact]
+    public void Rpo_stays_finite_with_huge_embeddings_and_names_bad_ones_under_the_callers_parameter_name()
+    {
+        using var scope = NewDisposeScope();
+        var policy = new PreferenceLogps(tensor(new[] { -3.0, -4 }), tensor(new[] { -5.0, -6 }));
+        // 1e200 embeddings (float64): the cosine is scale-free, so the loss stays finite rather than overflowing
+        var huge = tensor(new[] { 1e200, 1, 1, 1e200 }).reshape(2, 2);
+        using (var r = RpoLoss.Compute(policy, null, huge)) Assert.True(double.IsFinite(r.Loss.ToDouble()));
+        // a NaN is named under the caller's parameter
+        Assert.Equal("promptEmbeddings", Assert.Throws<ArgumentException>(() => RpoLoss.Compute(policy, null, full(2, 2, double.NaN))).ParamName);
+        Assert.Equal("promptEmbeddings", Assert.Throws<ArgumentException>(() => RpoLoss.Compute(policy, null, randn(2))).ParamName);
+    }
+}

@@ -22,9 +22,12 @@ public sealed class PromptEmbeddings
     }
 
     /// <summary>Paired data: one prompt embedding per pair, [N, D]; pair i's chosen and rejected share prompt i.</summary>
-    public static PromptEmbeddings Paired(Tensor embeddings)
+    public static PromptEmbeddings Paired(Tensor embeddings) => PairedNamed(embeddings, nameof(embeddings));
+
+    /// <summary><see cref="Paired(Tensor)"/>, naming the tensor as the caller's parameter in errors.</summary>
+    internal static PromptEmbeddings PairedNamed(Tensor embeddings, string name)
     {
-        Check(embeddings, nameof(embeddings));
+        Check(embeddings, name);
         return new PromptEmbeddings(embeddings, embeddings, isPaired: true);
     }
 

@@ -147,7 +147,7 @@ public sealed class RpoLoss : PreferenceLoss<RpoOptions>
             Guard.SameLength(policy.Rejected, "policy.Rejected", embeddings.Rejected, rejectedName);
             policy.CheckSameDevice(embeddings.Chosen, chosenName);
             policy.CheckSameDevice(embeddings.Rejected, rejectedName);
-            extra.Add((embeddings.Chosen, "promptEmbeddings.Chosen"));
+            extra.Add((embeddings.Chosen, chosenName));
             if (!embeddings.IsPaired) extra.Add((embeddings.Rejected, "promptEmbeddings.Rejected"));
         }
         if (batch.RpoWeights is { } w)
@@ -247,7 +247,7 @@ public sealed class RpoLoss : PreferenceLoss<RpoOptions>
     /// <param name="promptEmbeddings">[N, D] embedding of each pair's prompt.</param>
     /// <param name="options">Options; default beta 0.1, tau 0.5.</param>
     public static PreferenceLossResult Compute(PreferenceLogps policy, PreferenceLogps? reference, Tensor promptEmbeddings, RpoOptions? options = null) =>
-        Compute(policy, reference, PromptEmbeddings.Paired(promptEmbeddings), options);
+        Compute(policy, reference, PromptEmbeddings.PairedNamed(promptEmbeddings, nameof(promptEmbeddings)), options);
 
     /// <summary>RPO with paired or unpaired prompt embeddings.</summary>
     public static PreferenceLossResult Compute(PreferenceLogps policy, PreferenceLogps? reference, PromptEmbeddings promptEmbeddings, RpoOptions? options = null) =>
