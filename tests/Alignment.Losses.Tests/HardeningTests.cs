@@ -693,6 +693,11 @@ public class MeanPoolingRoundTwoTests
 
 public class RpoMessagesRoundTwoTests
 {
+    sealed class InfiniteWeighting : IRpoWeighting
+    {
+        public Tensor ComputeWeights(Tensor chosen, Tensor rejected, ScalarType dtype) => full(chosen.shape[0], rejected.shape[0], double.PositiveInfinity, dtype: dtype);
+    }
+
     [Fact]
     public void Rpo_stays_finite_with_huge_embeddings_and_names_bad_ones_under_the_callers_parameter_name()
     {
@@ -703,6 +708,10 @@ public class RpoMessagesRoundTwoTests
         using (var r = RpoLoss.Compute(policy, null, huge)) Assert.True(double.IsFinite(r.Loss.ToDouble()));
         // a NaN is named under the caller's parameter
         Assert.Equal("promptEmbeddings", Assert.Throws<ArgumentException>(() => RpoLoss.Compute(policy, null, full(2, 2, double.NaN))).ParamName);
+        // a custom weighting that returns +Inf is named, not reported as a generic overflow
+        var e = Assert.Throws<InvalidOperationException>(() => RpoLoss.Compute(policy, null, randn(2, 3, dtype: ScalarType.Float64), new RpoOptions { Weighting = new InfiniteWeighting() }));
+        Assert.Contains(nameof(InfiniteWeighting), e.Message);
+        Assert.Contains("infinite", e.Message);
         Assert.Equal("promptEmbeddings", Assert.Throws<ArgumentException>(() => RpoLoss.Compute(policy, null, randn(2))).ParamName);
     }
 }

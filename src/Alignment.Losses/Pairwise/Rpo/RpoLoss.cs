@@ -216,8 +216,8 @@ public sealed class RpoLoss : PreferenceLoss<RpoOptions>
                 throw new InvalidOperationException(
                     $"{Weighting.GetType().Name}.ComputeWeights returned a {custom.dtype} tensor on {custom.device}; RPO needs floating weights on {device}.");
             using (no_grad())
-                terms.Checks.Add((custom >= 0).all(), () => new InvalidOperationException(
-                    $"{Weighting.GetType().Name}.ComputeWeights returned negative or NaN weights; IRpoWeighting implementations must return non-negative, finite weights."));
+                terms.Checks.Add(((custom >= 0) & isfinite(custom)).all(), () => new InvalidOperationException(
+                    $"{Weighting.GetType().Name}.ComputeWeights returned negative, NaN or infinite weights; IRpoWeighting implementations must return non-negative, finite weights."));
             return Numerics.As(custom, terms.DType);
         }
         return Numerics.As(batch.RpoWeights!.detach(), terms.DType);
