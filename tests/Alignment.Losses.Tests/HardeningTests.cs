@@ -715,3 +715,19 @@ public class RpoMessagesRoundTwoTests
         Assert.Equal("promptEmbeddings", Assert.Throws<ArgumentException>(() => RpoLoss.Compute(policy, null, randn(2))).ParamName);
     }
 }
+
+public class TrlFactoriesRoundTwoTests
+{
+    [Fact]
+    public void Trl_factories_honour_or_refuse_every_field_by_its_trl_name()
+    {
+        // CreateForTrainer with a DPOTrainer name keeps label_smoothing (robust with 0.2 was plain DPO)
+        var robust = Assert.IsType<RobustDpoLoss>(TrlLosses.CreateForTrainer("robust", new TrlTrainerConfig { LabelSmoothing = 0.2, Beta = 0.3 }));
+        Assert.Equal((0.2, 0.3), (robust.Options.LabelSmoothing, robust.Options.Beta));
+        var exo = Assert.IsType<ExoPairLoss>(TrlLosses.CreateForTrainer("exo_pair", new TrlTrainerConfig { LabelSmoothing = 0.1 }));
+        Assert.Equal(0.1, exo.Options.LabelSmoothing);
+        // bad loss_weights are named as TRL names them; ld_alpha is checked by Create itself
+        Assert.Equal("loss_weights[1]", Assert.ThrowsAny<ArgumentException>(() => TrlLosses.Create(new TrlDpoConfig { LossType = new[] { "sigmoid", "sft" }, LossWeights = new[] { 1.0, -2 } })).ParamName);
+        Assert.Equal("ld_alpha", Assert.ThrowsAny<ArgumentException>(() => TrlLosses.Create(new TrlDpoConfig { LdAlpha = 1.5 })).ParamName);
+    }
+}
