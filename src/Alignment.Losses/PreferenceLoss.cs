@@ -27,7 +27,7 @@ namespace Alignment.Losses;
 /// <see cref="Compute(PreferenceBatch)"/> returns, whether or not the caller has a dispose scope of its own. Allocation
 /// failures become <see cref="InsufficientMemoryException"/> naming the loss and the batch's sizes.</para>
 /// </remarks>
-public abstract class PreferenceLoss<TOptions> : IPreferenceLoss where TOptions : PreferenceLossOptions
+public abstract class PreferenceLoss<TOptions> : IPreferenceLoss, IDeferredStateLoss where TOptions : PreferenceLossOptions
 {
     /// <summary>Creates the loss with its (already validated) options.</summary>
     /// <exception cref="ArgumentNullException"><paramref name="options"/> is null.</exception>
@@ -77,10 +77,19 @@ public abstract class PreferenceLoss<TOptions> : IPreferenceLoss where TOptions 
         ArgumentNullException.ThrowIfNull(batch);
         ArgumentNullException.ThrowIfNull(batch.Policy, "batch.Policy");
         ValidateCommon(batch);
-        return Native.Run($"{GetType().Name}.Compute ({Name})", () => Describe(batch), () => ComputeCore(batch));
+        return Native.Run($"{GetType().Name}.Compute ({Name})", () => Describe(batch), () => ComputeCore(batch, deferred: null));
     }
 
-    private PreferenceLossResult ComputeCore(PreferenceBatch batch)
+    /// <inheritdoc />
+    PreferenceLossResult IDeferredStateLoss.Compute(PreferenceBatch batch, List<Action> deferred)
+    {
+        ArgumentNullException.ThrowIfNull(batch);
+        ArgumentNullException.ThrowIfNull(batch.Policy, "batch.Policy");
+        ValidateCommon(batch);
+        return Native.Run($"{GetType().Name}.Compute ({Name})", () => Describe(batch), () => ComputeCore(batch, deferred));
+    }
+
+    private PreferenceLossResult ComputeCore(PreferenceBatch batch, List<Action>? deferred)
     {
         using var scope = NewDisposeScope();
         var checks = new ValueChecks();
@@ -150,7 +159,11 @@ public abstract class PreferenceLoss<TOptions> : IPreferenceLoss where TOptions 
         }
         checks.Verify();
         var metricValues = packed.narrow(0, 1, names.Length);
-        output.Commit?.Invoke();                                     // state changes only once nothing can fail
+        if (output.Commit is { } commit)                             // state changes only once nothing can fail
+        {
+            if (deferred is null) commit();
+            else deferred.Add(commit);                               // a combination runs it after its own checks
+        }
         scope.MoveToOuter(loss, perExample, metricValues);
         return new PreferenceLossResult(loss, perExample, metricValues, names, Name)
         {
@@ -326,4 +339,14 @@ public enum ReferenceUse
 
     /// <summary>Refused: the loss is reference-free by definition (CPO, SimPO, AlphaPO, ORPO, the reward-model loss).</summary>
     Refused,
+}
+
+/// <summary>
+/// A loss whose caller-owned state changes (<see cref="LossOutput.Commit"/>) can be handed to the caller instead of run,
+/// so that a combination (<see cref="WeightedLoss"/>) runs them only once its own checks have passed too.
+/// </summary>
+internal interface IDeferredStateLoss
+{
+    /// <summary>Computes like <see cref="IPreferenceLoss.Compute"/>, adding its state change to <paramref name="deferred"/> instead of running it.</summary>
+    PreferenceLossResult Compute(PreferenceBatch batch, List<Action> deferred);
 }

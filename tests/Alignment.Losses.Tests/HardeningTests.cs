@@ -449,6 +449,20 @@ public class HardeningRoundTwoTests
     }
 
     [Fact]
+    public void A_combination_that_fails_leaves_its_parts_state_as_it_was()
+    {
+        using var scope = NewDisposeScope();
+        var baseline = new BcoRewardBaseline();
+        var loss = new WeightedLoss((new BcoLoss(baseline), 1e12));
+        var policy = PreferenceLogps.Unpaired(tensor(new[] { -5e29f }), tensor(new[] { -2f }));
+        var reference = PreferenceLogps.Unpaired(tensor(new[] { -1f }), tensor(new[] { -1f }));
+        Assert.Throws<ArithmeticException>(() => loss.Compute(new PreferenceBatch(policy, reference)));   // BCO's loss is finite, x 1e12 is not
+        Assert.Equal((0.0, 0L), (baseline.Mean, baseline.Count));
+        using var ok = new WeightedLoss((new BcoLoss(baseline), 0.5)).Compute(new PreferenceBatch(policy, reference));
+        Assert.Equal(2, baseline.Count);                               // a combination that succeeds commits its parts' state
+    }
+
+    [Fact]
     public void Unpaired_metrics_accumulate_over_micro_batches_to_the_full_batchs()
     {
         using var scope = NewDisposeScope();

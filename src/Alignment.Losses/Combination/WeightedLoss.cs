@@ -59,8 +59,13 @@ public sealed class WeightedLoss : IPreferenceLoss
         var results = new PreferenceLossResult[_parts.Length];
         try
         {
-            for (int k = 0; k < _parts.Length; k++) results[k] = _parts[k].Loss.Compute(batch);
-            return Combine(results, scope);
+            // the parts' state changes (BCO's baseline) wait until the combination has passed its own checks too
+            var deferred = new List<Action>();
+            for (int k = 0; k < _parts.Length; k++)
+                results[k] = _parts[k].Loss is IDeferredStateLoss own ? own.Compute(batch, deferred) : _parts[k].Loss.Compute(batch);
+            var combined = Combine(results, scope);
+            foreach (var commit in deferred) commit();
+            return combined;
         }
         finally
         {
