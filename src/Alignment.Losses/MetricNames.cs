@@ -1,6 +1,6 @@
 namespace Alignment.Losses;
 
-/// <summary>Names of the metrics in <see cref="PreferenceLossResult.Metrics"/> (TRL's names where TRL has one).</summary>
+/// <summary>Names of the metrics in <see cref="LossResult.Metrics"/> (TRL's names where TRL has one).</summary>
 public static class MetricNames
 {
     /// <summary>mean(beta * u_w), u_w = policy minus reference log-prob of the chosen response.</summary>
@@ -48,7 +48,8 @@ public static class MetricNames
     public const string LogOddsRatio = "log_odds_ratio";
     /// <summary>ORPO: mean log odds ratio, log odds(y_w) - log odds(y_l), of the per-token means.</summary>
     public const string LogOddsChosen = "log_odds_chosen";
-    /// <summary>KTO: the reference point z0 = max(0, KL estimate) the batch used (TRL's KTOTrainer name).</summary>
+    /// <summary>KTO: the reference point z0 = max(0, KL estimate) the batch used (TRL's KTOTrainer name). Policy-gradient losses:
+    /// the token mean of the KL estimate to the reference (TRL GRPOTrainer's name).</summary>
     public const string Kl = "kl";
     /// <summary>BCO: the running reward mean delta the batch used (TRL's BCOTrainer name).</summary>
     public const string Delta = "delta";
@@ -62,4 +63,28 @@ public static class MetricNames
     public const string MinReward = "min_reward";
     /// <summary>Reward model: largest of all 2B rewards.</summary>
     public const string MaxReward = "max_reward";
+    /// <summary>Clipped-ratio losses: fraction of valid tokens with rho &lt; 1 - eps_low and A &lt; 0 (TRL).</summary>
+    public const string ClipRatioLowMean = "clip_ratio/low_mean";
+    /// <summary>Clipped-ratio losses: the smallest per-sequence fraction of low-clipped tokens (TRL).</summary>
+    public const string ClipRatioLowMin = "clip_ratio/low_min";
+    /// <summary>Clipped-ratio losses: fraction of valid tokens with rho &gt; 1 + eps_high and A &gt; 0 (TRL).</summary>
+    public const string ClipRatioHighMean = "clip_ratio/high_mean";
+    /// <summary>Clipped-ratio losses: the largest per-sequence fraction of high-clipped tokens (TRL).</summary>
+    public const string ClipRatioHighMax = "clip_ratio/high_max";
+    /// <summary>Clipped-ratio losses: fraction of valid tokens clipped on either side (TRL).</summary>
+    public const string ClipRatioRegionMean = "clip_ratio/region_mean";
+    /// <summary>CISPO: fraction of valid tokens whose weight was capped with A &gt; 0 (TRL).</summary>
+    public const string CispoClipRatio = "cispo_clip_ratio";
+    /// <summary>Rollout correction: smallest token weight (TRL sampling/importance_sampling_ratio/min).</summary>
+    public const string ImportanceSamplingRatioMin = "sampling/importance_sampling_ratio/min";
+    /// <summary>Rollout correction: mean token weight.</summary>
+    public const string ImportanceSamplingRatioMean = "sampling/importance_sampling_ratio/mean";
+    /// <summary>Rollout correction: largest token weight.</summary>
+    public const string ImportanceSamplingRatioMax = "sampling/importance_sampling_ratio/max";
+    /// <summary>Advantage estimators: mean reward of the scorable completions (TRL "reward").</summary>
+    public const string Reward = "reward";
+    /// <summary>Advantage estimators: mean over groups of the reward's standard deviation (TRL "reward_std").</summary>
+    public const string RewardStd = "reward_std";
+    /// <summary>Advantage estimators: fraction of completions whose group's rewards are all equal (TRL "frac_reward_zero_std").</summary>
+    public const string FracRewardZeroStd = "frac_reward_zero_std";
 }

@@ -130,34 +130,23 @@ public abstract class PreferenceLoss<TOptions> : IPreferenceLoss, IDeferredState
         var loss = perExample.mean();
 
         // [loss, standard metrics, loss-specific metrics] in one device tensor: a handful of kernels and no synchronisation
-        Tensor packed;
-        string[] names;
+        Tensor head;
+        string[] headNames;
         using (no_grad())
         {
             if (ReportsStandardMetrics)
             {
-                packed = terms.LossAndStandardMetrics(perExample, RewardScale, output.Rewards, output.Logps);
-                names = PreferenceTerms.StandardMetricNames;
+                head = terms.LossAndStandardMetrics(perExample, RewardScale, output.Rewards, output.Logps);
+                headNames = PreferenceTerms.StandardMetricNames;
             }
             else
             {
-                packed = Numerics.As(perExample.detach(), dtype).mean().reshape(1);
-                names = Array.Empty<string>();
-            }
-            if (output.Metrics.Count > 0)
-            {
-                var parts = new List<Tensor>(1 + output.Metrics.Count) { packed };
-                parts.AddRange(output.Metrics.Select(m => Numerics.As(m.Value.detach(), dtype).reshape(1)));
-                packed = cat(parts, 0);
-                names = names.Concat(output.Metrics.Select(m => m.Name)).ToArray();
+                head = Numerics.As(perExample.detach(), dtype).mean().reshape(1);
+                headNames = Array.Empty<string>();
             }
         }
-        if (Options.CheckFinite)
-        {
-            using (no_grad())
-                checks.Add(isfinite(packed).all(), () => NotFinite(batch, extraTensors, dtype));
-        }
-        checks.Verify();
+        var (packed, names) = LossEngine.Pack(head, headNames, output.Metrics, dtype);
+        LossEngine.Verify(checks, packed, Options.CheckFinite, () => NotFinite(batch, extraTensors, dtype));
         var metricValues = packed.narrow(0, 1, names.Length);
         if (output.Commit is { } commit)                             // state changes only once nothing can fail
         {
@@ -210,10 +199,7 @@ public abstract class PreferenceLoss<TOptions> : IPreferenceLoss, IDeferredState
         if (output.PerExample.dim() != 1 || !output.PerExample.is_floating_point())
             throw new InvalidOperationException(
                 $"{GetType().Name}.Evaluate must return per-example losses as a 1-D floating tensor; got {output.PerExample.dtype} {Guard.Shape(output.PerExample)}.");
-        foreach (var (name, value) in output.Metrics ?? Array.Empty<(string, Tensor)>())
-            if (string.IsNullOrEmpty(name) || value is null || value.IsInvalid || value.numel() != 1)
-                throw new InvalidOperationException(
-                    $"{GetType().Name}.Evaluate returned metric '{name}' that is not a named one-element tensor.");
+        LossEngine.CheckMetrics(output.Metrics, $"{GetType().Name}.Evaluate");
     }
 
     /// <summary>

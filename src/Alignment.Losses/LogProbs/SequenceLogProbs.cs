@@ -133,6 +133,19 @@ public sealed class SequenceLogProbsResult : IDisposable
     public Tensor TokenMask => Alive(_valid);
 
     /// <summary>
+    /// [R, T'] the entropy of the next-token distribution at every scored position (no grad; 0 where no token counts), in the
+    /// layout of <see cref="TokenLogProbs"/>, or null unless <see cref="SequenceLogProbsOptions.StepStatistics"/>. The token
+    /// objectives (<see cref="TokenBatch.FromLogProbs"/>) report it as TRL's "entropy" metric.
+    /// </summary>
+    public Tensor? TokenEntropy => _extras?.TokenEntropy is { } t ? Alive(t) : null;
+
+    /// <summary>How scored positions map to sequences (per row, or a packed batch's segment ids).</summary>
+    internal Segments Segments => _segments;
+
+    /// <summary>Whether labels were shifted by one (causal-LM alignment).</summary>
+    internal bool Shifted => _shift;
+
+    /// <summary>
     /// WPO's pair weights [B] for a batch stacked as [chosen rows; rejected rows]: w = exp(mean_t(log p_t - log sum_v p_v^2))
     /// of the chosen response times that of the rejected one (means over completion tokens, at least 1), detached. Pass
     /// them as <see cref="PreferenceBatch.ExampleWeights"/>: every pairwise loss then multiplies each pair's loss by them.
@@ -576,6 +589,9 @@ internal sealed class LogProbExtras
         Valid = valid;
         (_logSumSquares, _entropy, _logitMean, _hit) = (logSumSquares, entropy, logitMean, hit);
     }
+
+    /// <summary>[R, T'] per-token entropy, or null without step statistics.</summary>
+    internal Tensor? TokenEntropy => _entropy;
 
     /// <summary>The per-token buffers, kept with the result (small: [R, T'] each) so that a part of it can be summed again.</summary>
     internal IEnumerable<Tensor> Buffers => new[] { _logSumSquares, _entropy, _logitMean, _hit }.OfType<Tensor>();

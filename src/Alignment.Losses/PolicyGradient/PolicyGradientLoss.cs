@@ -1,0 +1,210 @@
+using Alignment.Losses.Internal;
+using static TorchSharp.torch;
+
+namespace Alignment.Losses;
+
+/// <summary>Which importance ratio a policy-gradient loss uses, from the log-ratios l - l_old.</summary>
+public enum ImportanceRatio
+{
+    /// <summary>rho_t = exp(l_t - l_old,t), one per token (PPO, GRPO, DAPO; TRL importance_sampling_level "token").</summary>
+    Token,
+
+    /// <summary>
+    /// s_i = exp(sum_t m (l - l_old) / |o_i|), one per sequence: the geometric mean of the token ratios (GSPO; TRL
+    /// importance_sampling_level "sequence").
+    /// </summary>
+    SequenceMean,
+
+    /// <summary>GSPO-token: log s_it = sg(log s_i) + l_t - sg(l_t): s_i's value with a per-token gradient (allows token advantages).</summary>
+    SequenceMeanToken,
+
+    /// <summary>exp(sum_t m (l - l_old)), one per sequence: the product of the token ratios (TRL's RLOO on summed log-probs).</summary>
+    SequenceSum,
+}
+
+/// <summary>Options shared by the policy-gradient losses: reduction, log-ratio clamp, KL term, entropy bonus, rollout correction.</summary>
+public abstract record PolicyGradientOptions : TokenLossOptions
+{
+    private double? _logRatioClamp = 20;
+    private double _entropyCoefficient;
+
+    /// <summary>The reduction of the per-token losses. Each loss's options record sets the anchor's default.</summary>
+    public abstract TokenReduction Reduction { get; init; }
+
+    /// <summary>
+    /// Clamps l - l_old to [-c, c] before exp, as verl and NeMo-RL do (c = 20), so that one stale token cannot overflow the
+    /// ratio. Default 20; null turns it off (TRL clamps nothing; its factory sets null). Inside the clamp the loss is unchanged.
+    /// </summary>
+    /// <exception cref="ArgumentOutOfRangeException">Not positive and finite.</exception>
+    public double? LogRatioClamp
+    {
+        get => _logRatioClamp;
+        init => _logRatioClamp = value is { } c && !(c > 0 && double.IsFinite(c))
+            ? throw new ArgumentOutOfRangeException(nameof(LogRatioClamp), c, "the log-ratio clamp must be positive and finite (or null for none).")
+            : value;
+    }
+
+    /// <summary>The KL-to-reference term + beta * KL_t; null (default) for none (TRL's GRPO default, beta 0).</summary>
+    public KlPenalty? Kl { get; init; }
+
+    /// <summary>
+    /// c of the entropy bonus - c * mean_t H_t (a token mean over the window, whatever the reduction; TRL entropy_coef).
+    /// Default 0. Needs <see cref="TokenBatch.Entropy"/> with grad.
+    /// </summary>
+    /// <exception cref="ArgumentOutOfRangeException">NaN or infinite.</exception>
+    public double EntropyCoefficient
+    {
+        get => _entropyCoefficient;
+        init => _entropyCoefficient = double.IsFinite(value)
+            ? value
+            : throw new ArgumentOutOfRangeException(nameof(EntropyCoefficient), value, "the entropy coefficient must be finite.");
+    }
+
+    /// <summary>The rollout/trainer mismatch correction (needs <see cref="TokenBatch.BehaviourLogProbs"/>); null (default) for none.</summary>
+    public RolloutCorrection? RolloutCorrection { get; init; }
+}
+
+/// <summary>
+/// Base of the policy-gradient losses (GRPO, DAPO, Dr. GRPO, GSPO, CISPO, SAPO, GMPO, REINFORCE, RLOO): the derived loss
+/// gives the policy term per token; this base multiplies it by the rollout correction, adds beta * KL, the entropy bonus,
+/// and reports TRL's metrics (kl, entropy, sampling/importance_sampling_ratio/*).
+/// </summary>
+/// <typeparam name="TOptions">The loss's options.</typeparam>
+/// <remarks>Per token: L_t = w_t * policy_t + beta * KL_t, loss = reduce(L) - c * tokenmean(H), with w the rollout weight.</remarks>
+public abstract class PolicyGradientLoss<TOptions> : TokenLoss<TOptions> where TOptions : PolicyGradientOptions
+{
+    /// <summary>Creates the loss with validated options.</summary>
+    protected PolicyGradientLoss(TOptions options) : base(options)
+    {
+        if (options.Reduction is null)
+            throw new ArgumentException("options.Reduction must be set (e.g. TokenReduction.TokenMean).", "options");
+    }
+
+    /// <inheritdoc />
+    public override TokenReduction Reduction => Options.Reduction;
+
+    /// <summary>The policy term per token from the terms and the (clamped) log-ratios l - l_old, with its metrics.</summary>
+    /// <param name="terms">The upcast, masked batch (advantages required).</param>
+    /// <param name="logRatio">l - l_old [N, T] with grad, clamped to <see cref="PolicyGradientOptions.LogRatioClamp"/>.</param>
+    /// <param name="metrics">Where the loss adds its own metrics.</param>
+    /// <returns>The per-token policy loss, and whether it is one value per sequence.</returns>
+    protected abstract (Tensor PerToken, bool SequenceLevel) PolicyTerm(TokenTerms terms, Tensor logRatio, List<(string Name, Tensor Value)> metrics);
+
+    /// <inheritdoc />
+    protected override void Validate(TokenBatch batch, TokenTerms terms)
+    {
+        ArgumentNullException.ThrowIfNull(batch);
+        Require(batch.Advantages, "batch.Advantages", "the advantages of the sampled completions (see Advantages.Grpo and the other estimators)");
+        if (Options.Kl is { Beta: > 0 })
+            Require(batch.ReferenceLogProbs, "batch.ReferenceLogProbs", $"its KL term (beta {Options.Kl.Beta}) compares the policy with the reference model");
+        if (Options.RolloutCorrection is not null)
+            Require(batch.BehaviourLogProbs, "batch.BehaviourLogProbs", "the rollout correction weighs tokens by exp(l_old - l_beh), the inference engine's log-probs");
+        if (Options.EntropyCoefficient != 0)
+        {
+            Require(batch.Entropy, "batch.Entropy", $"its entropy bonus (coefficient {Options.EntropyCoefficient}) needs the per-token entropy");
+            if (batch.LogProbs.requires_grad && !batch.Entropy!.requires_grad)
+                throw new ArgumentException(
+                    $"The {Name} loss's entropy bonus needs a differentiable batch.Entropy (computed from the logits with grad); the one given has no " +
+                    "gradient, so the bonus would change the loss value but never the policy. The log-prob pass's TokenEntropy is detached: compute the " +
+                    "entropy with grad, or set EntropyCoefficient = 0 (the entropy is still reported as a metric).", "batch.Entropy");
+        }
+        CheckAdvantagesFinite(terms);
+    }
+
+    private void CheckAdvantagesFinite(TokenTerms terms)
+    {
+        using var noGrad = no_grad();
+        terms.Checks.Add(isfinite(terms.Advantages!).all(), () => new ArgumentException(
+            $"batch.Advantages holds NaN or Inf at valid tokens. An unscorable completion (a NaN reward) gets advantage 0 from the estimators " +
+            $"(Advantages.Grpo and the others); pass their output, or replace NaN by 0 before the {Name} loss.", "batch.Advantages"));
+    }
+
+    /// <inheritdoc />
+    protected sealed override TokenLossOutput Evaluate(TokenTerms terms)
+    {
+        ArgumentNullException.ThrowIfNull(terms);
+        var metrics = new List<(string, Tensor)>();
+        var logRatio = terms.LogProbs - terms.OldLogProbs;
+        if (Options.LogRatioClamp is { } c) logRatio = logRatio.clamp(-c, c);
+        var (policy, sequenceLevel) = PolicyTerm(terms, logRatio, metrics);
+        var perToken = policy;
+        if (Options.RolloutCorrection is { } correction)
+        {
+            var w = correction.Weights(terms);
+            perToken = perToken * w;
+            using (no_grad())
+            {
+                var big = full_like(w, double.PositiveInfinity);
+                metrics.Add((MetricNames.ImportanceSamplingRatioMin, w.where(terms.Valid, big).min()));
+                metrics.Add((MetricNames.ImportanceSamplingRatioMean, terms.TokenMean(w)));
+                metrics.Add((MetricNames.ImportanceSamplingRatioMax, w.where(terms.Valid, -big).max()));
+            }
+        }
+        if (Options.Kl is { } kl && terms.ReferenceLogProbs is { } reference)
+        {
+            var perTokenKl = kl.PerToken(terms.LogProbs, reference);
+            if (kl.BiasCorrected) perTokenKl = perTokenKl * logRatio.exp();
+            if (kl.Beta > 0) perToken = perToken + perTokenKl * kl.Beta;
+            metrics.Add((MetricNames.Kl, terms.TokenMean(perTokenKl)));
+            sequenceLevel = sequenceLevel && kl.Beta == 0;   // a per-token KL makes the loss per token again
+        }
+        Tensor? bonus = null;
+        if (terms.Entropy is { } entropy)
+        {
+            metrics.Add((MetricNames.Entropy, terms.TokenMean(entropy)));
+            if (Options.EntropyCoefficient != 0) bonus = entropy * -Options.EntropyCoefficient;
+        }
+        return new TokenLossOutput(perToken, metrics) { SequenceLevel = sequenceLevel, TokenMeanTerm = bonus };
+    }
+
+    /// <summary>
+    /// The importance ratio [N, T] at each valid token (a sequence's ratio at each of its tokens for the sequence levels),
+    /// with its gradient, from the clamped log-ratios.
+    /// </summary>
+    protected static Tensor Ratio(TokenTerms terms, Tensor logRatio, ImportanceRatio level)
+    {
+        ArgumentNullException.ThrowIfNull(terms);
+        ArgumentNullException.ThrowIfNull(logRatio);
+        switch (level)
+        {
+            case ImportanceRatio.Token:
+                return logRatio.exp();
+            case ImportanceRatio.SequenceMean:
+                return terms.Expand(terms.SequenceMean(logRatio)).exp();
+            case ImportanceRatio.SequenceSum:
+                return terms.Expand(terms.SequenceSum(logRatio)).exp();
+            default:
+                var sequenceLog = terms.Expand(terms.SequenceMean(logRatio)).detach();
+                return (sequenceLog + terms.LogProbs - terms.LogProbs.detach()).exp();
+        }
+    }
+
+    /// <summary>Whether <paramref name="level"/> gives one ratio per sequence without a per-token gradient.</summary>
+    protected static bool IsSequenceLevel(ImportanceRatio level) => level is ImportanceRatio.SequenceMean or ImportanceRatio.SequenceSum;
+
+    /// <summary>The fraction of valid tokens where <paramref name="condition"/> holds (for sequence-level ratios, of sequences), detached.</summary>
+    protected static Tensor Fraction(TokenTerms terms, Tensor condition, bool perSequence)
+    {
+        ArgumentNullException.ThrowIfNull(terms);
+        ArgumentNullException.ThrowIfNull(condition);
+        using var noGrad = no_grad();
+        var x = condition.to_type(terms.DType);
+        if (!perSequence) return terms.TokenMean(x);
+        var nonEmpty = (terms.TokenCounts > 0).to_type(terms.DType);
+        return (terms.SequenceMean(x) * nonEmpty).sum() / nonEmpty.sum().clamp_min(1);
+    }
+
+    /// <summary>Checks an importance-ratio level option by name.</summary>
+    protected static ImportanceRatio CheckLevel(ImportanceRatio level, string name) => Guard.Defined(level, name);
+
+    /// <summary>The error for a sequence-level ratio with a reduction that sums tokens, raised when the loss is created.</summary>
+    protected static void RefuseTokenSumming(ImportanceRatio level, TokenReduction reduction, string lossName)
+    {
+        ArgumentNullException.ThrowIfNull(reduction);
+        if (IsSequenceLevel(level) && reduction.SumsTokens)
+            throw new ArgumentException(
+                $"The {lossName} loss with a {level} importance ratio is one value per sequence, so it reduces only as the sequence mean of token means; " +
+                $"{reduction} would weigh each sequence's loss by its length (TRL issue 3823). Use TokenReduction.SequenceMeanTokenMean " +
+                "(or ImportanceRatio.SequenceMeanToken, whose per-token gradient allows any reduction).", "options");
+    }
+}
