@@ -12,7 +12,7 @@ namespace Alignment.Losses.Tests;
 public class NoScopeMemoryTests
 {
     /// <summary>Runs <paramref name="step"/> on a fresh thread, which has no dispose scope at all, with and without a scope per step.</summary>
-    static void AssertFlat(string what, Func<Action> setup, int iterations = 1_000)
+    internal static void AssertFlat(string what, Func<Action> setup, int iterations = 1_000)
     {
         foreach (bool scoped in new[] { false, true })
         {

@@ -203,15 +203,14 @@ public static class Advantages
             throw new ArgumentException($"mask must be [{r.Length}, T] (one row per completion); got {Guard.Shape(mask)}.", nameof(mask));
         long t = mask.shape[1];
         bool[] valid;
-        using (var m = (mask != 0).cpu()) valid = m.data<bool>().ToArray();
+        using (var scope = NewDisposeScope()) valid = (mask != 0).cpu().data<bool>().ToArray();
         double[]? tokenRewards = null;
         if (options.TokenRewards is { } tr)
         {
             Guard.Usable(tr, "options.TokenRewards");
             if (!tr.shape.SequenceEqual(mask.shape))
                 throw new ArgumentException($"options.TokenRewards must have the mask's shape {Guard.Shape(mask)}; got {Guard.Shape(tr)}.", "options.TokenRewards");
-            using var host = tr.detach().to(ScalarType.Float64, CPU);
-            tokenRewards = host.data<double>().ToArray();
+            tokenRewards = HostDoubles(tr);
         }
         var seq = (double[])r.Clone();
         List<int[]>? members = null;
@@ -273,7 +272,7 @@ public static class Advantages
         if (weights is not null && weights.Any(w => !double.IsFinite(w)))
             throw new ArgumentException("weights must be finite.", nameof(weights));
         double[] all;
-        using (var host = rewards.detach().to(ScalarType.Float64, CPU)) all = host.data<double>().ToArray();
+        all = HostDoubles(rewards);
         if (all.Any(double.IsInfinity)) throw new ArgumentException("rewards holds Inf; a reward is finite (NaN marks an unscorable completion).", nameof(rewards));
         var (group, count) = groups.Resolve(n, nameof(rewards));
         var sum = new double[n];
@@ -309,11 +308,17 @@ public static class Advantages
             throw new ArgumentException($"{name} must be a 1-D tensor [N] (one reward per completion); got {Guard.Shape(rewards)}.", name);
         Guard.Floating(rewards, name);
         if (rewards.shape[0] == 0) throw new ArgumentException($"{name} is empty; an estimator needs at least one completion.", name);
-        double[] values;
-        using (var host = rewards.detach().to(ScalarType.Float64, CPU)) values = host.data<double>().ToArray();
+        var values = HostDoubles(rewards);
         if (values.Any(double.IsInfinity))
             throw new ArgumentException($"{name} holds Inf; a reward is finite (NaN marks an unscorable completion, which gets advantage 0).", name);
         return (values, rewards.device, rewards.dtype == ScalarType.Float64 ? ScalarType.Float64 : ScalarType.Float32);
+    }
+
+    /// <summary>A tensor's values as host doubles, every temporary disposed (with or without a caller's scope).</summary>
+    private static double[] HostDoubles(Tensor t)
+    {
+        using var scope = NewDisposeScope();
+        return t.detach().to(ScalarType.Float64, CPU).data<double>().ToArray();
     }
 
     /// <summary>The scorable (non-NaN) members of each group.</summary>
