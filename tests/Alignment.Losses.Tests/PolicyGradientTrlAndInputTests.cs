@@ -192,3 +192,37 @@ public class PolicyGradientMemoryTests
         }, iterations: 100);
     }
 }
+
+/// <summary>The getting-started example of a user's own token loss: first-class, as the library's own.</summary>
+public class CustomTokenLossTests
+{
+    public sealed record ClippedReinforceOptions : TokenLossOptions { public double Cap { get; init; } = 2; }
+
+    public sealed class ClippedReinforce(ClippedReinforceOptions? o = null) : TokenLoss<ClippedReinforceOptions>(o ?? new())
+    {
+        public override string Name => "clipped_reinforce";
+        public override TokenReduction Reduction => TokenReduction.TokenMean;
+        protected override void Validate(TokenBatch batch, TokenTerms terms) =>
+            Require(batch.Advantages, "batch.Advantages", "the advantages of the sampled completions");
+        protected override TokenLossOutput Evaluate(TokenTerms t) =>
+            new(-t.Advantages!.clamp(-Options.Cap, Options.Cap) * t.LogProbs,
+                new[] { ("advantage/mean", t.TokenMean(t.Advantages!)) });
+    }
+
+    [Fact]
+    public void A_users_token_loss_gets_the_validation_reduction_window_and_metrics()
+    {
+        var l = Pg.Row(-1, -2, -3, -4).reshape(2, 2).requires_grad_(true);
+        var mask = tensor(new[] { true, true, true, false }, new long[] { 2, 2 });
+        using var r = new ClippedReinforce().Compute(new TokenBatch(l, mask) { Advantages = tensor(new[] { 5.0, -1.0 }, dtype: ScalarType.Float64) });
+        // per token: -clamp(A) l = [2, 4, -3, .]; token mean over 3 tokens = 1; the metric reads the unclamped A
+        Assert.Equal(1.0, r.Loss.item<double>(), 12);
+        Assert.Equal((5 + 5 - 1) / 3.0, r["advantage/mean"], 12);
+        r.Backward();
+        var grad = TensorUtil.Values(l.grad!);
+        foreach (var (e, a) in new[] { -2 / 3.0, -2 / 3.0, 1 / 3.0, 0 }.Zip(grad)) Assert.Equal(e, a, 12);
+        Assert.Equal("batch.Advantages", Assert.Throws<ArgumentException>(() => new ClippedReinforce().Compute(new TokenBatch(l, mask))).ParamName);
+        using var w = new ClippedReinforce().Compute(new TokenBatch(l, mask) { Advantages = ones(2, dtype: ScalarType.Float64), Window = new TokenWindow { Tokens = 6, DataParallelSize = 2 } });
+        Assert.Equal(2 * (1 + 2 + 3) / 6.0, w.Loss.item<double>(), 12);
+    }
+}
