@@ -24,10 +24,13 @@ internal sealed record LmOptions
 
         options:
           --losses a,b,...   dpo, rpo, any TRL DPO loss_type (sigmoid, ipo, hinge, robust, exo_pair, ...), or an objective of
-                             TRL's other trainers (cpo, simpo, alphapo, orpo, kto, apo_zero_unpaired, bco) (default dpo,rpo)
+                             TRL's other trainers (cpo, simpo, alphapo, orpo, kto, apo_zero_unpaired, bco), or an online
+                             policy-gradient objective (grpo, dapo, dr_grpo, gspo, cispo, sapo, gmpo, rloo, reinforce, ...):
+                             4 replies sampled per prompt, rewarded by the politeness judge, k3 KL to the SFT model with
+                             beta --beta (default dpo,rpo)
           --sft-steps N      supervised steps before alignment (default 300)
           --steps N          alignment steps per loss (default 200)
-          --batch N          pairs per step (default 16)
+          --batch N          pairs per step (default 16; online RL: N / 4 prompts x 4 replies)
           --beta X           beta of the losses (default 0.1)
           --lr X             alignment learning rate (default 1e-4)
           --seed N           seed (default 1)
@@ -67,9 +70,11 @@ internal sealed record LmOptions
                 };
             }
             foreach (var name in o.Losses)
-                if (name is not ("rpo" or "dpo") && !Alignment.Losses.TrlLosses.LossTypes.Contains(name) && !Alignment.Losses.TrlLosses.TrainerObjectives.Contains(name))
+                if (name is not ("rpo" or "dpo") && !Alignment.Losses.TrlLosses.LossTypes.Contains(name) && !Alignment.Losses.TrlLosses.TrainerObjectives.Contains(name)
+                    && !Alignment.Losses.PolicyLosses.Names.Contains(name))
                     throw new ArgumentException($"unknown loss {name}; use dpo, rpo, one of TRL's DPO loss types ({string.Join(", ", Alignment.Losses.TrlLosses.LossTypes)}) " +
-                                                $"or one of its other trainers' objectives ({string.Join(", ", Alignment.Losses.TrlLosses.TrainerObjectives)})");
+                                                $"or one of its other trainers' objectives ({string.Join(", ", Alignment.Losses.TrlLosses.TrainerObjectives)}), " +
+                                                $"or an online policy-gradient objective ({string.Join(", ", Alignment.Losses.PolicyLosses.Names)})");
             if (o.Device == "cuda" && !TorchSharp.torch.cuda.is_available())
                 throw new ArgumentException("--device cuda: no CUDA device is available to TorchSharp here");
             return o;

@@ -4,6 +4,7 @@
 //   dotnet run --project samples/Alignment.Losses.LanguageModel                       # DPO and RPO, under a minute on 2 cores
 //   dotnet run --project samples/Alignment.Losses.LanguageModel -- --losses ipo,hinge,rpo --device cuda
 //   dotnet run --project samples/Alignment.Losses.LanguageModel -- --losses kto,orpo,simpo      # unpaired, reference-free
+//   dotnet run --project samples/Alignment.Losses.LanguageModel -- --losses grpo,dapo,rloo      # online RL: sample, judge, update
 using System.Diagnostics;
 using System.Globalization;
 using System.Security.Cryptography;
@@ -15,6 +16,7 @@ using ScottPlot;
 using TorchSharp;
 using static TorchSharp.torch;
 
+const int ReplyTokens = 24;                                  // the longest reply sampled (online RL, generation)
 var options = LmOptions.Parse(args);
 if (options is null) return 2;
 CultureInfo.DefaultThreadCurrentCulture = CultureInfo.InvariantCulture;
@@ -59,8 +61,9 @@ var csv = new CsvMetricsSink(Path.Combine(options.Output, "metrics.csv"));
 foreach (var name in options.Losses)
 {
     using (no_grad()) foreach (var (key, value) in model.state_dict()) value.copy_(referenceWeights[key]);
-    var loss = LossByName(name);
-    var run = Align(name, loss);
+    var run = PolicyLosses.Names.Contains(name)
+        ? AlignOnline(name, PolicyLosses.Create(name, maxCompletionLength: ReplyTokens + 1, kl: new KlPenalty(options.Beta)))
+        : Align(name, LossByName(name));
     runs.Add(run);
     Console.WriteLine($"{name}: held-out reward accuracy {run.Accuracy[0]:F2} -> {run.Accuracy[^1]:F2}, win-rate vs reference {run.WinRate:F2} " +
                       $"(politeness {run.Politeness:F2} vs {referencePoliteness:F2}), sample: \"{run.Sample.Trim()}\"");
@@ -187,6 +190,108 @@ Run Align(string name, IPreferenceLoss loss)
     var replies = Generate(model, heldOut, options.Seed);
     double wins = replies.Zip(referenceReplies, (p, r) => Math.Sign(Corpus.Politeness(p) - Corpus.Politeness(r)) switch { 1 => 1.0, 0 => 0.5, _ => 0.0 }).Average();
     return new Run(name, evalSteps.ToArray(), accuracy.ToArray(), wins, replies.Average(Corpus.Politeness), replies[0]);
+}
+
+// Online RL (GRPO and its family): sample G replies per prompt from the policy, reward each with the judge
+// (Corpus.Politeness), and update on the replies' per-token log-probs, with a k3 KL to the SFT reference (beta --beta).
+Run AlignOnline(string name, ITokenLoss loss)
+{
+    const int G = 4;
+    referenceModel ??= LoadReference();
+    var optimizer = optim.AdamW(model.parameters(), lr: options.LearningRate);
+    var progress = new ConsoleMetricsSink(names: new[] { "loss", "reward", "reward_std", "kl", "clip_ratio/region_mean" }, totalSteps: options.Steps);
+    var accumulator = new MetricsAccumulator();
+    var accuracy = new List<double> { HeldOutAccuracy() };
+    var evalSteps = new List<int> { 0 };
+    var groups = GroupIds.Contiguous(G);
+    var generator = new Generator((ulong)options.Seed + 1, device);
+    int promptsPerStep = Math.Max(2, options.BatchSize / G);
+    for (int step = 1; step <= options.Steps; step++)
+    {
+        using var scope = NewDisposeScope();
+        var prompts = Sample(train, promptsPerStep).Select(e => e.Prompt).ToList();
+        var rollouts = prompts.SelectMany(p => SampleReplies(model, p, G, generator).Select(reply => (Prompt: p.ToArray(), Reply: reply))).ToList();
+        var rewards = tensor(rollouts.Select(r => (float)Corpus.Politeness(corpus.Decode(r.Reply))).ToArray()).to(device);
+        using var advantages = name switch
+        {
+            "dr_grpo" => Advantages.DrGrpo(rewards, groups),
+            "rloo" => Advantages.Rloo(rewards, groups),
+            _ => Advantages.Grpo(rewards, groups),
+        };
+        var (ids, attention, labels) = CollateRollouts(rollouts);
+        SequenceLogProbsResult referencePass;
+        using (no_grad())
+            referencePass = FusedLinearLogProbs.Compute(referenceModel.forward(ids, attention), referenceModel.Head.weight!, null, labels, null, LabelAlignment.ShiftByOne);
+        using var _ = referencePass;
+        model.train();
+        using var policy = FusedLinearLogProbs.Compute(model.forward(ids, attention), model.Head.weight!, null, labels, null, LabelAlignment.ShiftByOne, logProbOptions);
+        using var result = loss.Compute(TokenBatch.FromLogProbs(policy, advantages.Values, reference: referencePass));
+        optimizer.zero_grad();
+        result.Backward();
+        optimizer.step();
+        accumulator.Add(result);
+        foreach (var (metric, value) in advantages.Metrics) accumulator.Add(metric, value);
+        if (step % options.LogEvery == 0 || step == options.Steps)
+        {
+            var flushed = accumulator.Flush().ToDictionary(kv => kv.Key, kv => kv.Value);
+            accuracy.Add(HeldOutAccuracy());
+            evalSteps.Add(step);
+            flushed["eval_rewards/accuracies"] = accuracy[^1];
+            progress.Write(step, flushed);
+            csv.Write(step, flushed.ToDictionary(kv => name + "/" + kv.Key, kv => kv.Value));
+        }
+    }
+    var replies = Generate(model, heldOut, options.Seed);
+    double wins = replies.Zip(referenceReplies, (p, r) => Math.Sign(Corpus.Politeness(p) - Corpus.Politeness(r)) switch { 1 => 1.0, 0 => 0.5, _ => 0.0 }).Average();
+    return new Run(name, evalSteps.ToArray(), accuracy.ToArray(), wins, replies.Average(Corpus.Politeness), replies[0]);
+}
+
+// G replies to one prompt, sampled together (one row each) until EOS or ReplyTokens tokens; each reply ends with its EOS if it has one.
+List<int[]> SampleReplies(TinyTransformer m, IReadOnlyList<int> prompt, int count, Generator generator)
+{
+    m.eval();
+    using var scope = NewDisposeScope();
+    using var noGrad = no_grad();
+    var rows = Enumerable.Range(0, count).Select(_ => new List<int>()).ToArray();
+    var done = new bool[count];
+    var ids = tensor(prompt.Select(i => (long)i).ToArray(), device: device).unsqueeze(0).repeat(count, 1);
+    for (int t = 0; t < ReplyTokens && ids.shape[1] < m.MaxLength && !done.All(d => d); t++)
+    {
+        var logits = m.Logits(ids, ones_like(ids, dtype: ScalarType.Bool)).select(1, -1);
+        var next = multinomial(logits.softmax(1), 1, generator: generator);
+        var host = next.cpu().data<long>().ToArray();
+        for (int i = 0; i < count; i++)
+        {
+            if (done[i]) continue;
+            rows[i].Add((int)host[i]);
+            done[i] = host[i] == Corpus.Eos;
+        }
+        ids = cat(new[] { ids, next }, 1);
+    }
+    return rows.Select(r => r.ToArray()).ToList();
+}
+
+// prompt + reply rows, right-padded; labels score the reply tokens only (EOS included), -100 elsewhere
+(Tensor Ids, Tensor Attention, Tensor Labels) CollateRollouts(List<(int[] Prompt, int[] Reply)> rollouts)
+{
+    int length = rollouts.Max(r => r.Prompt.Length + r.Reply.Length);
+    var ids = new long[rollouts.Count * length];
+    var attention = new bool[ids.Length];
+    var labels = Enumerable.Repeat(-100L, ids.Length).ToArray();
+    for (int i = 0; i < rollouts.Count; i++)
+    {
+        var (p, r) = rollouts[i];
+        for (int t = 0; t < length; t++)
+        {
+            int at = i * length + t;
+            bool inPrompt = t < p.Length, inReply = !inPrompt && t < p.Length + r.Length;
+            ids[at] = inPrompt ? p[t] : inReply ? r[t - p.Length] : Corpus.Pad;
+            attention[at] = inPrompt || inReply;
+            if (inReply) labels[at] = ids[at];
+        }
+    }
+    var shape = new long[] { rollouts.Count, length };
+    return (tensor(ids, shape).to(device), tensor(attention, shape).to(device), tensor(labels, shape).to(device));
 }
 
 double HeldOutAccuracy()

@@ -18,14 +18,17 @@ internal sealed record PlaygroundOptions
 
     /// <summary>The help text, with the groups and loss names of the catalogue.</summary>
     public static string HelpText => HelpTemplate
-        .Replace("{GROUPS}", string.Join(", ", Trainer.Catalogue(new PlaygroundOptions()).Select(r => r.Group).Distinct()), StringComparison.Ordinal)
+        .Replace("{GROUPS}", string.Join(", ", Trainer.Catalogue(new PlaygroundOptions()).Select(r => r.Group).Distinct().Append("rl")), StringComparison.Ordinal)
         .Replace("{LOSSES}", string.Join(Environment.NewLine + "                                 ", Trainer.Catalogue(new PlaygroundOptions())
-            .GroupBy(r => r.Group).Select(g => $"{g.Key}: {string.Join(", ", g.Select(r => r.Name))}")), StringComparison.Ordinal);
+            .GroupBy(r => r.Group).Select(g => $"{g.Key}: {string.Join(", ", g.Select(r => r.Name))}")
+            .Append($"rl: {string.Join(", ", RlTrainer.Catalogue().Select(r => r.Name))}")), StringComparison.Ordinal);
 
     private const string HelpTemplate = """
         Alignment playground: aligns a small tabular policy with every loss in Alignment.Losses on built-in synthetic
         preference data and prints, per loss, the policy's reward, its win-rate against the reference, its KL to the
-        reference and its distance to the optimum the paper proves (where there is one).
+        reference and its distance to the optimum the paper proves (where there is one). The rl group trains the
+        policy-gradient objectives online (GRPO, DAPO, Dr. GRPO, GSPO, CISPO, SAPO, GMPO, RLOO, REINFORCE) on a
+        verifiable-reward task: sample 8 completions per prompt, reward them by rule, update (rl_results.csv).
 
         Usage: dotnet run --project samples/Alignment.Losses.Playground -- [options]
 
@@ -34,7 +37,7 @@ internal sealed record PlaygroundOptions
                                  {LOSSES}
           --group NAME[,NAME...] train the losses of these groups only ({GROUPS}); each group gets its own
                                  section of the table and its own reward-curve plot
-          --steps N              optimisation steps per loss (default 300)
+          --steps N              optimisation steps per loss (default 300; the rl group: N / 2 generation steps of 2 updates)
           --quick                a fast run: 60 steps (what the tests use)
           --seed N               seed of the data and the training (default 7); CPU runs are deterministic
           --device cpu|cuda      where to train (default cpu)

@@ -36,16 +36,18 @@ if (options.Device == "cuda" && !cuda.is_available())
 var world = new SyntheticWorld(options.Seed, labelNoise: options.LabelNoise);
 var catalogue = Trainer.Catalogue(options).ToList();
 var runs = catalogue.Where(r => (options.Losses.Count == 0 || options.Losses.Contains(r.Name)) && (options.Groups.Count == 0 || options.Groups.Contains(r.Group))).ToList();
-var unknown = options.Losses.Except(catalogue.Select(r => r.Name)).ToList();
+var rlCatalogue = RlTrainer.Catalogue().ToList();
+var rlRuns = rlCatalogue.Where(r => (options.Losses.Count == 0 || options.Losses.Contains(r.Name)) && (options.Groups.Count == 0 || options.Groups.Contains("rl"))).ToList();
+var unknown = options.Losses.Except(catalogue.Select(r => r.Name)).Except(rlCatalogue.Select(r => r.Name)).ToList();
 if (unknown.Count > 0)
 {
-    Console.Error.WriteLine($"error: unknown loss(es): {string.Join(", ", unknown)}. Known: {string.Join(", ", catalogue.Select(r => r.Name))}.");
+    Console.Error.WriteLine($"error: unknown loss(es): {string.Join(", ", unknown)}. Known: {string.Join(", ", catalogue.Select(r => r.Name).Concat(rlCatalogue.Select(r => r.Name)))}.");
     return 2;
 }
-var unknownGroups = options.Groups.Except(catalogue.Select(r => r.Group)).ToList();
+var unknownGroups = options.Groups.Except(catalogue.Select(r => r.Group)).Except(new[] { "rl" }).ToList();
 if (unknownGroups.Count > 0)
 {
-    Console.Error.WriteLine($"error: unknown group(s): {string.Join(", ", unknownGroups)}. Known: {string.Join(", ", catalogue.Select(r => r.Group).Distinct())}.");
+    Console.Error.WriteLine($"error: unknown group(s): {string.Join(", ", unknownGroups)}. Known: {string.Join(", ", catalogue.Select(r => r.Group).Distinct().Append("rl"))}.");
     return 2;
 }
 
@@ -70,11 +72,32 @@ foreach (var run in runs)
     results.Add(result);
 }
 
+var rlResults = new List<RlResult>();
+foreach (var run in rlRuns)
+{
+    Console.Write($"  training {run.Name,-18}");
+    var result = RlTrainer.Train(run, options, device, progress: p => Console.Write(p));
+    Console.WriteLine($" done in {result.Seconds:F2} s");
+    rlResults.Add(result);
+}
+
 Console.WriteLine();
-Console.WriteLine(Report.Table(results));
-Console.WriteLine(Report.Legend);
-Console.WriteLine(Report.Ranking(results));
-Report.WriteCsv(results, options.OutputDirectory);
-var plots = Plots.Write(results, world, options.OutputDirectory);
-Console.WriteLine($"Results written to {Path.GetFullPath(options.OutputDirectory)}: results.csv, curves.csv{(plots.Count > 0 ? ", " + string.Join(", ", plots) : "")}.");
+var written = new List<string>();
+if (results.Count > 0)
+{
+    Console.WriteLine(Report.Table(results));
+    Console.WriteLine(Report.Legend);
+    Console.WriteLine(Report.Ranking(results));
+    Report.WriteCsv(results, options.OutputDirectory);
+    written.AddRange(new[] { "results.csv", "curves.csv" });
+    written.AddRange(Plots.Write(results, world, options.OutputDirectory));
+}
+if (rlResults.Count > 0)
+{
+    Console.WriteLine(RlTrainer.Table(rlResults));
+    RlTrainer.WriteCsv(rlResults, options.OutputDirectory);
+    written.Add("rl_results.csv");
+    written.AddRange(RlTrainer.Plot(rlResults, options.OutputDirectory));
+}
+Console.WriteLine($"Results written to {Path.GetFullPath(options.OutputDirectory)}: {string.Join(", ", written)}.");
 return 0;

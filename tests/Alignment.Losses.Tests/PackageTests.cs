@@ -248,6 +248,17 @@ public class PlaygroundTests
                 Assert.True(w > 0.5, $"{f[0]}: win-rate vs reference {w}");
             }
             Assert.Contains("win vs ref", output);
+            // the RL group: every policy-gradient objective trains online on the verifiable-reward task
+            var rl = File.ReadAllLines(Path.Combine(outDir, "rl_results.csv"));
+            Assert.Equal(11, rl.Length);                            // header + 10 runs
+            foreach (var row in rl.Skip(1))
+            {
+                var f = Regex.Split(row, ",(?=(?:[^\"]*\"[^\"]*\")*[^\"]*$)");
+                double r = double.Parse(f[2], System.Globalization.CultureInfo.InvariantCulture);
+                double r0 = double.Parse(f[3], System.Globalization.CultureInfo.InvariantCulture);
+                Assert.True(r > r0 + 0.15, $"{f[0]}: RL reward {r} does not improve on the reference {r0}");
+            }
+            Assert.True(File.Exists(Path.Combine(outDir, "reward_vs_kl_rl.png")));
         }
         finally { Directory.Delete(outDir, recursive: true); }
     }
@@ -292,6 +303,15 @@ public class PlaygroundTests
             // the held-out accuracy rises less (0.00 -> 0.64 measured) though the replies improve
             Run("--losses", "orpo");
             AssertAlignedTo(0.5, "orpo");
+            // online RL: replies sampled from the model, rewarded by the judge, GRPO and RLOO updates with a KL to the reference
+            Assert.Contains("reward", Run("--losses", "grpo,rloo"));
+            foreach (var row in File.ReadAllLines(Path.Combine(outDir, "results.csv")).Skip(1))
+            {
+                var f = row.Split(',');
+                double politeness = double.Parse(f[4], System.Globalization.CultureInfo.InvariantCulture);
+                double reference = double.Parse(f[5], System.Globalization.CultureInfo.InvariantCulture);
+                Assert.True(politeness > reference + 0.3, $"{f[0]}: judged politeness {politeness} vs the reference's {reference}");
+            }
         }
         finally { Directory.Delete(outDir, recursive: true); }
     }

@@ -61,6 +61,27 @@ public sealed class MetricsAccumulator
     }
 
     /// <summary>
+    /// Adds a token-level loss result (GRPO and its family): its loss and every metric, weighted by the micro-batch's
+    /// valid tokens (its metrics are token means; the sequence-level clip fractions and kl alike). One device synchronisation.
+    /// </summary>
+    public void Add(TokenLossResult result)
+    {
+        ArgumentNullException.ThrowIfNull(result);
+        double[] values;
+        using (NewDisposeScope())
+        using (no_grad())
+            values = cat(new[]
+            {
+                result.Loss.detach().to(ScalarType.Float64, CPU).reshape(1), result.TokenCount.to(ScalarType.Float64, CPU).reshape(1),
+                result.MetricTensor.to(ScalarType.Float64, CPU).reshape(-1),
+            }).data<double>().ToArray();
+        double weight = values[1];
+        Add(MetricNames.Loss, values[0], weight);
+        for (int i = 0; i < result.MetricNames.Count; i++) Add(result.MetricNames[i], values[i + 2], weight);
+        Count++;
+    }
+
+    /// <summary>
     /// The number of examples a metric is a mean over: the pairs (or all examples), except for unpaired batches, whose
     /// chosen-side metrics are means over the D desirable examples, rejected-side ones over the U undesirable ones, and
     /// rewards/accuracies over the D x U (desirable, undesirable) combinations. An empty side then weighs 0 instead of

@@ -80,21 +80,40 @@ public sealed class TokenBatch
 
     /// <summary>
     /// The batch for the log-probs of one pass (padded or packed), with their mask and, when the pass computed step
-    /// statistics, their per-token entropy. Pass the sampling policy's, reference's and inference engine's per-token
-    /// log-probs of the same tokens (their <see cref="SequenceLogProbsResult.TokenLogProbs"/>, same layout) with the
-    /// init properties.
+    /// statistics, their per-token entropy; the sampling policy's, reference's and inference engine's log-probs of the
+    /// same tokens come from passes over the same batch (same layout), detached.
     /// </summary>
     /// <param name="policy">The policy's log-probs of the sampled completions (with grad).</param>
     /// <param name="advantages">A [N] per sequence or per token in the layout of <see cref="SequenceLogProbsResult.TokenLogProbs"/>.</param>
+    /// <param name="old">The sampling policy's pass (l_old); null: one optimisation step per generation, l_old = sg(l).</param>
+    /// <param name="reference">The reference model's pass, for a KL term.</param>
+    /// <param name="behaviour">The inference engine's log-probs of the same tokens in the same layout, for the rollout correction.</param>
+    /// <param name="window">The optimiser-step window's counts; null: this micro-batch is the window.</param>
     /// <exception cref="ArgumentNullException"><paramref name="policy"/> is null.</exception>
-    /// <exception cref="ObjectDisposedException"><paramref name="policy"/> has been disposed.</exception>
-    public static TokenBatch FromLogProbs(SequenceLogProbsResult policy, Tensor? advantages = null)
+    /// <exception cref="ArgumentException">A pass has another layout than the policy's (shape or packing).</exception>
+    /// <exception cref="ObjectDisposedException">A pass has been disposed.</exception>
+    public static TokenBatch FromLogProbs(SequenceLogProbsResult policy, Tensor? advantages = null, SequenceLogProbsResult? old = null,
+        SequenceLogProbsResult? reference = null, Tensor? behaviour = null, TokenWindow? window = null)
     {
         ArgumentNullException.ThrowIfNull(policy);
+        var shape = policy.TokenLogProbs.shape;
+        Tensor? Same(SequenceLogProbsResult? other, string name)
+        {
+            if (other is null) return null;
+            if (!other.TokenLogProbs.shape.SequenceEqual(shape) || other.IsPacked != policy.IsPacked)
+                throw new ArgumentException(
+                    $"{name} must be a pass over the same batch as policy (token log-probs [{string.Join(", ", shape)}]{(policy.IsPacked ? ", packed" : "")}); " +
+                    $"got [{string.Join(", ", other.TokenLogProbs.shape)}]{(other.IsPacked ? ", packed" : "")}.", name);
+            return other.TokenLogProbs;
+        }
         return new TokenBatch(policy.TokenLogProbs, policy.TokenMask)
         {
             Advantages = advantages,
+            OldLogProbs = Same(old, nameof(old)),
+            ReferenceLogProbs = Same(reference, nameof(reference)),
+            BehaviourLogProbs = behaviour,
             Entropy = policy.TokenEntropy,
+            Window = window,
             ScoredSegments = policy.IsPacked ? policy.Segments : null,
         };
     }

@@ -141,7 +141,9 @@ public abstract class TokenLoss<TOptions> : ITokenLoss where TOptions : TokenLos
         var (packed, names) = LossEngine.Pack(loss.reshape(1), Array.Empty<string>(), output.Metrics, dtype);
         LossEngine.Verify(checks, packed, Options.CheckFinite, () => NotFinite(inputs, terms, dtype));
         var metricValues = packed.narrow(0, 1, names.Length);
-        var result = new TokenLossResult(loss, perToken, perSequence, metricValues, names, Name);
+        Tensor tokens;
+        using (no_grad()) tokens = terms.Mask.sum();
+        var result = new TokenLossResult(loss, perToken, perSequence, metricValues, names, Name, tokens);
         result.MoveToOuter(scope);
         return result;
     }
@@ -266,13 +268,15 @@ public abstract class TokenLoss<TOptions> : ITokenLoss where TOptions : TokenLos
 /// </summary>
 public sealed class TokenLossResult : LossResult
 {
-    private readonly Tensor _perToken, _perSequence;
+    private readonly Tensor _perToken, _perSequence, _tokenCount;
 
-    internal TokenLossResult(Tensor loss, Tensor perToken, Tensor perSequence, Tensor metricValues, string[] metricNames, string lossName)
+    internal TokenLossResult(Tensor loss, Tensor perToken, Tensor perSequence, Tensor metricValues, string[] metricNames, string lossName,
+        Tensor? tokenCount = null)
         : base(loss, metricValues, metricNames, lossName)
     {
         _perToken = perToken;
         _perSequence = perSequence;
+        _tokenCount = tokenCount ?? tensor((double)perSequence.shape[0]);
     }
 
     /// <summary>
@@ -291,5 +295,9 @@ public sealed class TokenLossResult : LossResult
     /// <summary>[N] each sequence's mean per-token loss (with grad; 0 for a sequence without a valid token).</summary>
     public Tensor PerSequence => Alive(_perSequence);
 
-    private protected override IEnumerable<Tensor> OwnedTensors => new[] { _perToken, _perSequence };
+    /// <summary>The micro-batch's valid tokens (0-d): the weight of its token-mean metrics in <see cref="Metrics.MetricsAccumulator"/>
+    /// (the number of sequences for a result built by a custom <see cref="ITokenLoss"/>).</summary>
+    internal Tensor TokenCount => Alive(_tokenCount);
+
+    private protected override IEnumerable<Tensor> OwnedTensors => new[] { _perToken, _perSequence, _tokenCount };
 }
