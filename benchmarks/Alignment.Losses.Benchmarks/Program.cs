@@ -9,6 +9,9 @@ using BenchmarkDotNet.Running;
 if (args.Contains("--cuda-check")) return Alignment.Losses.Benchmarks.DeviceCheck.Run(args.Contains("--rehearse"));
 // --crosscheck FILE: every loss against the PyTorch peer's values and gradients (reference_losses.py --dump FILE)
 if (args.Length == 2 && args[0] == "--crosscheck") return Alignment.Losses.Benchmarks.PeerCrossCheck.Run(args[1]);
+// --pg-crosscheck FILE / --pg-timing ...: the policy-gradient objectives against policy_losses.py, the same way
+if (args.Length == 2 && args[0] == "--pg-crosscheck") return Alignment.Losses.Benchmarks.PolicyGradientBench.CrossCheck(args[1]);
+if (args.Length > 0 && args[0] == "--pg-timing") return Alignment.Losses.Benchmarks.PolicyGradientBench.Timing(args[1..]);
 // --quick-timing ...: a few losses and sizes timed the way the PyTorch peer times them (the GPU script's short run)
 if (args.Length > 0 && args[0] == "--quick-timing") return Alignment.Losses.Benchmarks.QuickTiming.Run(args[1..]);
 // --cuda-memory: peak GPU memory per case (each in a child process) and the largest RPO batch; with a case: the child

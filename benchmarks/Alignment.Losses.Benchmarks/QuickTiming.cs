@@ -78,7 +78,7 @@ internal static class QuickTiming
     /// .NET JIT recompiles hot methods with full optimisation only after they have run a while (tiered compilation), which
     /// eager Python has no counterpart of, so a 20-call warm-up would time partly unoptimised code.
     /// </summary>
-    private static double Median(Func<double> call, int repeats)
+    internal static double Median(Func<double> call, int repeats)
     {
         var warm = Stopwatch.StartNew();
         for (int i = 0; i < 20 || warm.ElapsedMilliseconds < 500; i++) call();

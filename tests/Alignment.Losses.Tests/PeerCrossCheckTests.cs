@@ -53,4 +53,22 @@ public class PeerCrossCheckTests
         }
         finally { Directory.Delete(dir, recursive: true); }
     }
+
+    /// <summary>The policy-gradient objectives against their TRL-style peer (benchmarks/pytorch/policy_losses.py), likewise.</summary>
+    [PeerFact]
+    public void Every_benchmarked_policy_loss_equals_the_trl_style_pytorch_peer()
+    {
+        var dir = Directory.CreateTempSubdirectory("pg-peer-").FullName;
+        try
+        {
+            var file = Path.Combine(dir, "peer-values.json");
+            ProcessRunner.Ok(ProcessRunner.Run(Python.Value!, ProcessRunner.RepoRoot, TimeSpan.FromMinutes(2),
+                "benchmarks/pytorch/policy_losses.py", "--dump", file), "policy peer --dump");
+            var output = ProcessRunner.Ok(ProcessRunner.Dotnet(ProcessRunner.RepoRoot, TimeSpan.FromMinutes(5),
+                "run", "-c", "Release", "--project", "benchmarks/Alignment.Losses.Benchmarks", "--", "--pg-crosscheck", file), "--pg-crosscheck");
+            Assert.Contains("all 7 policy losses agree with the peer", output);
+            Assert.DoesNotContain("FAIL", output);
+        }
+        finally { Directory.Delete(dir, recursive: true); }
+    }
 }
