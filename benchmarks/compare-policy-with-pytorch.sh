@@ -13,11 +13,7 @@ sizes=${2:-64,512}
 tokens=${3:-256}
 device=${4:-cpu}
 repeats=${5:-100}
-python=${PEER_PYTHON:-}
-if [ -z "$python" ]; then
-  for p in python3 /usr/bin/python3; do "$p" -c "import torch" 2>/dev/null && { python=$p; break; }; done
-fi
-[ -n "$python" ] || { echo "no python3 with PyTorch found (Debian: apt-get install python3-torch, or set PEER_PYTHON)" >&2; exit 2; }
+source benchmarks/peer-python.sh
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 dotnet build -c Release benchmarks/Alignment.Losses.Benchmarks -v q -nologo >/dev/null

@@ -7,10 +7,9 @@ comparison and the float64 cross-check of benchmarks/compare-policy-with-pytorch
 """
 import argparse
 import json
-import statistics
-import time
-
 import torch
+
+from reference_losses import time_call   # the same timing method as the pair losses' peer
 
 BETA = 0.04
 
@@ -112,17 +111,6 @@ def dump(path, n=8, t=16):
     with open(path, "w") as f:
         json.dump(dict(torch=torch.__version__, n=n, t=t, inputs=inputs, losses=losses), f)
     print(f"wrote {len(losses)} policy losses on N = {n}, T = {t} to {path}")
-
-
-def time_call(fn, repeats, warmup=20):
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(samples)
 
 
 if __name__ == "__main__":

@@ -177,19 +177,9 @@ Run Align(string name, IPreferenceLoss loss)
             accumulator.Add(result);
             accumulator.Add(logps.Statistics());
         }
-        if (step % options.LogEvery == 0 || step == options.Steps)
-        {
-            var metrics = accumulator.Flush().ToDictionary(kv => kv.Key, kv => kv.Value);
-            accuracy.Add(HeldOutAccuracy());
-            evalSteps.Add(step);
-            metrics["eval_rewards/accuracies"] = accuracy[^1];
-            progress.Write(step, metrics);
-            csv.Write(step, metrics.ToDictionary(kv => name + "/" + kv.Key, kv => kv.Value));
-        }
+        if (step % options.LogEvery == 0 || step == options.Steps) Evaluate(name, step, accumulator, progress, accuracy, evalSteps);
     }
-    var replies = Generate(model, heldOut, options.Seed);
-    double wins = replies.Zip(referenceReplies, (p, r) => Math.Sign(Corpus.Politeness(p) - Corpus.Politeness(r)) switch { 1 => 1.0, 0 => 0.5, _ => 0.0 }).Average();
-    return new Run(name, evalSteps.ToArray(), accuracy.ToArray(), wins, replies.Average(Corpus.Politeness), replies[0]);
+    return Finish(name, evalSteps, accuracy);
 }
 
 // Online RL (GRPO and its family): sample G replies per prompt from the policy, reward each with the judge
@@ -231,19 +221,9 @@ Run AlignOnline(string name, ITokenLoss loss)
         optimizer.step();
         accumulator.Add(result);
         foreach (var (metric, value) in advantages.Metrics) accumulator.Add(metric, value);
-        if (step % options.LogEvery == 0 || step == options.Steps)
-        {
-            var flushed = accumulator.Flush().ToDictionary(kv => kv.Key, kv => kv.Value);
-            accuracy.Add(HeldOutAccuracy());
-            evalSteps.Add(step);
-            flushed["eval_rewards/accuracies"] = accuracy[^1];
-            progress.Write(step, flushed);
-            csv.Write(step, flushed.ToDictionary(kv => name + "/" + kv.Key, kv => kv.Value));
-        }
+        if (step % options.LogEvery == 0 || step == options.Steps) Evaluate(name, step, accumulator, progress, accuracy, evalSteps);
     }
-    var replies = Generate(model, heldOut, options.Seed);
-    double wins = replies.Zip(referenceReplies, (p, r) => Math.Sign(Corpus.Politeness(p) - Corpus.Politeness(r)) switch { 1 => 1.0, 0 => 0.5, _ => 0.0 }).Average();
-    return new Run(name, evalSteps.ToArray(), accuracy.ToArray(), wins, replies.Average(Corpus.Politeness), replies[0]);
+    return Finish(name, evalSteps, accuracy);
 }
 
 // G replies to one prompt, sampled together (one row each) until EOS or ReplyTokens tokens; each reply ends with its EOS if it has one.
@@ -292,6 +272,25 @@ List<int[]> SampleReplies(TinyTransformer m, IReadOnlyList<int> prompt, int coun
     }
     var shape = new long[] { rollouts.Count, length };
     return (tensor(ids, shape).to(device), tensor(attention, shape).to(device), tensor(labels, shape).to(device));
+}
+
+// every LogEvery steps: the window's metrics and the held-out reward accuracy, to the console and metrics.csv
+void Evaluate(string name, int step, MetricsAccumulator accumulator, ConsoleMetricsSink progress, List<double> accuracy, List<int> evalSteps)
+{
+    var metrics = accumulator.Flush().ToDictionary(kv => kv.Key, kv => kv.Value);
+    accuracy.Add(HeldOutAccuracy());
+    evalSteps.Add(step);
+    metrics["eval_rewards/accuracies"] = accuracy[^1];
+    progress.Write(step, metrics);
+    csv.Write(step, metrics.ToDictionary(kv => name + "/" + kv.Key, kv => kv.Value));
+}
+
+// after training: held-out replies judged against the reference's
+Run Finish(string name, List<int> evalSteps, List<double> accuracy)
+{
+    var replies = Generate(model, heldOut, options.Seed);
+    double wins = replies.Zip(referenceReplies, (p, r) => Math.Sign(Corpus.Politeness(p) - Corpus.Politeness(r)) switch { 1 => 1.0, 0 => 0.5, _ => 0.0 }).Average();
+    return new Run(name, evalSteps.ToArray(), accuracy.ToArray(), wins, replies.Average(Corpus.Politeness), replies[0]);
 }
 
 double HeldOutAccuracy()

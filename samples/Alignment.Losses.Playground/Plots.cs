@@ -53,23 +53,9 @@ internal static class Plots
         }
 
         // the trade-off every KL-regularised objective makes: reward gained against KL(pi || pi_ref) paid, one point per run
-        var tradeOff = new Plot();
-        for (int s = 0; s < results.Count; s++)
-        {
-            var r = results[s];
-            var point = tradeOff.Add.Scatter(new[] { r.Kl }, new[] { r.Reward - r.ReferenceReward });
-            Style(point, s, r.Name);
-            point.MarkerSize = 9;
-            var label = tradeOff.Add.Text(r.Name, r.Kl, r.Reward - r.ReferenceReward);
-            label.LabelFontSize = 10;
-            label.OffsetX = 6;
-        }
-        tradeOff.Title("Reward gained vs KL to the reference, one point per loss (up and to the left is better)");
-        tradeOff.XLabel("KL(pi || pi_ref), mean over prompts");
-        tradeOff.YLabel("E_pi[r] - E_pi_ref[r]");
-        tradeOff.ShowLegend(Edge.Right);
-        tradeOff.SavePng(Path.Combine(dir, "reward_vs_kl.png"), 1100, 620);
-        written.Add("reward_vs_kl.png");
+        written.Add(TradeOff(results.Select(r => (r.Name, r.Kl, r.Reward - r.ReferenceReward)).ToList(),
+            "Reward gained vs KL to the reference, one point per loss (up and to the left is better)", "KL(pi || pi_ref), mean over prompts",
+            dir, "reward_vs_kl.png"));
 
         // learned vs optimal distribution on the first prompt, for the losses with a proven optimum; with label noise the
         // DPO family is drawn against the clean-label DPO optimum, which robust DPO keeps and DPO does not
@@ -103,6 +89,47 @@ internal static class Plots
         dist.SavePng(Path.Combine(dir, "learned_vs_optimal.png"), 1100, 620);
         written.Add("learned_vs_optimal.png");
         return written;
+    }
+
+    /// <summary>Reward gained against KL paid, one labelled point per run; returns the file name.</summary>
+    internal static string TradeOff(IReadOnlyList<(string Name, double Kl, double Gain)> points, string title, string xLabel, string dir, string file)
+    {
+        var plot = new Plot();
+        for (int s = 0; s < points.Count; s++)
+        {
+            var (name, kl, gain) = points[s];
+            var point = plot.Add.Scatter(new[] { kl }, new[] { gain });
+            Style(point, s, name);
+            point.MarkerSize = 9;
+            var label = plot.Add.Text(name, kl, gain);
+            label.LabelFontSize = 10;
+            label.OffsetX = 6;
+        }
+        plot.Title(title);
+        plot.XLabel(xLabel);
+        plot.YLabel("E_pi[r] - E_pi_ref[r]");
+        plot.ShowLegend(Edge.Right);
+        plot.SavePng(Path.Combine(dir, file), 1100, 620);
+        return file;
+    }
+
+    /// <summary>One curve per run (about 40 points each); returns the file name.</summary>
+    internal static string Curves(IReadOnlyList<(string Name, double[] Values)> series, string title, string xLabel, string yLabel, string dir, string file)
+    {
+        var plot = new Plot();
+        for (int s = 0; s < series.Count; s++)
+        {
+            var (name, values) = series[s];
+            int stride = Math.Max(1, (values.Length - 1) / 40);
+            var steps = Enumerable.Range(0, values.Length).Where(i => i % stride == 0 || i == values.Length - 1).ToArray();
+            Style(plot.Add.Scatter(steps.Select(i => (double)i).ToArray(), steps.Select(i => values[i]).ToArray()), s, name);
+        }
+        plot.Title(title);
+        plot.XLabel(xLabel);
+        plot.YLabel(yLabel);
+        plot.ShowLegend(Edge.Right);
+        plot.SavePng(Path.Combine(dir, file), 1100, 620);
+        return file;
     }
 
     private static void Style(ScottPlot.Plottables.Scatter series, int index, string label)

@@ -2,7 +2,6 @@ using System.Diagnostics;
 using System.Globalization;
 using System.Text;
 using Alignment.Losses;
-using ScottPlot;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -190,38 +189,12 @@ internal static class RlTrainer
     public static IReadOnlyList<string> Plot(IReadOnlyList<RlResult> results, string dir)
     {
         if (results.Count == 0) return Array.Empty<string>();
-        var curves = new Plot();
-        var colors = new ScottPlot.Palettes.Category10();
-        for (int s = 0; s < results.Count; s++)
+        return new[]
         {
-            var r = results[s];
-            var line = curves.Add.Scatter(Enumerable.Range(0, r.RewardCurve.Length).Select(i => (double)i).ToArray(), r.RewardCurve);
-            line.LegendText = r.Name;
-            line.Color = colors.GetColor(s);
-            line.MarkerSize = 4;
-        }
-        curves.Title("RL group: mean reward of sampled completions during training");
-        curves.XLabel("generation step (two optimiser steps each)");
-        curves.YLabel("mean reward");
-        curves.ShowLegend(Edge.Right);
-        curves.SavePng(Path.Combine(dir, "reward_curves_rl.png"), 1100, 620);
-        var tradeOff = new Plot();
-        for (int s = 0; s < results.Count; s++)
-        {
-            var r = results[s];
-            var point = tradeOff.Add.Scatter(new[] { r.Kl }, new[] { r.Reward - r.ReferenceReward });
-            point.LegendText = r.Name;
-            point.Color = colors.GetColor(s);
-            point.MarkerSize = 9;
-            var label = tradeOff.Add.Text(r.Name, r.Kl, r.Reward - r.ReferenceReward);
-            label.LabelFontSize = 10;
-            label.OffsetX = 6;
-        }
-        tradeOff.Title("RL group: reward gained vs KL to the reference");
-        tradeOff.XLabel("sequence KL(pi || pi_ref), estimated on samples");
-        tradeOff.YLabel("reward - reference reward");
-        tradeOff.ShowLegend(Edge.Right);
-        tradeOff.SavePng(Path.Combine(dir, "reward_vs_kl_rl.png"), 1100, 620);
-        return new[] { "reward_curves_rl.png", "reward_vs_kl_rl.png" };
+            Plots.Curves(results.Select(r => (r.Name, r.RewardCurve)).ToList(), "RL group: mean reward of sampled completions during training",
+                "generation step (two optimiser steps each)", "mean reward", dir, "reward_curves_rl.png"),
+            Plots.TradeOff(results.Select(r => (r.Name, r.Kl, r.Reward - r.ReferenceReward)).ToList(), "RL group: reward gained vs KL to the reference",
+                "sequence KL(pi || pi_ref), estimated on samples", dir, "reward_vs_kl_rl.png"),
+        };
     }
 }

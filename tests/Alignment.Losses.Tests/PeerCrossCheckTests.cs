@@ -38,35 +38,26 @@ public class PeerCrossCheckTests
     });
 
     [PeerFact]
-    public void Every_benchmarked_loss_equals_the_pytorch_peer_in_value_and_gradient()
+    public void Every_benchmarked_loss_equals_the_pytorch_peer_in_value_and_gradient() =>
+        CrossCheck("reference_losses.py", "--crosscheck", "losses agree with the peer");
+
+    /// <summary>The policy-gradient objectives against their TRL-style peer (benchmarks/pytorch/policy_losses.py), likewise.</summary>
+    [PeerFact]
+    public void Every_benchmarked_policy_loss_equals_the_trl_style_pytorch_peer() =>
+        CrossCheck("policy_losses.py", "--pg-crosscheck", "all 7 policy losses agree with the peer");
+
+    /// <summary>The peer script's --dump, then the benchmark app's cross-check of it: every line a PASS.</summary>
+    static void CrossCheck(string peerScript, string appFlag, string verdict)
     {
         var dir = Directory.CreateTempSubdirectory("peer-").FullName;
         try
         {
             var file = Path.Combine(dir, "peer-values.json");
             ProcessRunner.Ok(ProcessRunner.Run(Python.Value!, ProcessRunner.RepoRoot, TimeSpan.FromMinutes(2),
-                "benchmarks/pytorch/reference_losses.py", "--dump", file), "peer --dump");
+                $"benchmarks/pytorch/{peerScript}", "--dump", file), $"{peerScript} --dump");
             var output = ProcessRunner.Ok(ProcessRunner.Dotnet(ProcessRunner.RepoRoot, TimeSpan.FromMinutes(5),
-                "run", "-c", "Release", "--project", "benchmarks/Alignment.Losses.Benchmarks", "--", "--crosscheck", file), "--crosscheck");
-            Assert.Contains("losses agree with the peer", output);
-            Assert.DoesNotContain("FAIL", output);
-        }
-        finally { Directory.Delete(dir, recursive: true); }
-    }
-
-    /// <summary>The policy-gradient objectives against their TRL-style peer (benchmarks/pytorch/policy_losses.py), likewise.</summary>
-    [PeerFact]
-    public void Every_benchmarked_policy_loss_equals_the_trl_style_pytorch_peer()
-    {
-        var dir = Directory.CreateTempSubdirectory("pg-peer-").FullName;
-        try
-        {
-            var file = Path.Combine(dir, "peer-values.json");
-            ProcessRunner.Ok(ProcessRunner.Run(Python.Value!, ProcessRunner.RepoRoot, TimeSpan.FromMinutes(2),
-                "benchmarks/pytorch/policy_losses.py", "--dump", file), "policy peer --dump");
-            var output = ProcessRunner.Ok(ProcessRunner.Dotnet(ProcessRunner.RepoRoot, TimeSpan.FromMinutes(5),
-                "run", "-c", "Release", "--project", "benchmarks/Alignment.Losses.Benchmarks", "--", "--pg-crosscheck", file), "--pg-crosscheck");
-            Assert.Contains("all 7 policy losses agree with the peer", output);
+                "run", "-c", "Release", "--project", "benchmarks/Alignment.Losses.Benchmarks", "--", appFlag, file), appFlag);
+            Assert.Contains(verdict, output);
             Assert.DoesNotContain("FAIL", output);
         }
         finally { Directory.Delete(dir, recursive: true); }
