@@ -429,3 +429,30 @@ public class PolicyGradientTests
         TensorUtil.AssertClose(expected, w3.grad!, 1e-10, "packed vs padded");
     }
 }
+
+/// <summary>GAE (verl's convention) by hand.</summary>
+public class GaeTests
+{
+    [Fact]
+    public void Gae_matches_the_recursion_by_hand_and_carries_values_through_masked_tokens()
+    {
+        // one sequence of 4 positions, position 2 masked (tool output): gamma 0.9, lambda 0.8
+        using var r = Pg.Row(0.0, 0.5, 99, 1.0);
+        using var v = Pg.Row(0.2, 0.4, 99, 0.6);
+        using var m = tensor(new[] { true, true, false, true }, new long[] { 1, 4 });
+        using var res = Advantages.Gae(r, v, m, new GaeOptions { Gamma = 0.9, Lambda = 0.8, Whiten = false });
+        double a3 = 1.0 - 0.6;                                    // last valid token: next value 0
+        double a1 = 0.5 + 0.9 * 0.6 - 0.4 + 0.72 * a3;              // position 2 skipped: V_next = V_3, A_next = A_3
+        double a0 = 0.0 + 0.9 * 0.4 - 0.2 + 0.72 * a1;
+        var got = TensorUtil.Values(res.Values);
+        Assert.Equal(a0, got[0], 12);
+        Assert.Equal(a1, got[1], 12);
+        Assert.Equal(0.0, got[2]);
+        Assert.Equal(a3, got[3], 12);
+        Assert.Equal(a0 + 0.2, TensorUtil.Values(res.Returns!)[0], 12);
+        using var whitened = Advantages.Gae(r, v, m, new GaeOptions { Gamma = 0.9, Lambda = 0.8 });
+        var w = TensorUtil.Values(whitened.Values);
+        Assert.Equal(0.0, w[0] + w[1] + w[3], 9);                 // mean 0 over the valid tokens
+        Assert.Equal("values", Assert.Throws<ArgumentException>(() => Advantages.Gae(r, Pg.Row(1, 2), m)).ParamName);
+    }
+}

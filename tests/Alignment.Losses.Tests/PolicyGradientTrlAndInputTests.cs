@@ -183,11 +183,14 @@ public class PolicyGradientMemoryTests
             var rewards = tensor(new[] { 1.0f, 0, 2, float.NaN });
             var mask = ones(4, 3, dtype: ScalarType.Bool);
             var scorable = rewards.nan_to_num(0);
+            var tokenRewards = mask.to_type(ScalarType.Float32);
+            var values = tokenRewards * 0.5;
             return () =>
             {
                 using var a = Advantages.Grpo(rewards, GroupIds.Contiguous(2));
                 using var b = Advantages.ReinforcePlusPlus(scorable, mask);
                 using var c = Advantages.Rloo(rewards, GroupIds.Contiguous(2));
+                using var d = Advantages.Gae(tokenRewards, values, mask);
             };
         }, iterations: 100);
     }

@@ -77,6 +77,21 @@ public sealed record ReinforcePlusPlusOptions
     public Tensor? TokenRewards { get; init; }
 }
 
+/// <summary>Options of <see cref="Advantages.Gae"/>: gamma, lambda and the whitening (verl's defaults 1.0, 1.0, on).</summary>
+public sealed record GaeOptions
+{
+    private double _gamma = 1.0, _lambda = 1.0;
+
+    /// <summary>gamma, the discount. Default 1 (verl).</summary>
+    public double Gamma { get => _gamma; init => _gamma = Guard.InClosedRange(value, 0, 1, nameof(Gamma)); }
+
+    /// <summary>lambda, the GAE trace decay. Default 1 (verl; PPO papers often use 0.95).</summary>
+    public double Lambda { get => _lambda; init => _lambda = Guard.InClosedRange(value, 0, 1, nameof(Lambda)); }
+
+    /// <summary>Whiten the advantages over the batch's valid tokens, (A - mu) / sqrt(var_unbiased + 1e-8). Default true (verl).</summary>
+    public bool Whiten { get; init; } = true;
+}
+
 /// <summary>
 /// The advantage estimators of the policy-gradient family, as pure functions of rewards and group ids (and masks): no
 /// gradient, NaN rewards (unscorable completions) excluded from every statistic and given advantage 0.
@@ -300,6 +315,71 @@ public static class Advantages
         return Result(a, r, Members(group, count, r), sigma, rewards.device, dtype);
     }
 
+    /// <summary>
+    /// GAE, generalised advantage estimation (Schulman et al. 2016, arXiv 1506.02438), for PPO with a critic, as verl
+    /// computes it: delta_t = r_t + gamma V_next - V_t, A_t = delta_t + gamma lambda A_next, where positions that do not
+    /// count (tool output, padding) carry V_next and A_next through unchanged; returns G = A + V (before whitening).
+    /// </summary>
+    /// <param name="tokenRewards">r [N, T] per-token rewards (typically the sequence reward at the last token, minus a KL penalty).</param>
+    /// <param name="values">V [N, T] the critic's values (detached).</param>
+    /// <param name="mask">m [N, T]: nonzero where a token counts.</param>
+    /// <param name="options">gamma, lambda, whitening.</param>
+    /// <returns>Token advantages [N, T] (0 where no token counts) and <see cref="AdvantageResult.Returns"/>.</returns>
+    public static AdvantageResult Gae(Tensor tokenRewards, Tensor values, Tensor mask, GaeOptions? options = null)
+    {
+        options ??= new GaeOptions();
+        Guard.Usable(tokenRewards, nameof(tokenRewards));
+        Guard.Usable(values, nameof(values));
+        Guard.Usable(mask, nameof(mask));
+        if (tokenRewards.dim() != 2)
+            throw new ArgumentException($"tokenRewards must be [N, T]; got {Guard.Shape(tokenRewards)}.", nameof(tokenRewards));
+        Guard.Floating(tokenRewards, nameof(tokenRewards));
+        Guard.Floating(values, nameof(values));
+        if (!values.shape.SequenceEqual(tokenRewards.shape))
+            throw new ArgumentException($"values must have tokenRewards' shape {Guard.Shape(tokenRewards)}; got {Guard.Shape(values)}.", nameof(values));
+        if (!mask.shape.SequenceEqual(tokenRewards.shape))
+            throw new ArgumentException($"mask must have tokenRewards' shape {Guard.Shape(tokenRewards)}; got {Guard.Shape(mask)}.", nameof(mask));
+        int n = (int)tokenRewards.shape[0], t = (int)tokenRewards.shape[1];
+        var r = HostDoubles(tokenRewards);
+        var v = HostDoubles(values);
+        bool[] valid;
+        using (var scope = NewDisposeScope()) valid = (mask != 0).cpu().data<bool>().ToArray();
+        for (int k = 0; k < r.Length; k++)
+            if (valid[k] && !(double.IsFinite(r[k]) && double.IsFinite(v[k])))
+                throw new ArgumentException($"tokenRewards or values hold NaN or Inf at valid token {k / t}, {k % t}.", double.IsFinite(r[k]) ? nameof(values) : nameof(tokenRewards));
+        var a = new double[r.Length];
+        var returns = new double[r.Length];
+        for (int i = 0; i < n; i++)
+        {
+            double next = 0, last = 0;
+            for (int k = t - 1; k >= 0; k--)
+            {
+                int at = i * t + k;
+                if (!valid[at]) continue;                                     // carried through unchanged
+                double delta = r[at] + options.Gamma * next - v[at];
+                last = delta + options.Gamma * options.Lambda * last;
+                next = v[at];
+                a[at] = last;
+                returns[at] = last + v[at];
+            }
+        }
+        if (options.Whiten)
+        {
+            var used = Enumerable.Range(0, a.Length).Where(k => valid[k]).ToArray();
+            double mu = used.Length > 0 ? used.Average(k => a[k]) : 0;
+            double variance = used.Length > 1 ? used.Sum(k => (a[k] - mu) * (a[k] - mu)) / (used.Length - 1) : 0;
+            foreach (int k in used) a[k] = (a[k] - mu) / Math.Sqrt(variance + 1e-8);
+        }
+        var dtype = tokenRewards.dtype == ScalarType.Float64 ? ScalarType.Float64 : ScalarType.Float32;
+        var shape = new long[] { n, t };
+        using var advantages = tensor(a, shape, dtype: ScalarType.Float64);
+        using var targets = tensor(returns, shape, dtype: ScalarType.Float64);
+        return new AdvantageResult(advantages.to(dtype, tokenRewards.device), new Dictionary<string, double>())
+        {
+            Returns = targets.to(dtype, tokenRewards.device),
+        };
+    }
+
     /// <summary>The rewards as host doubles (NaN allowed, Inf refused), with the device and result dtype.</summary>
     private static (double[] Values, Device Device, ScalarType DType) ReadRewards(Tensor rewards, string name)
     {
@@ -384,6 +464,9 @@ public sealed class AdvantageResult : IDisposable
         ? throw new ObjectDisposedException(nameof(AdvantageResult), "These advantages have been disposed, by Dispose() or by the end of the dispose scope they were created in.")
         : _advantages;
 
+    /// <summary>G = A + V [N, T], the critic's targets, for <see cref="Advantages.Gae"/> (before whitening); null otherwise. Owned by this result.</summary>
+    public Tensor? Returns { get; internal init; }
+
     /// <summary>The reward statistics, as plain numbers (available after disposal).</summary>
     public IReadOnlyDictionary<string, double> Metrics { get; }
 
@@ -393,5 +476,6 @@ public sealed class AdvantageResult : IDisposable
         if (_disposed) return;
         _disposed = true;
         _advantages.Dispose();
+        Returns?.Dispose();
     }
 }
