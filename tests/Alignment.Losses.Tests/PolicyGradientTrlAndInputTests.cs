@@ -44,7 +44,7 @@ public class PolicyGradientTrlAndInputTests
         Assert.Contains("EpsilonHigh", e.Message);
         var seq = Assert.Throws<ArgumentException>(() => TrlGrpo.Create(new TrlGrpoConfig { LossType = "dapo", ImportanceSamplingLevel = "sequence" }));
         Assert.Contains("3823", seq.Message);
-        Assert.Throws<NotSupportedException>(() => TrlGrpo.Create(new TrlGrpoConfig { TopEntropyQuantile = 0.2 }));
+        Assert.Equal("top_entropy_quantile", Assert.Throws<ArgumentException>(() => TrlGrpo.Create(new TrlGrpoConfig { TopEntropyQuantile = 0 })).ParamName);
         Assert.Throws<NotSupportedException>(() => TrlGrpo.Create(new TrlGrpoConfig { LossType = "vespo" }));
         Assert.Equal("loss_type", Assert.Throws<ArgumentException>(() => TrlGrpo.Create(new TrlGrpoConfig { LossType = "ppo" })).ParamName);
         Assert.Equal("scale_rewards", Assert.Throws<ArgumentException>(() => TrlGrpo.Create(new TrlGrpoConfig { ScaleRewards = "rank" })).ParamName);
@@ -73,6 +73,29 @@ public class PolicyGradientTrlAndInputTests
         // rewards become 1 - 0.25 = 0.75 and 0 - 0.5 = -0.5: A = +-1.25
         Assert.Equal(new[] { 1.25, -1.25 }, TensorUtil.Values(adv.Values));
         Assert.Throws<ArgumentException>(() => rloo.ComputeAdvantages(r));
+    }
+
+    [Fact]
+    public void Top_entropy_quantile_keeps_the_high_entropy_tokens_as_trl()
+    {
+        // entropies of the 5 valid tokens [0.1, 0.5, 0.9, 0.3, 0.7]; q = 0.4 keeps H >= quantile(0.6) = 0.58 (linear): 0.9, 0.7
+        var l = Pg.Row(-1, -2, -3, -4, -5, -6).reshape(2, 3).requires_grad_(true);
+        var mask = tensor(new[] { true, true, true, true, true, false }, new long[] { 2, 3 });
+        var batch = new TokenBatch(l, mask)
+        {
+            Advantages = tensor(new[] { 1.0, 1.0 }, dtype: ScalarType.Float64),
+            Entropy = Pg.Row(0.1, 0.5, 0.9, 0.3, 0.7, 5.0).reshape(2, 3),
+        };
+        var setup = TrlGrpo.Create(new TrlGrpoConfig { LossType = "dapo", TopEntropyQuantile = 0.4 });
+        using var r = new ReinforceLoss(new() { TopEntropyQuantile = 0.4 }).Compute(batch);
+        // -A l at the kept tokens: 3 (l = -3) and 5 (l = -5), over the 5 valid tokens
+        Assert.Equal((3 + 5) / 5.0, r.Loss.item<double>(), 12);
+        r.Backward();
+        Assert.Equal(new[] { 0, 0, -0.2, 0, -0.2, 0 }, TensorUtil.Values(l.grad!).Select(v => Math.Round(v, 12)));
+        Assert.Equal("batch.Entropy", Assert.Throws<ArgumentException>(() =>
+            setup.Loss.Compute(new TokenBatch(l, mask) { Advantages = tensor(new[] { 1.0, 1.0 }, dtype: ScalarType.Float64) })).ParamName);
+        using var trl = setup.Loss.Compute(batch);                       // TRL's dapo, ratio 1: -A per kept token, token mean
+        Assert.Equal(-2 / 5.0, trl.Loss.item<double>(), 12);
     }
 
     [Fact]

@@ -62,6 +62,24 @@ public abstract record PolicyGradientOptions : TokenLossOptions
 
     /// <summary>The rollout/trainer mismatch correction (needs <see cref="TokenBatch.BehaviourLogProbs"/>); null (default) for none.</summary>
     public RolloutCorrection? RolloutCorrection { get; init; }
+
+    private double _topEntropyQuantile = 1.0;
+
+    /// <summary>
+    /// TRL's top_entropy_quantile (Wang et al. 2025, "Beyond the 80/20 rule", arXiv 2506.01939): the policy term keeps only
+    /// the tokens whose entropy is at least the (1 - q) quantile of the micro-batch's valid tokens' entropies (linear
+    /// interpolation, torch.quantile's), and the entropy bonus acts on the same tokens. Default 1 (every token). Needs
+    /// <see cref="TokenBatch.Entropy"/> (the log-prob pass's detached <see cref="SequenceLogProbsResult.TokenEntropy"/> will
+    /// do). The quantile is of this micro-batch's tokens: TRL gathers them across ranks first, so with several ranks pass
+    /// the gathered batch or accept per-rank thresholds.
+    /// </summary>
+    /// <exception cref="ArgumentOutOfRangeException">Not in (0, 1].</exception>
+    public double TopEntropyQuantile
+    {
+        get => _topEntropyQuantile;
+        init => _topEntropyQuantile = value > 0 && value <= 1 ? value
+            : throw new ArgumentOutOfRangeException(nameof(TopEntropyQuantile), value, "top_entropy_quantile must be in (0, 1].");
+    }
 }
 
 /// <summary>
@@ -108,7 +126,25 @@ public abstract class PolicyGradientLoss<TOptions> : TokenLoss<TOptions> where T
                     "gradient, so the bonus would change the loss value but never the policy. The log-prob pass's TokenEntropy is detached: compute the " +
                     "entropy with grad, or set EntropyCoefficient = 0 (the entropy is still reported as a metric).", "batch.Entropy");
         }
+        if (Options.TopEntropyQuantile < 1)
+            Require(batch.Entropy, "batch.Entropy", $"top_entropy_quantile {Options.TopEntropyQuantile} keeps the highest-entropy tokens, so it needs the per-token entropy " +
+                "(SequenceLogProbsOptions.StepStatistics gives it)");
         CheckAdvantagesFinite(terms);
+    }
+
+    /// <summary>TRL's high-entropy mask: valid tokens with H &gt;= the (1 - q) quantile of the valid tokens' entropies.</summary>
+    private static Tensor HighEntropyMask(TokenTerms terms, Tensor entropy, double quantile)
+    {
+        using var noGrad = no_grad();
+        var h = entropy.detach();
+        var values = h.masked_select(terms.Valid);
+        long n = values.shape[0];
+        if (n == 0) return zeros_like(terms.Mask);
+        var sorted = values.sort().Values;
+        double position = (1 - quantile) * (n - 1);
+        long lo = (long)Math.Floor(position), hi = (long)Math.Ceiling(position);
+        var threshold = sorted[lo] + (sorted[hi] - sorted[lo]) * (position - lo);
+        return ((h >= threshold) & terms.Valid).to_type(terms.DType);
     }
 
     private void CheckAdvantagesFinite(TokenTerms terms)
@@ -128,6 +164,12 @@ public abstract class PolicyGradientLoss<TOptions> : TokenLoss<TOptions> where T
         if (Options.LogRatioClamp is { } c) logRatio = logRatio.clamp(-c, c);
         var (policy, sequenceLevel) = PolicyTerm(terms, logRatio, metrics);
         var perToken = policy;
+        Tensor? entropyMask = null;
+        if (Options.TopEntropyQuantile < 1 && terms.Entropy is { } h)
+        {
+            entropyMask = HighEntropyMask(terms, h, Options.TopEntropyQuantile);
+            perToken = perToken * entropyMask;
+        }
         if (Options.RolloutCorrection is { } correction)
         {
             var w = correction.Weights(terms);
@@ -152,7 +194,7 @@ public abstract class PolicyGradientLoss<TOptions> : TokenLoss<TOptions> where T
         if (terms.Entropy is { } entropy)
         {
             metrics.Add((MetricNames.Entropy, terms.TokenMean(entropy)));
-            if (Options.EntropyCoefficient != 0) bonus = entropy * -Options.EntropyCoefficient;
+            if (Options.EntropyCoefficient != 0) bonus = (entropyMask is null ? entropy : entropy * entropyMask) * -Options.EntropyCoefficient;
         }
         return new TokenLossOutput(perToken, metrics) { SequenceLevel = sequenceLevel, TokenMeanTerm = bonus };
     }

@@ -52,7 +52,7 @@ public sealed record TrlGrpoConfig
     /// <summary><c>use_adaptive_entropy</c>: not supported (the controller is trainer state); must stay false.</summary>
     public bool UseAdaptiveEntropy { get; init; }
 
-    /// <summary><c>top_entropy_quantile</c>: not supported below 1 yet; must stay 1.</summary>
+    /// <summary><c>top_entropy_quantile</c>: keep the top q of tokens by entropy in the policy term (needs the batch's entropy). Default 1.</summary>
     public double TopEntropyQuantile { get; init; } = 1.0;
 
     /// <summary><c>off_policy_mask_threshold</c>: not supported yet; must stay unset.</summary>
@@ -138,7 +138,7 @@ public sealed class TrlPolicySetup
 /// log-ratio clamp (TRL has none).</para>
 /// <para>Two deliberate differences, both errors rather than different numbers: cispo without epsilon_high (TRL silently caps
 /// at 0.2) and a sequence-level ratio with a token-summing loss type (dapo, bnpo, dr_grpo, cispo: TRL issue 3823). Fields that
-/// need trainer state (use_adaptive_entropy, top_entropy_quantile, off_policy_mask_threshold) are refused by name.</para>
+/// need trainer state (use_adaptive_entropy) or are not built (off_policy_mask_threshold) are refused by name.</para>
 /// </remarks>
 public static class TrlGrpo
 {
@@ -153,8 +153,8 @@ public static class TrlGrpo
         ArgumentNullException.ThrowIfNull(config);
         if (config.UseAdaptiveEntropy)
             throw new NotSupportedException("use_adaptive_entropy is trainer state (a controller over steps); set EntropyCoef per step yourself instead.");
-        if (config.TopEntropyQuantile != 1.0)
-            throw new NotSupportedException($"top_entropy_quantile {config.TopEntropyQuantile} is not supported yet (only 1.0, every token).");
+        if (!(config.TopEntropyQuantile > 0 && config.TopEntropyQuantile <= 1))
+            throw new ArgumentException($"top_entropy_quantile must be in (0, 1]; got {config.TopEntropyQuantile}.", "top_entropy_quantile");
         if (config.OffPolicyMaskThreshold is not null)
             throw new NotSupportedException("off_policy_mask_threshold is not supported yet.");
         if (config.NumGenerations < 1)
@@ -176,7 +176,7 @@ public static class TrlGrpo
         ClippedPolicyOptions Clipped(TokenReduction reduction) => new()
         {
             EpsilonLow = config.Epsilon, EpsilonHigh = high, Delta = config.Delta, Ratio = level, Reduction = reduction,
-            LogRatioClamp = null, Kl = kl, EntropyCoefficient = config.EntropyCoef, RolloutCorrection = correction,
+            LogRatioClamp = null, Kl = kl, EntropyCoefficient = config.EntropyCoef, RolloutCorrection = correction, TopEntropyQuantile = config.TopEntropyQuantile,
         };
         ITokenLoss loss = config.LossType switch
         {
@@ -187,12 +187,12 @@ public static class TrlGrpo
             "cispo" => new CispoLoss(new CispoOptions
             {
                 EpsilonHigh = config.EpsilonHigh, Ratio = level == ImportanceRatio.Token ? ImportanceRatio.Token : ImportanceRatio.SequenceMean,
-                LogRatioClamp = null, Kl = kl, EntropyCoefficient = config.EntropyCoef, RolloutCorrection = correction,
+                LogRatioClamp = null, Kl = kl, EntropyCoefficient = config.EntropyCoef, RolloutCorrection = correction, TopEntropyQuantile = config.TopEntropyQuantile,
             }),
             "sapo" => new SapoLoss(new SapoOptions
             {
                 TemperaturePositive = config.SapoTemperaturePos, TemperatureNegative = config.SapoTemperatureNeg, Ratio = level, Reduction = rows,
-                LogRatioClamp = null, Kl = kl, EntropyCoefficient = config.EntropyCoef, RolloutCorrection = correction,
+                LogRatioClamp = null, Kl = kl, EntropyCoefficient = config.EntropyCoef, RolloutCorrection = correction, TopEntropyQuantile = config.TopEntropyQuantile,
             }),
             "luspo" or "vespo" => throw new NotSupportedException($"loss_type '{config.LossType}' is not implemented yet; supported: {string.Join(", ", LossTypes)}."),
             _ => throw new ArgumentException($"loss_type '{config.LossType}' is not a GRPOTrainer loss type; supported: {string.Join(", ", LossTypes)}.", "loss_type"),
