@@ -200,6 +200,15 @@ public class NoScopeMemoryTests
                 foreach (var t in new[] { s.ChosenIndex, s.RejectedIndex, s.WinRates.Chosen!, s.WinRates.Rejected!, s.AllWinRates }) t.Dispose();
             };
         });
+        AssertFlat("SppoWinRateEstimator.FromPairwiseLogits", () =>
+        {
+            var logits = randn(3, 4, 4, dtype: ScalarType.Float64);
+            return () =>
+            {
+                var s = SppoWinRateEstimator.FromPairwiseLogits(logits);
+                foreach (var t in new[] { s.ChosenIndex, s.RejectedIndex, s.WinRates.Chosen!, s.WinRates.Rejected!, s.AllWinRates }) t.Dispose();
+            };
+        });
     }
 
     /// <summary>RSS growth from <paramref name="before"/>, in units of <paramref name="bytes"/>.</summary>
