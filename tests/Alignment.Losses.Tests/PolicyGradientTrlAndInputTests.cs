@@ -208,12 +208,20 @@ public class PolicyGradientMemoryTests
             var scorable = rewards.nan_to_num(0);
             var tokenRewards = mask.to_type(ScalarType.Float32);
             var values = tokenRewards * 0.5;
+            var multi = tensor(new[] { 1.0f, 0, 2, float.NaN, 0, 1, 3, 1 }, new long[] { 4, 2 });
+            var old = -ones(4, 3);  // [N, T] like the mask
+            var reference = -2 * ones(4, 3);
+            var grpoSetup = TrlGrpo.Create(new TrlGrpoConfig { NumGenerations = 2 });
             return () =>
             {
                 using var a = Advantages.Grpo(rewards, GroupIds.Contiguous(2));
                 using var b = Advantages.ReinforcePlusPlus(scorable, mask);
                 using var c = Advantages.Rloo(rewards, GroupIds.Contiguous(2));
                 using var d = Advantages.Gae(tokenRewards, values, mask);
+                using var e = Advantages.Gdpo(multi, GroupIds.Contiguous(2));
+                using var kl = TrlRloo.SequenceKl(old, reference, mask);
+                using var k3 = new KlPenalty(0.1).PerToken(old, reference);
+                using var trl = grpoSetup.ComputeAdvantages(multi);
             };
         }, iterations: 100);
     }

@@ -54,12 +54,18 @@ public sealed record KlPenalty
 
     /// <summary>
     /// The per-token estimate from the policy's log-probs <paramref name="logProbs"/> (with grad) and the reference's
-    /// <paramref name="referenceLogProbs"/> (detached by the caller): a new tensor in the caller's scope.
+    /// <paramref name="referenceLogProbs"/> (detached by the caller): a new tensor in the caller's scope; its temporaries are freed.
     /// </summary>
     public Tensor PerToken(Tensor logProbs, Tensor referenceLogProbs)
     {
         ArgumentNullException.ThrowIfNull(logProbs);
         ArgumentNullException.ThrowIfNull(referenceLogProbs);
+        using var scope = NewDisposeScope();                         // only the estimate leaves, with or without a caller's scope
+        return scope.MoveToOuter(Estimate(logProbs, referenceLogProbs));
+    }
+
+    private Tensor Estimate(Tensor logProbs, Tensor referenceLogProbs)
+    {
         var u = referenceLogProbs - logProbs;
         if (Clamp) u = u.clamp(-20, 20);
         Tensor K3Value(Tensor v)
