@@ -456,3 +456,26 @@ public class GaeTests
         Assert.Equal("values", Assert.Throws<ArgumentException>(() => Advantages.Gae(r, Pg.Row(1, 2), m)).ParamName);
     }
 }
+
+/// <summary>On-policy distillation's advantages (spec §13) by hand, and its direction.</summary>
+public class OnPolicyDistillationTests
+{
+    [Fact]
+    public void The_advantage_is_the_teacher_student_gap_per_token_or_discounted_as_minillm()
+    {
+        using var student = Pg.Row(-1.0, -2.0, -0.5, -3.0);
+        using var teacher = Pg.Row(-0.5, -2.5, -0.5, -1.0);
+        using var mask = tensor(new[] { true, true, true, false }, new long[] { 1, 4 });
+        using var plain = Advantages.OnPolicyDistillation(student, teacher, mask);
+        Assert.Equal(new[] { 0.5, -0.5, 0.0, 0.0 }, TensorUtil.Values(plain.Values));
+        using var discounted = Advantages.OnPolicyDistillation(student, teacher, mask, gamma: 0.5);
+        Assert.Equal(new[] { 0.5 + 0.5 * (-0.5 + 0.5 * 0), -0.5, 0.0, 0.0 }, TensorUtil.Values(discounted.Values));
+        // REINFORCE on these advantages raises the tokens the teacher likes more than the student, lowers the others
+        var l = student.detach().clone().requires_grad_(true);
+        using (var r = new ReinforceLoss().Compute(new TokenBatch(l, mask) { Advantages = plain.Values })) r.Backward();
+        var g = TensorUtil.Values(l.grad!);
+        Assert.True(g[0] < 0 && g[1] > 0 && g[2] == 0 && g[3] == 0);
+        Assert.Equal("teacherLogProbs", Assert.Throws<ArgumentException>(() => Advantages.OnPolicyDistillation(student, Pg.Row(-1, -1), mask)).ParamName);
+        Assert.Equal("gamma", Assert.Throws<ArgumentOutOfRangeException>(() => Advantages.OnPolicyDistillation(student, teacher, mask, 1.5)).ParamName);
+    }
+}

@@ -222,6 +222,7 @@ public class PolicyGradientMemoryTests
                 using var kl = TrlRloo.SequenceKl(old, reference, mask);
                 using var k3 = new KlPenalty(0.1).PerToken(old, reference);
                 using var trl = grpoSetup.ComputeAdvantages(multi);
+                using var opd = Advantages.OnPolicyDistillation(old, reference, mask, gamma: 0.9);
             };
         }, iterations: 100);
     }

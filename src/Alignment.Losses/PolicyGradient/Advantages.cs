@@ -380,6 +380,58 @@ public static class Advantages
         };
     }
 
+    /// <summary>
+    /// On-policy distillation as a policy gradient (spec §13): on completions sampled from the student, the per-token
+    /// advantage A_t = sg(l_teacher(y_t) - l_student(y_t)), or MiniLLM's discounted form A_t = sum_{s &gt;= t} gamma^(s - t)
+    /// (l_T - l_S)_s over the sequence's valid tokens. Feed it to <see cref="ReinforceLoss"/> (or any objective) as token
+    /// advantages: minimising -A_t l_t then lowers the student's reverse KL to the teacher.
+    /// </summary>
+    /// <param name="studentLogProbs">l_S [N, T] of the sampled tokens under the student (detached here).</param>
+    /// <param name="teacherLogProbs">l_T [N, T] of the same tokens under the teacher.</param>
+    /// <param name="mask">m [N, T] (padded layout): nonzero where a token counts.</param>
+    /// <param name="gamma">null (default): the per-token form; a value in [0, 1]: MiniLLM's discounted sum.</param>
+    /// <returns>Token advantages [N, T] (0 where no token counts).</returns>
+    public static AdvantageResult OnPolicyDistillation(Tensor studentLogProbs, Tensor teacherLogProbs, Tensor mask, double? gamma = null)
+    {
+        Guard.Usable(studentLogProbs, nameof(studentLogProbs));
+        Guard.Usable(teacherLogProbs, nameof(teacherLogProbs));
+        Guard.Usable(mask, nameof(mask));
+        if (studentLogProbs.dim() != 2)
+            throw new ArgumentException($"studentLogProbs must be [N, T]; got {Guard.Shape(studentLogProbs)}.", nameof(studentLogProbs));
+        Guard.Floating(studentLogProbs, nameof(studentLogProbs));
+        Guard.Floating(teacherLogProbs, nameof(teacherLogProbs));
+        if (!teacherLogProbs.shape.SequenceEqual(studentLogProbs.shape))
+            throw new ArgumentException($"teacherLogProbs must have studentLogProbs' shape {Guard.Shape(studentLogProbs)} (the same sampled tokens); got {Guard.Shape(teacherLogProbs)}.", nameof(teacherLogProbs));
+        if (!mask.shape.SequenceEqual(studentLogProbs.shape))
+            throw new ArgumentException($"mask must have studentLogProbs' shape {Guard.Shape(studentLogProbs)}; got {Guard.Shape(mask)}.", nameof(mask));
+        if (gamma is { } g && !(g >= 0 && g <= 1))
+            throw new ArgumentOutOfRangeException(nameof(gamma), g, "gamma must be in [0, 1] (or null for the per-token form).");
+        int n = (int)studentLogProbs.shape[0], t = (int)studentLogProbs.shape[1];
+        var student = HostDoubles(studentLogProbs);
+        var teacher = HostDoubles(teacherLogProbs);
+        bool[] valid;
+        using (var scope = NewDisposeScope()) valid = (mask != 0).cpu().data<bool>().ToArray();
+        var a = new double[student.Length];
+        for (int i = 0; i < n; i++)
+        {
+            double running = 0;
+            for (int k = t - 1; k >= 0; k--)
+            {
+                int at = i * t + k;
+                if (!valid[at]) continue;
+                double gap = teacher[at] - student[at];
+                if (!double.IsFinite(gap))
+                    throw new ArgumentException($"studentLogProbs or teacherLogProbs hold NaN or Inf at valid token {i}, {k}.",
+                        double.IsFinite(student[at]) ? nameof(teacherLogProbs) : nameof(studentLogProbs));
+                running = gamma is { } d ? gap + d * running : gap;
+                a[at] = running;
+            }
+        }
+        var dtype = studentLogProbs.dtype == ScalarType.Float64 ? ScalarType.Float64 : ScalarType.Float32;
+        using var values = tensor(a, new long[] { n, t }, dtype: ScalarType.Float64);
+        return new AdvantageResult(values.to(dtype, studentLogProbs.device), new Dictionary<string, double>());
+    }
+
     /// <summary>The rewards as host doubles (NaN allowed, Inf refused), with the device and result dtype.</summary>
     private static (double[] Values, Device Device, ScalarType DType) ReadRewards(Tensor rewards, string name)
     {
