@@ -37,17 +37,6 @@ public sealed class PreferenceLossResult : LossResult
         _perExample = perExample;
     }
 
-    /// <summary>Metrics given as plain values, as a float64 CPU tensor outside any dispose scope.</summary>
-    internal static Tensor HostMetrics(IEnumerable<KeyValuePair<string, double>> metrics, out string[] names)
-    {
-        ArgumentNullException.ThrowIfNull(metrics);
-        var list = metrics.ToList();
-        names = list.Select(m => m.Key).ToArray();
-        var values = tensor(list.Select(m => m.Value).ToArray(), dtype: ScalarType.Float64);
-        values.DetachFromDisposeScope();
-        return values;
-    }
-
     /// <summary>
     /// For a loss computed on unpaired log-probs (KTO, BCO, unpaired RPO, ...): the number of desirable (chosen) and
     /// undesirable (rejected) examples, D and U. The chosen-side metrics (rewards/chosen, logps/chosen) are means over D,

@@ -33,6 +33,17 @@ public abstract class LossResult : IDisposable
         LossName = lossName;
     }
 
+    /// <summary>Metrics given as plain values, as a float64 CPU tensor outside any dispose scope.</summary>
+    private protected static Tensor HostMetrics(IEnumerable<KeyValuePair<string, double>> metrics, out string[] names)
+    {
+        ArgumentNullException.ThrowIfNull(metrics);
+        var list = metrics.ToList();
+        names = list.Select(m => m.Key).ToArray();
+        var values = tensor(list.Select(m => m.Value).ToArray(), dtype: ScalarType.Float64);
+        values.DetachFromDisposeScope();
+        return values;
+    }
+
     /// <summary>The name of the loss that produced this result (as in <see cref="IPreferenceLoss.Name"/> / <see cref="ITokenLoss.Name"/>).</summary>
     public string LossName { get; }
 

@@ -23,7 +23,6 @@ public sealed record CispoOptions : PolicyGradientOptions
     private double? _epsilonHigh;
     private CispoBound _bound = CispoBound.Cap;
     private ImportanceRatio _ratio = ImportanceRatio.Token;
-    private TokenReduction _reduction = TokenReduction.TokenMean;
 
     /// <summary>The bound's convention. Default <see cref="CispoBound.Cap"/> (TRL's).</summary>
     public CispoBound Bound { get => _bound; init => _bound = Guard.Defined(value, nameof(Bound)); }
@@ -44,7 +43,7 @@ public sealed record CispoOptions : PolicyGradientOptions
     public ImportanceRatio Ratio { get => _ratio; init => _ratio = Guard.Defined(value, nameof(Ratio)); }
 
     /// <inheritdoc />
-    public override TokenReduction Reduction { get => _reduction; init => _reduction = value ?? throw new ArgumentNullException(nameof(Reduction)); }
+    protected override TokenReduction DefaultReduction => TokenReduction.TokenMean;
 }
 
 /// <summary>

@@ -12,7 +12,6 @@ public sealed record ClippedPolicyOptions : PolicyGradientOptions
     private double _epsilonLow = 0.2, _epsilonHigh = 0.2;
     private double? _delta, _dualClip;
     private ImportanceRatio _ratio = ImportanceRatio.Token;
-    private TokenReduction _reduction = TokenReduction.SequenceMeanTokenMean;
 
     /// <summary>eps_low: the ratio is clipped below at 1 - eps_low. Default 0.2 (TRL epsilon); GSPO uses 3e-4.</summary>
     public double EpsilonLow { get => _epsilonLow; init => _epsilonLow = Guard.InRange(value, 0, 1, nameof(EpsilonLow)); }
@@ -47,11 +46,7 @@ public sealed record ClippedPolicyOptions : PolicyGradientOptions
     public ImportanceRatio Ratio { get => _ratio; init => _ratio = Guard.Defined(value, nameof(Ratio)); }
 
     /// <inheritdoc />
-    public override TokenReduction Reduction
-    {
-        get => _reduction;
-        init => _reduction = value ?? throw new ArgumentNullException(nameof(Reduction));
-    }
+    protected override TokenReduction DefaultReduction => TokenReduction.SequenceMeanTokenMean;
 }
 
 /// <summary>

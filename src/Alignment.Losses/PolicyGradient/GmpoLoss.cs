@@ -7,7 +7,6 @@ namespace Alignment.Losses;
 public sealed record GmpoOptions : PolicyGradientOptions
 {
     private double _epsilonLow = 0.4, _epsilonHigh = 0.4;
-    private TokenReduction _reduction = TokenReduction.SequenceMeanTokenMean;
 
     /// <summary>The lower clip of l - l_old in log space. Default 0.4.</summary>
     public double EpsilonLow { get => _epsilonLow; init => _epsilonLow = Guard.Scale(value, nameof(EpsilonLow)); }
@@ -16,7 +15,7 @@ public sealed record GmpoOptions : PolicyGradientOptions
     public double EpsilonHigh { get => _epsilonHigh; init => _epsilonHigh = Guard.Scale(value, nameof(EpsilonHigh)); }
 
     /// <inheritdoc />
-    public override TokenReduction Reduction { get => _reduction; init => _reduction = value ?? throw new ArgumentNullException(nameof(Reduction)); }
+    protected override TokenReduction DefaultReduction => TokenReduction.SequenceMeanTokenMean;
 }
 
 /// <summary>GMPO, geometric-mean policy optimisation (Zhao et al. 2025, arXiv 2507.20673; verl "geo_mean").</summary>

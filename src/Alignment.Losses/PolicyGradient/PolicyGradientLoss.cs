@@ -28,8 +28,18 @@ public abstract record PolicyGradientOptions : TokenLossOptions
     private double? _logRatioClamp = 20;
     private double _entropyCoefficient;
 
-    /// <summary>The reduction of the per-token losses. Each loss's options record sets the anchor's default.</summary>
-    public abstract TokenReduction Reduction { get; init; }
+    private TokenReduction? _reduction;
+
+    /// <summary>The reduction of the per-token losses; by default the anchor's (<see cref="DefaultReduction"/>).</summary>
+    /// <exception cref="ArgumentNullException">Set to null.</exception>
+    public TokenReduction Reduction
+    {
+        get => _reduction ?? DefaultReduction;
+        init => _reduction = value ?? throw new ArgumentNullException(nameof(Reduction));
+    }
+
+    /// <summary>The reduction of the objective's paper or anchor, used unless <see cref="Reduction"/> is set.</summary>
+    protected abstract TokenReduction DefaultReduction { get; }
 
     /// <summary>
     /// Clamps l - l_old to [-c, c] before exp, as verl and NeMo-RL do (c = 20), so that one stale token cannot overflow the
@@ -92,11 +102,7 @@ public abstract record PolicyGradientOptions : TokenLossOptions
 public abstract class PolicyGradientLoss<TOptions> : TokenLoss<TOptions> where TOptions : PolicyGradientOptions
 {
     /// <summary>Creates the loss with validated options.</summary>
-    protected PolicyGradientLoss(TOptions options) : base(options)
-    {
-        if (options.Reduction is null)
-            throw new ArgumentException("options.Reduction must be set (e.g. TokenReduction.TokenMean).", "options");
-    }
+    protected PolicyGradientLoss(TOptions options) : base(options) { }
 
     /// <inheritdoc />
     public override TokenReduction Reduction => Options.Reduction;
@@ -188,7 +194,6 @@ public abstract class PolicyGradientLoss<TOptions> : TokenLoss<TOptions> where T
             if (kl.BiasCorrected) perTokenKl = perTokenKl * logRatio.exp();
             if (kl.Beta > 0) perToken = perToken + perTokenKl * kl.Beta;
             metrics.Add((MetricNames.Kl, terms.TokenMean(perTokenKl)));
-            sequenceLevel = sequenceLevel && kl.Beta == 0;   // a per-token KL makes the loss per token again
         }
         Tensor? bonus = null;
         if (terms.Entropy is { } entropy)
@@ -232,8 +237,7 @@ public abstract class PolicyGradientLoss<TOptions> : TokenLoss<TOptions> where T
         using var noGrad = no_grad();
         var x = condition.to_type(terms.DType);
         if (!perSequence) return terms.TokenMean(x);
-        var nonEmpty = (terms.TokenCounts > 0).to_type(terms.DType);
-        return (terms.SequenceMean(x) * nonEmpty).sum() / nonEmpty.sum().clamp_min(1);
+        return terms.SequenceMean(x).sum() / terms.NonEmptySequences.clamp_min(1);   // an empty sequence's mean is 0
     }
 
     /// <summary>Checks an importance-ratio level option by name.</summary>

@@ -5,10 +5,8 @@ namespace Alignment.Losses;
 /// <summary>Options of <see cref="ReinforceLoss"/>: the reduction (token mean by default, as GPG).</summary>
 public sealed record ReinforceOptions : PolicyGradientOptions
 {
-    private TokenReduction _reduction = TokenReduction.TokenMean;
-
     /// <inheritdoc />
-    public override TokenReduction Reduction { get => _reduction; init => _reduction = value ?? throw new ArgumentNullException(nameof(Reduction)); }
+    protected override TokenReduction DefaultReduction => TokenReduction.TokenMean;
 }
 
 /// <summary>

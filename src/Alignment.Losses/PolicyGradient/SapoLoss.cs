@@ -8,7 +8,6 @@ public sealed record SapoOptions : PolicyGradientOptions
 {
     private double _tauPositive = 1.0, _tauNegative = 1.05;
     private ImportanceRatio _ratio = ImportanceRatio.Token;
-    private TokenReduction _reduction = TokenReduction.SequenceMeanTokenMean;
 
     /// <summary>tau for A &gt; 0 (TRL sapo_temperature_pos). Default 1.0.</summary>
     public double TemperaturePositive { get => _tauPositive; init => _tauPositive = Guard.Scale(value, nameof(TemperaturePositive)); }
@@ -20,7 +19,7 @@ public sealed record SapoOptions : PolicyGradientOptions
     public ImportanceRatio Ratio { get => _ratio; init => _ratio = Guard.Defined(value, nameof(Ratio)); }
 
     /// <inheritdoc />
-    public override TokenReduction Reduction { get => _reduction; init => _reduction = value ?? throw new ArgumentNullException(nameof(Reduction)); }
+    protected override TokenReduction DefaultReduction => TokenReduction.SequenceMeanTokenMean;
 }
 
 /// <summary>SAPO, soft adaptive policy optimisation (arXiv 2511.20347); TRL loss_type "sapo".</summary>

@@ -128,22 +128,19 @@ public abstract class TokenLoss<TOptions> : ITokenLoss where TOptions : TokenLos
                 $"The {Name} loss is one value per sequence (a sequence-level ratio with per-sequence advantages), so it reduces only as the sequence mean " +
                 $"of token means; {Reduction} would weigh each sequence's loss by its length (TRL issue 3823). Use TokenReduction.SequenceMeanTokenMean, " +
                 "or token-level advantages.", "reduction");
-        var perToken = Numerics.As(output.PerToken, dtype).where(terms.Valid, zeros(1, dtype: dtype, device: terms.Valid.device));
-        var loss = Reduction.Reduce(perToken, terms, batch.Window);
+        var perToken = terms.MaskOut(Numerics.As(output.PerToken, dtype));
+        var perSequence = terms.SequenceMean(perToken);
+        var loss = Reduction.Reduce(perToken, perSequence, terms, batch.Window);
         if (output.TokenMeanTerm is { } extra)
         {
             if (!extra.shape.SequenceEqual(terms.Valid.shape))
                 throw new InvalidOperationException($"{GetType().Name}.Evaluate returned a TokenMeanTerm shaped {Guard.Shape(extra)}, not like the log-probs {Guard.Shape(terms.Valid)}.");
-            var masked = Numerics.As(extra, dtype).where(terms.Valid, zeros(1, dtype: dtype, device: terms.Valid.device));
-            loss = loss + TokenReduction.TokenMean.Reduce(masked, terms, batch.Window);
+            loss = loss + TokenReduction.TokenMean.Reduce(terms.MaskOut(Numerics.As(extra, dtype)), null, terms, batch.Window);
         }
-        var perSequence = terms.SequenceMean(perToken);
         var (packed, names) = LossEngine.Pack(loss.reshape(1), Array.Empty<string>(), output.Metrics, dtype);
         LossEngine.Verify(checks, packed, Options.CheckFinite, () => NotFinite(inputs, terms, dtype));
         var metricValues = packed.narrow(0, 1, names.Length);
-        Tensor tokens;
-        using (no_grad()) tokens = terms.Mask.sum();
-        var result = new TokenLossResult(loss, perToken, perSequence, metricValues, names, Name, tokens);
+        var result = new TokenLossResult(loss, perToken, perSequence, metricValues, names, Name, terms.ValidTokens);
         result.MoveToOuter(scope);
         return result;
     }
@@ -285,7 +282,7 @@ public sealed class TokenLossResult : LossResult
     /// </summary>
     public TokenLossResult(Tensor loss, Tensor perToken, Tensor perSequence, IEnumerable<KeyValuePair<string, double>> metrics)
         : this(loss ?? throw new ArgumentNullException(nameof(loss)), perToken ?? throw new ArgumentNullException(nameof(perToken)),
-            perSequence ?? throw new ArgumentNullException(nameof(perSequence)), PreferenceLossResult.HostMetrics(metrics, out var names), names, "custom")
+            perSequence ?? throw new ArgumentNullException(nameof(perSequence)), HostMetrics(metrics, out var names), names, "custom")
     {
     }
 

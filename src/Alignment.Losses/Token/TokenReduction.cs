@@ -92,28 +92,25 @@ public sealed record TokenReduction
     /// <summary>Whether the mode weighs a sequence's tokens by their number (every mode but the sequence mean of token means).</summary>
     public bool SumsTokens => Aggregation != TokenAggregation.SequenceMeanTokenMean;
 
-    /// <summary>The scalar loss from masked per-token losses (0 where no token counts).</summary>
-    internal Tensor Reduce(Tensor perToken, TokenTerms terms, TokenWindow? window)
+    /// <summary>
+    /// The scalar loss from masked per-token losses (0 where no token counts), with their per-sequence token means when the
+    /// caller has them (computed here otherwise). Window counts given as numbers stay host scalars: no tensor, no copy.
+    /// </summary>
+    internal Tensor Reduce(Tensor perToken, Tensor? perSequenceMean, TokenTerms terms, TokenWindow? window)
     {
         double d = window?.DataParallelSize ?? 1;
-        Tensor Sequences()
-        {
-            if (window?.Sequences is { } s) return tensor(s, dtype: terms.DType, device: perToken.device);
-            var n = CountEmptySequences
-                ? tensor((double)terms.SequenceCount, dtype: terms.DType, device: perToken.device)
-                : (terms.TokenCounts > 0).to_type(terms.DType).sum();
-            return n.clamp_min(1);
-        }
-        Tensor Tokens() => window?.Tokens is { } t
-            ? tensor(t, dtype: terms.DType, device: perToken.device)
-            : terms.Mask.sum().clamp_min(1);
+        Tensor Over(Tensor sum, double? count, Func<Tensor> local) =>
+            count is { } c ? sum * (d / c) : sum * d / local().clamp_min(1);
+        // S: the window's, else every row (a host count) or the non-empty sequences (a device count)
+        double? sequences = window?.Sequences ?? (CountEmptySequences ? Math.Max(1, terms.SequenceCount) : null);
+        Tensor LocalSequences() => terms.NonEmptySequences;
         return Aggregation switch
         {
-            TokenAggregation.TokenMean => perToken.sum() * d / Tokens(),
-            TokenAggregation.SequenceMeanTokenMean => terms.SequenceMean(perToken).sum() * d / Sequences(),
-            TokenAggregation.SequenceMeanTokenSum => perToken.sum() * d / Sequences(),
-            TokenAggregation.ConstantNormalizer => perToken.sum() * d / (Sequences() * MaxCompletionLength!.Value),
-            _ => perToken.sum() / terms.Mask.sum().clamp_min(1) / (window?.MicroBatches ?? 1),
+            TokenAggregation.TokenMean => Over(perToken.sum(), window?.Tokens, () => terms.ValidTokens),
+            TokenAggregation.SequenceMeanTokenMean => Over((perSequenceMean ?? terms.SequenceMean(perToken)).sum(), sequences, LocalSequences),
+            TokenAggregation.SequenceMeanTokenSum => Over(perToken.sum(), sequences, LocalSequences),
+            TokenAggregation.ConstantNormalizer => Over(perToken.sum() / MaxCompletionLength!.Value, sequences, LocalSequences),
+            _ => perToken.sum() / terms.ValidTokens.clamp_min(1) / (window?.MicroBatches ?? 1),
         };
     }
 

@@ -26,7 +26,7 @@ public sealed class TokenTerms
         SequenceCount = segments.Count;
         using (no_grad()) Valid = batch.Mask != 0;
         Mask = Valid.to_type(dtype);
-        Tensor Masked(Tensor t) => Numerics.As(t, dtype).where(Valid, zeros(1, dtype: dtype, device: t.device));
+        Tensor Masked(Tensor t) => MaskOut(Numerics.As(t, dtype));
         Tensor MaskedDetached(Tensor t) { using var noGrad = no_grad(); return Masked(t.detach()); }
         LogProbs = Masked(batch.LogProbs);
         OldLogProbs = batch.OldLogProbs is { } old ? MaskedDetached(old) : LogProbs.detach();
@@ -40,7 +40,7 @@ public sealed class TokenTerms
             var adv = Numerics.As(a.detach(), dtype);
             AdvantagesPerSequence = adv.dim() == 1;
             SequenceAdvantages = AdvantagesPerSequence ? adv : null;
-            Advantages = AdvantagesPerSequence ? Expand(adv) : adv.where(Valid, zeros(1, dtype: dtype, device: adv.device));
+            Advantages = AdvantagesPerSequence ? Expand(adv) : MaskOut(adv);
         }
     }
 
@@ -90,7 +90,7 @@ public sealed class TokenTerms
     public Tensor SequenceSum(Tensor perToken)
     {
         ArgumentNullException.ThrowIfNull(perToken);
-        return _segments.Reduce(perToken.where(Valid, zeros(1, dtype: perToken.dtype, device: perToken.device)));
+        return _segments.Reduce(MaskOut(perToken));
     }
 
     /// <summary>[N]: the mean of a per-token tensor over each sequence's valid tokens (0 for a sequence without one).</summary>
@@ -101,7 +101,7 @@ public sealed class TokenTerms
     {
         ArgumentNullException.ThrowIfNull(perSequence);
         var grid = _segments.Expand(perSequence).expand(Valid.shape);
-        return grid.where(Valid, zeros(1, dtype: perSequence.dtype, device: perSequence.device));
+        return MaskOut(grid);
     }
 
     /// <summary>The mean of a per-token tensor over every valid token of the micro-batch (0 without one), detached: for metrics.</summary>
@@ -109,9 +109,23 @@ public sealed class TokenTerms
     {
         ArgumentNullException.ThrowIfNull(perToken);
         using var noGrad = no_grad();
-        var x = Numerics.As(perToken.detach(), DType).where(Valid, zeros(1, dtype: DType, device: perToken.device));
-        return x.sum() / Mask.sum().clamp_min(1);
+        return MaskOut(Numerics.As(perToken.detach(), DType)).sum() / ValidTokens.clamp_min(1);
     }
+
+    /// <summary>[N, T]: <paramref name="perToken"/> where a token counts, 0 elsewhere (NaN there included); differentiable.</summary>
+    public Tensor MaskOut(Tensor perToken)
+    {
+        ArgumentNullException.ThrowIfNull(perToken);
+        return perToken.where(Valid, zeros(1, dtype: perToken.dtype, device: perToken.device));
+    }
+
+    /// <summary>The number of valid tokens of the micro-batch (0-d, compute dtype, no grad), computed once per call.</summary>
+    internal Tensor ValidTokens => _validTokens ??= Mask.sum();
+    private Tensor? _validTokens;
+
+    /// <summary>The number of sequences with at least one valid token (0-d, compute dtype, no grad), computed once per call.</summary>
+    internal Tensor NonEmptySequences => _nonEmpty ??= (TokenCounts > 0).to_type(DType).sum();
+    private Tensor? _nonEmpty;
 
     /// <summary>A side input detached and in the compute dtype.</summary>
     public Tensor Upcast(Tensor sideInput)
