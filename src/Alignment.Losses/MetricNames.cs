@@ -87,4 +87,10 @@ public static class MetricNames
     public const string RewardStd = "reward_std";
     /// <summary>Advantage estimators: fraction of completions whose group's rewards are all equal (TRL "frac_reward_zero_std").</summary>
     public const string FracRewardZeroStd = "frac_reward_zero_std";
+
+    /// <summary>Distillation: the token mean of the per-token divergence (the soft loss; Liger's soft_loss).</summary>
+    public const string DistillationDivergence = "distillation/divergence";
+
+    /// <summary>Distillation: the token mean of the student's cross-entropy on the labels (the hard loss; Liger's hard_loss).</summary>
+    public const string DistillationCrossEntropy = "distillation/cross_entropy";
 }

@@ -44,6 +44,21 @@ public sealed class TokenTerms
         }
     }
 
+    /// <summary>Terms of a loss that is not a policy gradient (distillation): the validity mask, the student's target
+    /// log-probs and the layout, for the shared reductions and metrics.</summary>
+    internal TokenTerms(Tensor valid, Tensor logProbs, Segments segments, ScalarType dtype, ValueChecks checks)
+    {
+        _segments = segments;
+        DType = dtype;
+        Checks = checks;
+        SequenceCount = segments.Count;
+        Valid = valid;
+        Mask = Valid.to_type(dtype);
+        LogProbs = MaskOut(Numerics.As(logProbs, dtype));
+        OldLogProbs = LogProbs.detach();
+        using (no_grad()) TokenCounts = segments.Reduce(Mask);
+    }
+
     /// <summary>The compute dtype: float32, or float64 when an input is float64.</summary>
     public ScalarType DType { get; }
 
