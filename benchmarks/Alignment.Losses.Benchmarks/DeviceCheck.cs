@@ -56,6 +56,36 @@ internal static class DeviceCheck
                     $"value rel err {value:G3}, grad rel err {grad:G3}, result on {rg.Loss.device_type}");
             });
 
+        // distillation, fused from both heads, every divergence (and the teacher's top-k with the student's tail): device float32 vs cpu float64
+        foreach (var divergence in new[] { TokenDivergence.Jsd(0.5), TokenDivergence.ForwardKl(), TokenDivergence.ReverseKl(0.8), TokenDivergence.TotalVariation(),
+                     TokenDivergence.ReverseKl().WithTopK(16, studentTail: true) })
+            Guarded($"distillation {divergence} on {deviceType}", () =>
+            {
+                using var scope = NewDisposeScope();
+                var g = new Generator(5);
+                var h = randn(new long[] { 4, 33, 64 }, generator: g, dtype: ScalarType.Float64);
+                var w = randn(new long[] { 1_000, 64 }, generator: g, dtype: ScalarType.Float64) / 8;
+                var ht = randn(new long[] { 4, 33, 96 }, generator: g, dtype: ScalarType.Float64);
+                var wt = randn(new long[] { 1_000, 96 }, generator: g, dtype: ScalarType.Float64) / 10;
+                var labels = randint(0, 1_000, new long[] { 4, 33 }, generator: g);
+                var loss = new DistillationLoss(new DistillationOptions { Divergence = divergence, HardWeight = 0.5, ChunkTokens = 40 });
+                double Run(Device d, ScalarType dtype, out Tensor gradW)
+                {
+                    var wd = w.to(dtype, d).requires_grad_(true);
+                    using var r = loss.Compute(DistillationStudent.FromHead(h.to(dtype, d), wd), DistillationTeacher.FromHead(ht.to(dtype, d), wt.to(dtype, d)),
+                        labels.to(d), null, LabelAlignment.ShiftByOne);
+                    r.Backward();
+                    if (r.Loss.device_type != d.type) throw new InvalidOperationException($"the loss came back on {r.Loss.device_type}");
+                    gradW = wd.grad!.cpu().to_type(ScalarType.Float64);
+                    return r.Loss.ToDouble();
+                }
+                double onDevice = Run(device, ScalarType.Float32, out var gd), reference = Run(CPU, ScalarType.Float64, out var gc);
+                double value = Math.Abs(onDevice - reference) / Math.Max(1, Math.Abs(reference));
+                double grad = (gd - gc).abs().max().ToDouble() / Math.Max(1e-12, gc.abs().max().ToDouble());
+                Report($"distillation {divergence} on {deviceType} float32 vs float64 cpu", value < 1e-4 && grad < 1e-3, $"value rel err {value:G3}, grad W rel err {grad:G3}");
+            });
+        Guarded("distillation timing", () => TimeDistillation(device, rehearse ? (256, 128, 8_192) : (4_096, 1_024, 128_256)));
+
         int vocab = rehearse ? 5_003 : 50_257;
         foreach (var dtype in new[] { ScalarType.Float32, ScalarType.BFloat16, ScalarType.Float16 })
             Guarded($"sequence log-probs {dtype}", () =>
@@ -81,6 +111,48 @@ internal static class DeviceCheck
 
         Console.WriteLine(failures == 0 ? "cuda-check: all checks passed" : $"cuda-check: {failures} check(s) FAILED");
         return failures == 0 ? 0 : 1;
+    }
+
+    /// <summary>Median time of distillation (JSD 0.5) forward + backward, fused heads vs materialised logits, as an INFO line.</summary>
+    private static void TimeDistillation(Device device, (int Tokens, int Hidden, int Vocab) shape)
+    {
+        using var scope = NewDisposeScope();
+        var (tokens, hidden, vocab) = shape;
+        var h = (randn(1, tokens, hidden, device: device) * 0.5).requires_grad_(true);
+        var w = (randn(vocab, hidden, device: device) / Math.Sqrt(hidden)).requires_grad_(true);
+        var ht = randn(1, tokens, hidden, device: device) * 0.5;
+        var wt = randn(vocab, hidden, device: device) / Math.Sqrt(hidden);
+        var labels = randint(0, vocab, new long[] { 1, tokens }, device: device);
+        var loss = new DistillationLoss();
+        void Sync() { if (device.type == DeviceType.CUDA) cuda.synchronize(device); }
+        double Time(bool fused)
+        {
+            void Step()
+            {
+                using var s = NewDisposeScope();
+                using var r = fused
+                    ? loss.Compute(DistillationStudent.FromHead(h, w), DistillationTeacher.FromHead(ht, wt), labels, null, LabelAlignment.Aligned)
+                    : loss.Compute(h.matmul(w.t()), ht.matmul(wt.t()), labels, null, LabelAlignment.Aligned);
+                r.Backward();
+                h.grad = null;
+                w.grad = null;
+            }
+            for (int i = 0; i < 2; i++) Step();
+            Sync();
+            var times = new List<double>();
+            for (int i = 0; i < 5; i++)
+            {
+                var sw = Stopwatch.StartNew();
+                Step();
+                Sync();
+                times.Add(sw.Elapsed.TotalMilliseconds);
+            }
+            times.Sort();
+            return times[2];
+        }
+        double fusedMs = Time(true), materialisedMs = Time(false);
+        Console.WriteLine($"INFO distillation JSD {tokens} tokens, H {hidden}, V {vocab}: fused heads {fusedMs:F2} ms, materialised logits {materialisedMs:F2} ms " +
+                          $"(forward + backward; one [tokens, V] fp32 = {tokens * (double)vocab * 4 / (1 << 20):F0} MiB)");
     }
 
     /// <summary>

@@ -12,6 +12,10 @@ if (args.Length == 2 && args[0] == "--crosscheck") return Alignment.Losses.Bench
 // --pg-crosscheck FILE / --pg-timing ...: the policy-gradient objectives against policy_losses.py, the same way
 if (args.Length == 2 && args[0] == "--pg-crosscheck") return Alignment.Losses.Benchmarks.PolicyGradientBench.CrossCheck(args[1]);
 if (args.Length > 0 && args[0] == "--pg-timing") return Alignment.Losses.Benchmarks.PolicyGradientBench.Timing(args[1..]);
+// --distill-crosscheck FILE / --distill-timing ... / --distill-memory PATH ...: the distillation losses against distillation_losses.py
+if (args.Length == 2 && args[0] == "--distill-crosscheck") return Alignment.Losses.Benchmarks.DistillationBench.CrossCheck(args[1]);
+if (args.Length > 0 && args[0] == "--distill-timing") return Alignment.Losses.Benchmarks.DistillationBench.Timing(args[1..]);
+if (args.Length > 1 && args[0] == "--distill-memory") return Alignment.Losses.Benchmarks.DistillationBench.Memory(args[1..]);
 // --quick-timing ...: a few losses and sizes timed the way the PyTorch peer times them (the GPU script's short run)
 if (args.Length > 0 && args[0] == "--quick-timing") return Alignment.Losses.Benchmarks.QuickTiming.Run(args[1..]);
 // --cuda-memory: peak GPU memory per case (each in a child process) and the largest RPO batch; with a case: the child

@@ -12,6 +12,8 @@
 #             xunit runner (no SDK there): every catalogued loss on CUDA against its float64 oracle, the NVRTC kernels
 #   check     --cuda-check: every benchmarked loss on CUDA vs float64 CPU, the fused log-prob kernels vs the chunked
 #             path (fp32/bf16/fp16), log-probs from bf16 logits 8 x 1024 x 128256 timed against a copy of them
+#             and the distillation losses fused from both heads (every divergence, top-k with the tail) vs float64 CPU, and
+#             JSD at 4096 tokens x H 1024 x V 128256 timed fused vs materialised
 #   cross     the PyTorch peer and the library compute the same functions (float64, values and gradients)
 #   timing    DPO and RPO (and every name in LOTTERY_LOSSES) at B = 64 and 4096, forward and forward+backward,
 #             ours (--quick-timing) and the peer's, the same method, same run

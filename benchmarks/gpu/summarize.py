@@ -89,6 +89,12 @@ def main(work):
         say(f"- {l[5:]}")
     say("")
 
+    say("## Distillation: fused heads vs materialised logits (JSD, forward + backward)")
+    say("")
+    found = lines(check, r"^INFO distillation")
+    say("\n".join(f"- {l[5:]}" for l in found) if found else "not measured")
+    say("")
+
     say("## Peak memory: fused LM-head log-probs vs materialised logits")
     say("")
     mem = read(work, "memory.log")

@@ -17,6 +17,9 @@ internal sealed record LmOptions
     public string Output { get; init; } = "lm-output";
     /// <summary>ORPO's NLL tokens: TRL's prompt and completion (default), or the completion only (--disable_prompt_loss).</summary>
     public bool OrpoPromptLoss { get; init; } = true;
+    /// <summary>--distill: distil a wider teacher into a small student instead of aligning (see Distillation.cs).</summary>
+    public bool Distill { get; init; }
+    public double DistillLearningRate { get; init; } = 1e-3;
 
     private const string Help = """
         Aligns a small causal transformer on a polite-vs-rude preference dataset with the library end to end:
@@ -37,6 +40,11 @@ internal sealed record LmOptions
           --device cpu|cuda  where to train (default cpu)
           --output DIR       output folder (default lm-output; --out also works)
           --quick            a short run for tests (sft 80, steps 40)
+          --distill          instead of aligning: distil a wider teacher (width 128, trained 2 x --sft-steps) into a small
+                             student (width 32, --sft-steps / 4 supervised steps) four ways for --steps each: sft only,
+                             GKD off-policy (JSD 0.5), GKD on-policy (reverse KL), on-policy distillation (REINFORCE);
+                             writes distill_results.csv and distill_kl.png
+          --distill-lr X     the distillation runs' learning rate (default 1e-3)
           --orpo-nll all|completion
                              ORPO's NLL over prompt and completion (all: TRL's and the authors' default) or over the
                              completion only (the authors' --disable_prompt_loss) (default all)
@@ -64,6 +72,8 @@ internal sealed record LmOptions
                     "--device" => o with { Device = Next() is var d && d is "cpu" or "cuda" ? d : throw new ArgumentException("--device must be cpu or cuda") },
                     "--output" or "--out" => o with { Output = Next() },
                     "--orpo-nll" => o with { OrpoPromptLoss = Next() switch { "all" => true, "completion" => false, var v => throw new ArgumentException($"--orpo-nll must be all or completion; got {v}") } },
+                    "--distill" => o with { Distill = true },
+                    "--distill-lr" => o with { DistillLearningRate = Real() },
                     "--quick" => o with { SftSteps = 80, Steps = 40, LogEvery = 10 },
                     "--help" or "-h" => throw new OperationCanceledException(),
                     _ => throw new ArgumentException($"unknown option {args[i]}"),

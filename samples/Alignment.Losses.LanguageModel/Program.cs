@@ -5,6 +5,7 @@
 //   dotnet run --project samples/Alignment.Losses.LanguageModel -- --losses ipo,hinge,rpo --device cuda
 //   dotnet run --project samples/Alignment.Losses.LanguageModel -- --losses kto,orpo,simpo      # unpaired, reference-free
 //   dotnet run --project samples/Alignment.Losses.LanguageModel -- --losses grpo,dapo,rloo      # online RL: sample, judge, update
+//   dotnet run --project samples/Alignment.Losses.LanguageModel -- --distill                    # a wider teacher into a small student
 using System.Diagnostics;
 using System.Globalization;
 using System.Security.Cryptography;
@@ -16,7 +17,7 @@ using ScottPlot;
 using TorchSharp;
 using static TorchSharp.torch;
 
-const int ReplyTokens = 24;                                  // the longest reply sampled (online RL, generation)
+const int ReplyTokens = Rollouts.ReplyTokens;                // the longest reply sampled (online RL, generation)
 var options = LmOptions.Parse(args);
 if (options is null) return 2;
 CultureInfo.DefaultThreadCurrentCulture = CultureInfo.InvariantCulture;
@@ -30,6 +31,7 @@ var train = corpus.Train.Select(corpus.Tokenise).ToList();
 var heldOut = corpus.HeldOut.Select(corpus.Tokenise).ToList();
 var collator = new PreferenceCollator(new PreferenceCollatorOptions { PadTokenId = Corpus.Pad, MaxPromptLength = 24, MaxLength = 48 });
 Console.WriteLine($"data: {train.Count} training and {heldOut.Count} held-out pairs, {corpus.VocabularySize} token types (cl100k_base, remapped)");
+if (options.Distill) return Distillation.Run(options, corpus, train, heldOut, collator, device);
 
 // 2. a small causal transformer, supervised on both kinds of reply: the reference is indifferent between them
 manual_seed(options.Seed);
@@ -200,7 +202,7 @@ Run AlignOnline(string name, ITokenLoss loss)
     {
         using var scope = NewDisposeScope();
         var prompts = Sample(train, promptsPerStep).Select(e => e.Prompt).ToList();
-        var rollouts = prompts.SelectMany(p => SampleReplies(model, p, G, generator).Select(reply => (Prompt: p.ToArray(), Reply: reply))).ToList();
+        var rollouts = prompts.SelectMany(p => Rollouts.Sample(model, p, G, generator, device).Select(reply => (Prompt: p.ToArray(), Reply: reply))).ToList();
         var rewards = tensor(rollouts.Select(r => (float)Corpus.Politeness(corpus.Decode(r.Reply))).ToArray()).to(device);
         using var advantages = name switch
         {
@@ -208,7 +210,7 @@ Run AlignOnline(string name, ITokenLoss loss)
             "rloo" => Advantages.Rloo(rewards, groups),
             _ => Advantages.Grpo(rewards, groups),
         };
-        var (ids, attention, labels) = CollateRollouts(rollouts);
+        var (ids, attention, labels) = Rollouts.Collate(rollouts, device);
         SequenceLogProbsResult referencePass;
         using (no_grad())
             referencePass = FusedLinearLogProbs.Compute(referenceModel.forward(ids, attention), referenceModel.Head.weight!, null, labels, null, LabelAlignment.ShiftByOne);
@@ -224,54 +226,6 @@ Run AlignOnline(string name, ITokenLoss loss)
         if (step % options.LogEvery == 0 || step == options.Steps) Evaluate(name, step, accumulator, progress, accuracy, evalSteps);
     }
     return Finish(name, evalSteps, accuracy);
-}
-
-// G replies to one prompt, sampled together (one row each) until EOS or ReplyTokens tokens; each reply ends with its EOS if it has one.
-List<int[]> SampleReplies(TinyTransformer m, IReadOnlyList<int> prompt, int count, Generator generator)
-{
-    m.eval();
-    using var scope = NewDisposeScope();
-    using var noGrad = no_grad();
-    var rows = Enumerable.Range(0, count).Select(_ => new List<int>()).ToArray();
-    var done = new bool[count];
-    var ids = tensor(prompt.Select(i => (long)i).ToArray(), device: device).unsqueeze(0).repeat(count, 1);
-    for (int t = 0; t < ReplyTokens && ids.shape[1] < m.MaxLength && !done.All(d => d); t++)
-    {
-        var logits = m.Logits(ids, ones_like(ids, dtype: ScalarType.Bool)).select(1, -1);
-        var next = multinomial(logits.softmax(1), 1, generator: generator);
-        var host = next.cpu().data<long>().ToArray();
-        for (int i = 0; i < count; i++)
-        {
-            if (done[i]) continue;
-            rows[i].Add((int)host[i]);
-            done[i] = host[i] == Corpus.Eos;
-        }
-        ids = cat(new[] { ids, next }, 1);
-    }
-    return rows.Select(r => r.ToArray()).ToList();
-}
-
-// prompt + reply rows, right-padded; labels score the reply tokens only (EOS included), -100 elsewhere
-(Tensor Ids, Tensor Attention, Tensor Labels) CollateRollouts(List<(int[] Prompt, int[] Reply)> rollouts)
-{
-    int length = rollouts.Max(r => r.Prompt.Length + r.Reply.Length);
-    var ids = new long[rollouts.Count * length];
-    var attention = new bool[ids.Length];
-    var labels = Enumerable.Repeat(-100L, ids.Length).ToArray();
-    for (int i = 0; i < rollouts.Count; i++)
-    {
-        var (p, r) = rollouts[i];
-        for (int t = 0; t < length; t++)
-        {
-            int at = i * length + t;
-            bool inPrompt = t < p.Length, inReply = !inPrompt && t < p.Length + r.Length;
-            ids[at] = inPrompt ? p[t] : inReply ? r[t - p.Length] : Corpus.Pad;
-            attention[at] = inPrompt || inReply;
-            if (inReply) labels[at] = ids[at];
-        }
-    }
-    var shape = new long[] { rollouts.Count, length };
-    return (tensor(ids, shape).to(device), tensor(attention, shape).to(device), tensor(labels, shape).to(device));
 }
 
 // every LogEvery steps: the window's metrics and the held-out reward accuracy, to the console and metrics.csv

@@ -317,6 +317,32 @@ public class PlaygroundTests
     }
 
     [Fact]
+    public void Language_model_sample_distils_a_wider_teacher_into_a_small_student_off_and_on_policy()
+    {
+        var outDir = Directory.CreateTempSubdirectory("lm-distill-").FullName;
+        try
+        {
+            var output = ProcessRunner.Ok(ProcessRunner.Dotnet(ProcessRunner.RepoRoot, TimeSpan.FromMinutes(5),
+                "run", "--project", "samples/Alignment.Losses.LanguageModel", "--", "--distill", "--quick", "--output", outDir), "language-model sample --distill");
+            Assert.Contains("teacher NLL/token", output);
+            var csv = File.ReadAllLines(Path.Combine(outDir, "distill_results.csv"));
+            var header = csv[0].Split(',');
+            int Col(string name) => Array.IndexOf(header, name);
+            var rows = csv.Skip(1).Select(r => r.Split(',')).ToDictionary(f => f[0], f => f);
+            Assert.Equal(new[] { "sft", "gkd", "gkd_on_policy", "opd" }, rows.Keys);
+            double V(string run, string column) => double.Parse(rows[run][Col(column)], System.Globalization.CultureInfo.InvariantCulture);
+            // off-policy runs lower the held-out KL(T || S) on the dataset's replies; the on-policy ones lower KL(S || T) on
+            // the student's own replies, which is what they optimise
+            foreach (var run in new[] { "sft", "gkd" })
+                Assert.True(V(run, "heldout_forward_kl_after") < V(run, "heldout_forward_kl_before") - 0.1, $"{run}: held-out KL(T||S) did not fall");
+            foreach (var run in new[] { "gkd", "gkd_on_policy", "opd" })
+                Assert.True(V(run, "own_replies_reverse_kl_after") < V(run, "own_replies_reverse_kl_before") - 0.1, $"{run}: KL(S||T) on its own replies did not fall");
+            Assert.True(File.Exists(Path.Combine(outDir, "distill_kl.png")));
+        }
+        finally { Directory.Delete(outDir, recursive: true); }
+    }
+
+    [Fact]
     public void Playground_help_explains_the_options_and_bad_options_fail_clearly()
     {
         var help = ProcessRunner.Ok(ProcessRunner.Dotnet(ProcessRunner.RepoRoot, TimeSpan.FromMinutes(5),

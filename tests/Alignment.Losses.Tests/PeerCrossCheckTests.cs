@@ -46,6 +46,12 @@ public class PeerCrossCheckTests
     public void Every_benchmarked_policy_loss_equals_the_trl_style_pytorch_peer() =>
         CrossCheck("policy_losses.py", "--pg-crosscheck", "all 7 policy losses agree with the peer");
 
+    /// <summary>The distillation losses against their TRL-, Liger- and NeMo-style peer (benchmarks/pytorch/distillation_losses.py):
+    /// TRL's generalized_jsd_loss at three betas and two temperatures, Liger's hard + soft mix, TVD, NeMo's top-k (with the tail).</summary>
+    [PeerFact]
+    public void Every_distillation_case_equals_the_trl_liger_nemo_style_pytorch_peer() =>
+        CrossCheck("distillation_losses.py", "--distill-crosscheck", "all 10 distillation cases agree with the peer");
+
     /// <summary>The peer script's --dump, then the benchmark app's cross-check of it: every line a PASS.</summary>
     static void CrossCheck(string peerScript, string appFlag, string verdict)
     {

@@ -85,7 +85,7 @@ internal static class DistillationInputs
         long elements = reference.device_type == DeviceType.CUDA ? SequenceLogProbsOptions.DefaultCudaChunkElements : SequenceLogProbsOptions.DefaultCpuChunkElements;
         var sizes = $"student {Native.Describe(student.Logits ?? student.Hidden)}, teacher {Native.Describe(teacher.Logits ?? teacher.Hidden)}, V {vocab}";
         return new Layout(reference, referenceName, reference.shape[0], reference.shape[1], vocab, vocabName, reference.device, dtype,
-            Math.Max(1, elements / vocab), sizes);
+            Math.Max(1, elements / (4 * vocab)), sizes);   // a quarter of the log-prob path's chunk: two models, ~8 [rows, V] buffers live
     }
 
     private static void Logits(Tensor l, string name)

@@ -52,8 +52,9 @@ public sealed record DistillationOptions
     /// <summary>Label value of positions to skip (default -100).</summary>
     public long IgnoreIndex { get; init; } = -100;
 
-    /// <summary>Tokens per chunk; null: as many as fit in <see cref="SequenceLogProbsOptions.DefaultCpuChunkElements"/> (CPU) or
-    /// <see cref="SequenceLogProbsOptions.DefaultCudaChunkElements"/> (CUDA) logits of one model.</summary>
+    /// <summary>Tokens per chunk; null: as many as fit in a quarter of <see cref="SequenceLogProbsOptions.DefaultCpuChunkElements"/>
+    /// (CPU) or <see cref="SequenceLogProbsOptions.DefaultCudaChunkElements"/> (CUDA) logits, since a chunk holds both models'
+    /// logits and about six more [rows, V] buffers (e.g. 64 tokens at V = 16,384 on the CPU).</summary>
     public long? ChunkTokens
     {
         get;
