@@ -113,6 +113,24 @@ internal static class DeviceCheck
         return failures == 0 ? 0 : 1;
     }
 
+    /// <summary>The median milliseconds of <paramref name="repeats"/> calls after <paramref name="warmups"/>, the device synchronised around each.</summary>
+    private static double MedianMs(Device device, Action call, int warmups, int repeats)
+    {
+        void Sync() { if (device.type == DeviceType.CUDA) cuda.synchronize(device); }
+        for (int i = 0; i < warmups; i++) call();
+        Sync();
+        var times = new List<double>();
+        for (int i = 0; i < repeats; i++)
+        {
+            var sw = Stopwatch.StartNew();
+            call();
+            Sync();
+            times.Add(sw.Elapsed.TotalMilliseconds);
+        }
+        times.Sort();
+        return times[repeats / 2];
+    }
+
     /// <summary>Median time of distillation (JSD 0.5) forward + backward, fused heads vs materialised logits, as an INFO line.</summary>
     private static void TimeDistillation(Device device, (int Tokens, int Hidden, int Vocab) shape)
     {
@@ -124,7 +142,6 @@ internal static class DeviceCheck
         var wt = randn(vocab, hidden, device: device) / Math.Sqrt(hidden);
         var labels = randint(0, vocab, new long[] { 1, tokens }, device: device);
         var loss = new DistillationLoss();
-        void Sync() { if (device.type == DeviceType.CUDA) cuda.synchronize(device); }
         double Time(bool fused)
         {
             void Step()
@@ -137,18 +154,7 @@ internal static class DeviceCheck
                 h.grad = null;
                 w.grad = null;
             }
-            for (int i = 0; i < 2; i++) Step();
-            Sync();
-            var times = new List<double>();
-            for (int i = 0; i < 5; i++)
-            {
-                var sw = Stopwatch.StartNew();
-                Step();
-                Sync();
-                times.Add(sw.Elapsed.TotalMilliseconds);
-            }
-            times.Sort();
-            return times[2];
+            return MedianMs(device, Step, warmups: 2, repeats: 5);
         }
         double fusedMs = Time(true), materialisedMs = Time(false);
         Console.WriteLine($"INFO distillation JSD {tokens} tokens, H {hidden}, V {vocab}: fused heads {fusedMs:F2} ms, materialised logits {materialisedMs:F2} ms " +
@@ -166,22 +172,7 @@ internal static class DeviceCheck
         var logits = randn(n, t, v, dtype: ScalarType.BFloat16, device: device).requires_grad_(true);
         var labels = randint(0, v, new long[] { n, t }, device: device);
         double bytes = logits.numel() * 2.0;
-        void Sync() { if (device.type == DeviceType.CUDA) cuda.synchronize(device); }
-        double Time(Action a)
-        {
-            for (int i = 0; i < 3; i++) a();
-            Sync();
-            var times = new List<double>();
-            for (int i = 0; i < 10; i++)
-            {
-                var sw = Stopwatch.StartNew();
-                a();
-                Sync();
-                times.Add(sw.Elapsed.TotalMilliseconds);
-            }
-            times.Sort();
-            return times[5];
-        }
+        double Time(Action a) => MedianMs(device, a, warmups: 3, repeats: 10);
         double copy = Time(() => { using var s = NewDisposeScope(); using var c = logits.detach().clone(); });
         double forward = Time(() => { using var s = NewDisposeScope(); using var r = SequenceLogProbs.Compute(logits, labels, null, LabelAlignment.Aligned); });
         double both = Time(() =>

@@ -167,7 +167,7 @@ internal static class DistillationBench
             var record = new Dictionary<string, object>
             {
                 ["suite"] = "Distillation", ["loss"] = fused ? "jsd_fused_heads" : "jsd_materialised", ["B"] = tokens, ["dtype"] = "float32", ["device"] = "cpu",
-                ["method"] = "ForwardBackward", ["median_us"] = Median(() => x.Step(fused), repeats), ["hidden"] = hidden, ["vocab"] = vocab,
+                ["method"] = "ForwardBackward", ["median_us"] = QuickTiming.Median(() => x.Step(fused), repeats, warmups: 3), ["hidden"] = hidden, ["vocab"] = vocab,
                 ["extra_mib"] = MemoryOf(fused ? "fused" : "materialised", tokens, hidden, vocab, threads, Chunk(args)), ["threads"] = threads,
             };
             records.Add(record);
@@ -176,27 +176,12 @@ internal static class DistillationBench
         records.Add(new Dictionary<string, object>
         {
             ["suite"] = "Distillation", ["loss"] = "jsd_from_logits", ["B"] = tokens, ["dtype"] = "float32", ["device"] = "cpu", ["method"] = "ForwardBackward",
-            ["median_us"] = Median(x.StepFromLogits, repeats), ["hidden"] = hidden, ["vocab"] = vocab, ["threads"] = threads,
+            ["median_us"] = QuickTiming.Median(x.StepFromLogits, repeats, warmups: 3), ["hidden"] = hidden, ["vocab"] = vocab, ["threads"] = threads,
         });
         Console.WriteLine(JsonSerializer.Serialize(records[^1]));
         File.WriteAllText(output, JsonSerializer.Serialize(new Dictionary<string, object> { ["library"] = "Alignment.Losses", ["device"] = "cpu", ["records"] = records },
             new JsonSerializerOptions { WriteIndented = true }));
         return 0;
-    }
-
-    /// <summary>Median microseconds of few long calls (seconds each): 3 warm-ups, then <paramref name="repeats"/> timed.</summary>
-    private static double Median(Func<double> call, int repeats)
-    {
-        for (int i = 0; i < 3; i++) call();
-        var samples = new double[repeats];
-        for (int i = 0; i < repeats; i++)
-        {
-            long start = Stopwatch.GetTimestamp();
-            call();
-            samples[i] = Stopwatch.GetElapsedTime(start).TotalMicroseconds;
-        }
-        Array.Sort(samples);
-        return samples[repeats / 2];
     }
 
     /// <summary>Runs <c>--distill-memory</c> in a child process (with the peer's malloc setting) and returns its extra MiB.</summary>

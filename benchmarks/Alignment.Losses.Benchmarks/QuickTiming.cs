@@ -76,12 +76,13 @@ internal static class QuickTiming
     /// <summary>
     /// Median microseconds per call, as the peer's <c>time_call</c>, after a warm-up of at least 20 calls and 0.5 s: the
     /// .NET JIT recompiles hot methods with full optimisation only after they have run a while (tiered compilation), which
-    /// eager Python has no counterpart of, so a 20-call warm-up would time partly unoptimised code.
+    /// eager Python has no counterpart of, so a 20-call warm-up would time partly unoptimised code. Calls of a second or
+    /// more (distillation) pass fewer <paramref name="warmups"/>: the JIT has long finished by then.
     /// </summary>
-    internal static double Median(Func<double> call, int repeats)
+    internal static double Median(Func<double> call, int repeats, int warmups = 20)
     {
         var warm = Stopwatch.StartNew();
-        for (int i = 0; i < 20 || warm.ElapsedMilliseconds < 500; i++) call();
+        for (int i = 0; i < warmups || warm.ElapsedMilliseconds < 500; i++) call();
         var samples = new double[repeats];
         for (int i = 0; i < repeats; i++)
         {
