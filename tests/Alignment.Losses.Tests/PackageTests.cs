@@ -53,6 +53,19 @@ public class PackageTests
     }
 
     [Fact]
+    public void Mpi_package_depends_on_the_core_package_and_mpi_net_only()
+    {
+        _pkg.EnsurePacked();
+        using var zip = ZipFile.OpenRead(_pkg.MpiPackage);
+        var names = zip.Entries.Select(e => e.FullName).ToHashSet();
+        foreach (var required in new[] { "README.md", "LICENSE", "lib/net8.0/Alignment.Losses.Mpi.dll", "lib/net10.0/Alignment.Losses.Mpi.xml" })
+            Assert.Contains(required, names);
+        var nuspec = XDocument.Load(zip.Entries.Single(e => e.FullName.EndsWith(".nuspec", StringComparison.Ordinal)).Open());
+        var deps = nuspec.Descendants().Where(e => e.Name.LocalName == "dependency").Select(e => (string)e.Attribute("id")!).Distinct().Order().ToList();
+        Assert.Equal(new[] { "Alignment.Losses", "MPI.NET" }, deps);
+    }
+
+    [Fact]
     public void A_fresh_consumer_project_restores_builds_and_runs_the_rpo_one_liner()
     {
         _pkg.EnsurePacked();

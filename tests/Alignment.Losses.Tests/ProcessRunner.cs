@@ -91,8 +91,9 @@ public sealed class PackageFixture : IDisposable
         Version = $"0.1.0-test.{DateTime.UtcNow:yyyyMMddHHmmss}{Environment.ProcessId}";
         Root = Directory.CreateTempSubdirectory("alignment-losses-pkg-").FullName;
         Feed = Path.Combine(Root, "feed");
-        // the core package, and the second package (Microsoft.Extensions.Logging sink) that depends on it
-        foreach (var project in new[] { "src/Alignment.Losses/Alignment.Losses.csproj", "src/Alignment.Losses.Logging/Alignment.Losses.Logging.csproj" })
+        // the core package, and the extra packages (Microsoft.Extensions.Logging sink, MPI collectives) that depend on it
+        foreach (var project in new[] { "src/Alignment.Losses/Alignment.Losses.csproj", "src/Alignment.Losses.Logging/Alignment.Losses.Logging.csproj",
+                     "src/Alignment.Losses.Mpi/Alignment.Losses.Mpi.csproj" })
         {
             var r = ProcessRunner.Dotnet(ProcessRunner.RepoRoot, TimeSpan.FromMinutes(5), "pack", project, "-c", "Release", "-o", Feed, $"-p:Version={Version}");
             PackOutput += r.Output;
@@ -107,6 +108,7 @@ public sealed class PackageFixture : IDisposable
     public int PackExitCode { get; }
     public string Package => Path.Combine(Feed, $"Alignment.Losses.{Version}.nupkg");
     public string LoggingPackage => Path.Combine(Feed, $"Alignment.Losses.Logging.{Version}.nupkg");
+    public string MpiPackage => Path.Combine(Feed, $"Alignment.Losses.Mpi.{Version}.nupkg");
 
     public void EnsurePacked() => Assert.True(PackExitCode == 0, "dotnet pack failed:\n" + PackOutput);
 

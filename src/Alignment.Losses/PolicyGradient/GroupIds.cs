@@ -38,6 +38,12 @@ public sealed class GroupIds
         return new GroupIds(0, host.data<long>().ToArray());
     }
 
+    /// <summary>The ids (null for contiguous groups).</summary>
+    internal long[]? Ids => _ids;
+
+    /// <summary>The group size of contiguous groups (0 for ids).</summary>
+    internal int Size => _size;
+
     /// <summary>The group index (0..groups-1) of each of <paramref name="n"/> completions, and the number of groups.</summary>
     internal (int[] Group, int Count) Resolve(long n, string name)
     {

@@ -1,0 +1,128 @@
+using Alignment.Losses.Internal;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace Alignment.Losses;
+
+/// <summary>
+/// Two-phase batch statistics over an optimiser step's window (spec §14): local partial statistics, combined across
+/// ranks through an <see cref="ICollectives"/>, then applied, so that a batch split over ranks and gradient-accumulation
+/// steps gives the objective of the whole batch.
+/// </summary>
+public static class GlobalBatch
+{
+    /// <summary>
+    /// The window's counts before its micro-batches run (TRL's num_items_in_batch, over the right window): the valid tokens
+    /// and sequences of every micro-batch of every rank (one all-reduce of two numbers), this rank's number of
+    /// micro-batches, and the data-parallel size.
+    /// </summary>
+    /// <param name="microBatches">This rank's micro-batches of the window (their masks and layouts; nothing is computed).</param>
+    /// <param name="collectives">The ranks; null: this process alone.</param>
+    /// <param name="countEmptySequences">Count sequences without a valid token too (TRL's mean over rows; the factory of a
+    /// reduction with <see cref="TokenReduction.CountEmptySequences"/> should match).</param>
+    /// <param name="gradientsAveraged">True (default) when the engine averages gradients over ranks (DDP,
+    /// <see cref="Collectives.AverageGradients"/>): <see cref="TokenWindow.DataParallelSize"/> is then the world size; false
+    /// when it sums them (1).</param>
+    /// <exception cref="ArgumentException">No micro-batch, or the window has no valid token on any rank.</exception>
+    public static TokenWindow CountWindow(IEnumerable<TokenBatch> microBatches, ICollectives? collectives = null, bool countEmptySequences = false,
+        bool gradientsAveraged = true)
+    {
+        ArgumentNullException.ThrowIfNull(microBatches);
+        var list = microBatches.ToList();
+        if (list.Count == 0) throw new ArgumentException("A window has at least one micro-batch on each rank.", nameof(microBatches));
+        double tokens = 0, sequences = 0;
+        using (var scope = NewDisposeScope())
+        using (no_grad())
+        {
+            foreach (var (b, i) in list.Select((b, i) => (b, i)))
+            {
+                if (b is null) throw new ArgumentException($"microBatches[{i}] is null.", nameof(microBatches));
+                Guard.Usable(b.Mask, $"microBatches[{i}].Mask");
+                Guard.Usable(b.LogProbs, $"microBatches[{i}].LogProbs");
+                var valid = (b.Mask != 0).to_type(ScalarType.Float64);
+                var perSequence = b.SegmentsFor(b.LogProbs).Reduce(valid);
+                tokens += valid.sum().ToDouble();
+                sequences += countEmptySequences ? perSequence.shape[0] : (perSequence > 0).sum().ToDouble();
+            }
+        }
+        return Window(tokens, sequences, list.Count, collectives, gradientsAveraged);
+    }
+
+    /// <summary>The window's counts from padded masks [N, T] (nonzero where a token counts), one per micro-batch of this rank.</summary>
+    /// <param name="masks">This rank's micro-batches' masks.</param>
+    /// <param name="collectives">The ranks; null: this process alone.</param>
+    /// <param name="countEmptySequences">Count rows without a valid token too.</param>
+    /// <param name="gradientsAveraged">True (default) when the engine averages gradients over ranks.</param>
+    public static TokenWindow CountWindow(IEnumerable<Tensor> masks, ICollectives? collectives = null, bool countEmptySequences = false,
+        bool gradientsAveraged = true)
+    {
+        ArgumentNullException.ThrowIfNull(masks);
+        return CountWindow(masks.Select(m => new TokenBatch(m, m)), collectives, countEmptySequences, gradientsAveraged);
+    }
+
+    private static TokenWindow Window(double tokens, double sequences, int microBatches, ICollectives? collectives, bool gradientsAveraged)
+    {
+        var c = collectives ?? Collectives.SingleProcess;
+        var sums = c.AllReduceSum(new[] { tokens, sequences });
+        if (!(sums[0] > 0))
+            throw new ArgumentException($"The window has no valid token on any of its {c.WorldSize} rank(s): there is nothing to train on.", "microBatches");
+        return new TokenWindow
+        {
+            Tokens = sums[0],
+            Sequences = Math.Max(1, sums[1]),
+            DataParallelSize = gradientsAveraged ? c.WorldSize : 1,
+            MicroBatches = microBatches,
+        };
+    }
+
+    /// <summary>
+    /// A group-relative advantage estimator over the whole data-parallel batch: every rank's rewards (and group ids) are
+    /// gathered, <paramref name="estimator"/> runs on the global batch (so a group may span ranks, and batch-level scaling
+    /// uses the global std), and this rank gets its own rows back. The metrics are the global batch's, identical on every
+    /// rank. Exchanges two numbers per completion.
+    /// </summary>
+    /// <param name="collectives">The ranks.</param>
+    /// <param name="rewards">This rank's rewards [n_r] (NaN = unscorable).</param>
+    /// <param name="groups">Contiguous groups (each rank must hold whole groups: n_r a multiple of G) or ids that mean the same
+    /// prompt on every rank (a prompt's uid), in which case groups may span ranks.</param>
+    /// <param name="estimator">e.g. <c>(r, g) =&gt; Advantages.Grpo(r, g)</c>, run on the global rewards.</param>
+    /// <exception cref="ArgumentException">The rewards are not [n] floating, or contiguous groups are cut by a rank.</exception>
+    public static AdvantageResult Advantages(ICollectives collectives, Tensor rewards, GroupIds groups, Func<Tensor, GroupIds, AdvantageResult> estimator)
+    {
+        ArgumentNullException.ThrowIfNull(collectives);
+        ArgumentNullException.ThrowIfNull(groups);
+        ArgumentNullException.ThrowIfNull(estimator);
+        Guard.Usable(rewards, nameof(rewards));
+        if (rewards.dim() != 1) throw new ArgumentException($"rewards must be [n] (one per completion on this rank); got {Guard.Shape(rewards)}.", nameof(rewards));
+        Guard.Floating(rewards, nameof(rewards));
+        double[] local;
+        using (var host = rewards.detach().to(ScalarType.Float64, CPU).contiguous()) local = host.data<double>().ToArray();
+        var (offset, length, all) = Collectives.Concatenate(collectives.AllGather(local), collectives.Rank);
+        GroupIds global;
+        if (groups.Ids is { } ids)
+        {
+            if (ids.Length != local.Length)
+                throw new ArgumentException($"the group ids hold {ids.Length} entries but rewards has {local.Length} on rank {collectives.Rank}.", nameof(groups));
+            var (_, _, allIds) = Collectives.Concatenate(collectives.AllGather(ids.Select(i => (double)i).ToArray()), collectives.Rank);
+            global = GroupIds.FromIds(allIds.Select(i => (long)i).ToArray());
+        }
+        else
+        {
+            var counts = collectives.AllGather(new[] { (double)local.Length });
+            int bad = Array.FindIndex(counts, c => (long)c[0] % groups.Size != 0);
+            if (bad >= 0)
+                throw new ArgumentException(
+                    $"rank {bad} holds {(long)counts[bad][0]} completions, not a multiple of the group size {groups.Size}: with contiguous groups each rank must hold whole groups " +
+                    "(or pass GroupIds.FromIds with the prompts' ids, which may span ranks).", nameof(groups));
+            global = groups;
+        }
+        using var scope = NewDisposeScope();
+        var dtype = rewards.dtype == ScalarType.Float64 ? ScalarType.Float64 : ScalarType.Float32;
+        using var allRewards = tensor(all, dtype: ScalarType.Float64).to(dtype, rewards.device);
+        using var whole = estimator(allRewards, global) ?? throw new InvalidOperationException("The estimator returned null.");
+        var mine = whole.Values.narrow(0, offset, length).clone();
+        var result = new AdvantageResult(mine, whole.Metrics);
+        scope.MoveToOuter(mine);
+        return result;
+    }
+}

@@ -1,0 +1,153 @@
+using System.Diagnostics;
+using Alignment.Losses;
+using Alignment.Losses.MpiRanks;
+
+namespace Alignment.Losses.Tests;
+
+/// <summary>Runs where MPICH's launcher is installed (Debian: apt-get install mpich; .ci/run installs it); skipped with the reason otherwise.</summary>
+public sealed class MpiFactAttribute : FactAttribute
+{
+    public MpiFactAttribute()
+    {
+        if (DistributedTests.Mpiexec.Value is null)
+            Skip = "mpiexec.mpich is not installed here (apt-get install mpich provides it); the multi-process MPI tests run where it is.";
+    }
+}
+
+/// <summary>
+/// Batch statistics across ranks (spec §14): the same sharded GRPO check on in-process ranks (threads) and on real MPI
+/// processes (mpiexec.mpich -n 2 and 4 on localhost), the window counter, gradient averaging, and the failure modes: a
+/// wrong world size and a dead rank end with clear errors instead of hanging.
+/// </summary>
+[Collection("Processes")]
+public class DistributedTests
+{
+    internal static readonly Lazy<string?> Mpiexec = new(() =>
+        Environment.GetEnvironmentVariable("PATH")?.Split(Path.PathSeparator).Select(d => Path.Combine(d, "mpiexec.mpich")).FirstOrDefault(File.Exists));
+
+    static (bool Ok, string Line)[] OnThreads(int world, Func<ICollectives, (bool, string)> body)
+    {
+        var ranks = Collectives.InProcess(world, TimeSpan.FromSeconds(30));
+        var results = new (bool, string)[world];
+        var failures = new Exception?[world];
+        var threads = Enumerable.Range(0, world).Select(r => new Thread(() =>
+        {
+            try { results[r] = body(ranks[r]); }
+            catch (Exception e) { failures[r] = e; }
+        })).ToArray();
+        foreach (var t in threads) t.Start();
+        foreach (var t in threads) t.Join();
+        if (failures.FirstOrDefault(f => f is not null) is { } failure) throw new Xunit.Sdk.XunitException(failure.ToString());
+        return results;
+    }
+
+    [Theory]
+    [InlineData(1)]
+    [InlineData(2)]
+    [InlineData(3)]
+    [InlineData(5)]
+    public void A_batch_split_across_in_process_ranks_and_micro_batches_gives_the_whole_batch(int world)
+    {
+        foreach (var (ok, line) in OnThreads(world, ShardedGrpoCheck.Run)) Assert.True(ok, line);
+    }
+
+    [Fact]
+    public void The_window_counter_sums_tokens_and_sequences_over_micro_batches_and_ranks()
+    {
+        var windows = OnThreads(2, c =>
+        {
+            using var scope = NewDisposeScope();
+            // rank 0: lengths 2, 0 | 3; rank 1: lengths 1 | 4, 4 (one empty sequence in all)
+            Tensor Mask(params int[] lengths) => arange(5).unsqueeze(0) < tensor(lengths.Select(l => (long)l).ToArray()).unsqueeze(1);
+            var masks = c.Rank == 0 ? new[] { Mask(2, 0), Mask(3) } : new[] { Mask(1), Mask(4, 4) };
+            var w = GlobalBatch.CountWindow(masks, c);
+            var all = GlobalBatch.CountWindow(masks, c, countEmptySequences: true, gradientsAveraged: false);
+            return (w.Tokens == 14 && w.Sequences == 5 && w.DataParallelSize == 2 && w.MicroBatches == 2 && all.Sequences == 6 && all.DataParallelSize == 1,
+                $"{w} / {all}");
+        });
+        foreach (var (ok, line) in windows) Assert.True(ok, line);
+        using var scope = NewDisposeScope();
+        var e = Assert.Throws<ArgumentException>(() => GlobalBatch.CountWindow(new[] { zeros(2, 3) }));
+        Assert.Contains("no valid token", e.Message);
+        Assert.Throws<ArgumentException>(() => GlobalBatch.CountWindow(Array.Empty<Tensor>()));
+    }
+
+    [Fact]
+    public void Contiguous_groups_cut_by_a_rank_are_refused_and_ids_may_span_ranks()
+    {
+        var results = OnThreads(2, c =>
+        {
+            using var scope = NewDisposeScope();
+            var rewards = c.Rank == 0 ? tensor(new[] { 1.0, 0, 1 }) : tensor(new[] { 0.0 });
+            var e = Assert.Throws<ArgumentException>(() => GlobalBatch.Advantages(c, rewards, GroupIds.Contiguous(2), (r, g) => Advantages.Grpo(r, g)));
+            // the same rows as one prompt's group of 4 by id: the advantages of [1, 0, 1, 0] in one group
+            using var a = GlobalBatch.Advantages(c, rewards, GroupIds.FromIds(c.Rank == 0 ? new long[] { 7, 7, 7 } : new long[] { 7 }), (r, g) => Advantages.Grpo(r, g));
+            var values = TensorUtil.Values(a.Values);
+            bool ok = e.Message.Contains("rank 0 holds 3 completions") && values.All(v => Math.Abs(Math.Abs(v) - 0.865875) < 1e-6)
+                      && a.Metrics[MetricNames.Reward] == 0.5;
+            return (ok, $"{e.Message} / {string.Join(", ", values)}");
+        });
+        foreach (var (ok, line) in results) Assert.True(ok, line);
+    }
+
+    [Fact]
+    public void Averaging_gradients_gives_every_rank_the_mean()
+    {
+        var results = OnThreads(3, c =>
+        {
+            using var scope = NewDisposeScope();
+            var p = zeros(2, 2).requires_grad_(true);
+            var q = zeros(3).requires_grad_(true);                       // no rank has a gradient: it stays without one
+            (p * (c.Rank + 1)).sum().backward();
+            c.AverageGradients(new[] { p, q });
+            return (p.grad!.allclose(full(2, 2, 2.0f)) && q.grad is null, $"{p.grad}");
+        });
+        foreach (var (ok, line) in results) Assert.True(ok, line);
+    }
+
+    [Fact]
+    public void A_rank_that_never_arrives_times_out_with_a_clear_error_instead_of_hanging()
+    {
+        var ranks = Collectives.InProcess(2, TimeSpan.FromMilliseconds(300));
+        var sw = Stopwatch.StartNew();
+        var e = Assert.Throws<TimeoutException>(() => ranks[0].AllReduceSum(new[] { 1.0 }));
+        Assert.True(sw.Elapsed < TimeSpan.FromSeconds(10));
+        Assert.Contains("waited", e.Message);
+        Assert.Contains("a rank failed or stopped", e.Message);
+        Assert.Equal(new[] { 3.0 }, Collectives.SingleProcess.AllReduceSum(new[] { 3.0 }));
+        Assert.Single(Collectives.SingleProcess.AllGather(new[] { 1.0, 2.0 }));
+    }
+
+    // ---- real processes ----
+
+    static string RanksApp => Path.Combine(
+        AppContext.BaseDirectory.Replace("Alignment.Losses.Tests" + Path.DirectorySeparatorChar + "bin", "Alignment.Losses.MpiRanks" + Path.DirectorySeparatorChar + "bin", StringComparison.Ordinal),
+        "Alignment.Losses.MpiRanks.dll");
+
+    static ProcessRunner.Result Mpi(int ranks, params string[] args) =>
+        ProcessRunner.Run(Mpiexec.Value!, ProcessRunner.RepoRoot, TimeSpan.FromMinutes(2), new[] { "-n", $"{ranks}", "dotnet", RanksApp }.Concat(args).ToArray());
+
+    [MpiFact]
+    public void Over_mpi_processes_the_split_batch_gives_the_whole_batch_on_every_rank()
+    {
+        foreach (int n in new[] { 2, 4 })
+        {
+            var r = Mpi(n);
+            Assert.True(r.ExitCode == 0, $"mpiexec -n {n}: exit {r.ExitCode}\n{r.Output}");
+            for (int rank = 0; rank < n; rank++) Assert.Contains($"rank {rank} of {n}: PASS", r.Output);
+        }
+    }
+
+    [MpiFact]
+    public void Over_mpi_a_wrong_world_size_and_a_dead_rank_fail_clearly_and_quickly()
+    {
+        var wrong = Mpi(2, "--expect-world", "3");
+        Assert.NotEqual(0, wrong.ExitCode);
+        Assert.Contains("runs on 2 MPI rank(s) but expects 3", wrong.Output);
+        var sw = Stopwatch.StartNew();
+        var dead = Mpi(3, "--die-rank", "1");
+        Assert.NotEqual(0, dead.ExitCode);
+        Assert.Contains("rank 1: dying", dead.Output);
+        Assert.True(sw.Elapsed < TimeSpan.FromSeconds(60), $"the job took {sw.Elapsed} to end after a rank died");
+    }
+}
