@@ -106,6 +106,57 @@ public class DistributedTests
     }
 
     [Fact]
+    public void Kto_with_the_global_reference_point_gives_the_whole_batch_across_ranks_and_micro_batches()
+    {
+        using var scope = NewDisposeScope();
+        var g = new Generator(3);
+        Tensor R(long n) => -1 - 5 * rand(new long[] { n }, generator: g, dtype: ScalarType.Float64);
+        var (chosen, rejected, refChosen, refRejected) = (R(6), R(4), R(6), R(4));
+        var (mPolicy, mReference) = (R(10), R(10));        // the 10 mismatched pairs, as the collator builds them per example
+        var kto = new KtoLoss(new KtoOptions { Beta = 0.2 });
+        PreferenceBatch Batch(Tensor c, Tensor r, Tensor rc, Tensor rr, Tensor? z0, MismatchedLogps? m) =>
+            new(PreferenceLogps.Unpaired(c, r), PreferenceLogps.Unpaired(rc, rr)) { Mismatched = m, KlDivergence = z0 };
+        double whole;
+        using (var r = kto.Compute(Batch(chosen, rejected, refChosen, refRejected, null, new MismatchedLogps(mPolicy, mReference)))) whole = r.Loss.ToDouble();
+
+        // 2 ranks x 2 micro-batches: rank 0 holds chosen 0-3 and rejected 0-1, rank 1 the rest; mismatched pairs split alike
+        var results = OnThreads(2, c =>
+        {
+            using var inner = NewDisposeScope();
+            var parts = c.Rank == 0
+                ? new[] { (C: (0, 1), Rj: (0, 1), M: (0, 2)), (C: (1, 3), Rj: (1, 1), M: (2, 4)) }
+                : new[] { (C: (4, 2), Rj: (2, 0), M: (6, 2)), (C: (6, 0), Rj: (2, 2), M: (8, 2)) };
+            var z0 = GlobalBatch.KtoReferencePoint(c, parts.Select(p => new MismatchedLogps(mPolicy.narrow(0, p.M.Item1, p.M.Item2), mReference.narrow(0, p.M.Item1, p.M.Item2))));
+            double share = 0;
+            foreach (var p in parts)
+            {
+                using var r = kto.Compute(Batch(chosen.narrow(0, p.C.Item1, p.C.Item2), rejected.narrow(0, p.Rj.Item1, p.Rj.Item2),
+                    refChosen.narrow(0, p.C.Item1, p.C.Item2), refRejected.narrow(0, p.Rj.Item1, p.Rj.Item2), z0, null));
+                share += r.Loss.ToDouble() * (p.C.Item2 + p.Rj.Item2) / 10.0;    // this micro-batch's share of the window's 10 examples
+            }
+            double total = c.AllReduceSum(new[] { share })[0];
+            return (Math.Abs(total - whole) < 1e-12, $"rank {c.Rank}: {total:R} vs {whole:R}");
+        });
+        foreach (var (ok, line) in results) Assert.True(ok, line);
+    }
+
+    [Fact]
+    public void The_bco_baseline_advances_once_per_step_with_the_global_mean_identically_on_every_rank()
+    {
+        var all = new[] { 0.5, -1.0, 2.0, 0.25, 1.5 };
+        var single = new BcoRewardBaseline();
+        single.Update(all);
+        var results = OnThreads(2, c =>
+        {
+            using var scope = NewDisposeScope();
+            var baseline = new BcoRewardBaseline { Training = false };
+            GlobalBatch.AdvanceBaseline(c, baseline, tensor(c.Rank == 0 ? all.Take(2).ToArray() : all.Skip(2).ToArray()));
+            return (Math.Abs(baseline.Mean - single.Mean) < 1e-15 && baseline.Count == 5, $"rank {c.Rank}: {baseline.Mean} ({baseline.Count}) vs {single.Mean}");
+        });
+        foreach (var (ok, line) in results) Assert.True(ok, line);
+    }
+
+    [Fact]
     public void A_rank_that_never_arrives_times_out_with_a_clear_error_instead_of_hanging()
     {
         var ranks = Collectives.InProcess(2, TimeSpan.FromMilliseconds(300));

@@ -125,4 +125,65 @@ public static class GlobalBatch
         scope.MoveToOuter(mine);
         return result;
     }
+
+    /// <summary>
+    /// KTO's reference point over the whole window (spec §14): the global sum of the mismatched pairs' log-ratios
+    /// l_pol - l_ref over their global count, from every micro-batch of every rank (one all-reduce of two numbers), not a
+    /// mean of per-rank means. Pass it as <see cref="PreferenceBatch.KlDivergence"/> to every micro-batch's
+    /// <see cref="KtoLoss"/>, which applies max(0, ·); weigh each micro-batch's loss by its share of the window's examples
+    /// (<see cref="Metrics.MetricsAccumulator.Share"/>) so the sum is the window's mean.
+    /// </summary>
+    /// <param name="collectives">The ranks; null: this process alone.</param>
+    /// <param name="mismatched">This rank's mismatched pairs of the window, one per micro-batch.</param>
+    /// <returns>A 0-d float64 tensor (detached) on the first pair's device.</returns>
+    /// <exception cref="ArgumentException">No pairs, mismatched lengths, or non-finite log-probs.</exception>
+    public static Tensor KtoReferencePoint(ICollectives? collectives, IEnumerable<MismatchedLogps> mismatched)
+    {
+        ArgumentNullException.ThrowIfNull(mismatched);
+        var list = mismatched.ToList();
+        if (list.Count == 0) throw new ArgumentException("Give at least one micro-batch's mismatched pairs.", nameof(mismatched));
+        double sum = 0, count = 0;
+        using (var scope = NewDisposeScope())
+        using (no_grad())
+        {
+            foreach (var (m, i) in list.Select((m, i) => (m, i)))
+            {
+                if (m is null) throw new ArgumentException($"mismatched[{i}] is null.", nameof(mismatched));
+                Guard.Usable(m.Policy, $"mismatched[{i}].Policy");
+                Guard.Usable(m.Reference, $"mismatched[{i}].Reference");
+                Guard.SameLength(m.Policy, $"mismatched[{i}].Policy", m.Reference, $"mismatched[{i}].Reference");
+                var ratio = m.Policy.detach().to_type(ScalarType.Float64) - m.Reference.detach().to_type(ScalarType.Float64).to(m.Policy.device);
+                sum += ratio.sum().ToDouble();
+                count += ratio.numel();
+            }
+        }
+        if (!double.IsFinite(sum)) throw new ArgumentException("The mismatched pairs' log-probs hold NaN or Inf.", nameof(mismatched));
+        var global = (collectives ?? Collectives.SingleProcess).AllReduceSum(new[] { sum, count });
+        if (!(global[1] > 0)) throw new ArgumentException("No rank gave a mismatched pair: KTO's reference point is undefined.", nameof(mismatched));
+        var z0 = tensor(global[0] / global[1], dtype: ScalarType.Float64, device: list[0].Policy.device);
+        return z0;
+    }
+
+    /// <summary>
+    /// Advances BCO's running reward mean once per optimiser step with the global batch's rewards: their sum and count
+    /// over every rank (one all-reduce of two numbers), so the baseline is identical on every rank. Use it with
+    /// <see cref="BcoRewardBaseline.Training"/> = false during the step's micro-batches (the loss then reads the
+    /// baseline without updating it). The rewards are beta (l_pol - l_ref) of the step's chosen and rejected examples.
+    /// </summary>
+    /// <param name="collectives">The ranks; null: this process alone.</param>
+    /// <param name="baseline">The baseline to advance (the same state on every rank).</param>
+    /// <param name="rewards">This rank's rewards of the step (any shape; detached here).</param>
+    /// <exception cref="ArgumentException">Non-finite rewards.</exception>
+    public static void AdvanceBaseline(ICollectives? collectives, BcoRewardBaseline baseline, Tensor rewards)
+    {
+        ArgumentNullException.ThrowIfNull(baseline);
+        Guard.Usable(rewards, nameof(rewards));
+        Guard.Floating(rewards, nameof(rewards));
+        double sum;
+        using (var scope = NewDisposeScope())
+        using (no_grad()) sum = rewards.detach().to_type(ScalarType.Float64).sum().ToDouble();
+        if (!double.IsFinite(sum)) throw new ArgumentException("rewards hold NaN or Inf.", nameof(rewards));
+        var global = (collectives ?? Collectives.SingleProcess).AllReduceSum(new[] { sum, (double)rewards.numel() });
+        if (global[1] > 0) baseline.Update(global[0] / global[1], (long)global[1]);
+    }
 }
