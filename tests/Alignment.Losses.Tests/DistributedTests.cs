@@ -157,6 +157,38 @@ public class DistributedTests
     }
 
     [Fact]
+    public void Metrics_computed_over_ranks_are_the_global_batchs_weighted_means_on_every_rank()
+    {
+        // what one accumulator sees for the whole batch
+        var whole = new Metrics.MetricsAccumulator();
+        var parts = new[] { ("loss", 1.0, 3.0), ("kl", 0.2, 3.0), ("loss", 2.0, 1.0), ("kl", 0.6, 1.0), ("loss", 4.0, 4.0), ("kl", 0.1, 4.0) };
+        foreach (var (n, v, w) in parts) whole.Add(n, v, w);
+        var s1 = new LogProbStatistics(2, 4, 1, 2, 0.5, 0.25, 2);
+        var s2 = new LogProbStatistics(3, 6, 2, 3, 1.5, 0.75, 3);
+        whole.Add(s1 + s2);
+        var expected = whole.Compute();
+        var results = OnThreads(2, c =>
+        {
+            var a = new Metrics.MetricsAccumulator();
+            foreach (var (n, v, w) in c.Rank == 0 ? parts.Take(4) : parts.Skip(4)) a.Add(n, v, w);
+            a.Add(c.Rank == 0 ? s1 : s2);
+            var global = a.Flush(c);
+            bool ok = global.Count == expected.Count && expected.All(kv => Math.Abs(global[kv.Key] - kv.Value) < 1e-15) && a.Count == 0;
+            return (ok, string.Join(", ", global.Select(kv => $"{kv.Key}={kv.Value}")));
+        });
+        foreach (var (ok, line) in results) Assert.True(ok, line);
+        // ranks reporting different metrics are told so
+        var mismatch = OnThreads(2, c =>
+        {
+            var a = new Metrics.MetricsAccumulator();
+            a.Add(c.Rank == 0 ? "loss" : "kl", 1);
+            var e = Assert.Throws<InvalidOperationException>(() => a.Compute(c));
+            return (e.Message.Contains("other metrics than rank 0"), e.Message);
+        });
+        foreach (var (ok, line) in mismatch) Assert.True(ok, line);
+    }
+
+    [Fact]
     public void A_rank_that_never_arrives_times_out_with_a_clear_error_instead_of_hanging()
     {
         var ranks = Collectives.InProcess(2, TimeSpan.FromMilliseconds(300));

@@ -11,7 +11,7 @@ namespace Alignment.Losses.Metrics;
 /// <remarks>
 /// <para>Train and evaluate with two accumulators: <c>new MetricsAccumulator()</c> and <c>new MetricsAccumulator("eval_")</c>
 /// (TRL's evaluation prefix). Call <see cref="Add(PreferenceLossResult)"/> for every micro-batch, and
-/// <see cref="Flush"/> when you log: it returns the window's averages and starts a new window.</para>
+/// <see cref="Flush()"/> when you log: it returns the window's averages and starts a new window.</para>
 /// <para>Exact for every objective whose loss is a mean of per-pair terms (the DPO family, IPO, hinge, EXO, NCA, BCO,
 /// APO, SPO without its KL, ODPO, SPPO, CPO-style NLL terms weighted per pair): the example-weighted mean of micro-batch
 /// losses and metrics equals the full batch's. Not exact where a batch term couples examples: RPO (its contrast matrix
@@ -85,7 +85,7 @@ public sealed class MetricsAccumulator
     /// The number of examples a metric is a mean over: the pairs (or all examples), except for unpaired batches, whose
     /// chosen-side metrics are means over the D desirable examples, rejected-side ones over the U undesirable ones, and
     /// rewards/accuracies over the D x U (desirable, undesirable) combinations. An empty side then weighs 0 instead of
-    /// counting as a 0. rewards/margins is kept as chosen minus rejected (<see cref="Flush"/>).
+    /// counting as a 0. rewards/margins is kept as chosen minus rejected (<see cref="Flush()"/>).
     /// </summary>
     private static double MetricWeight(PreferenceLossResult result, string name, double examples)
     {
@@ -115,24 +115,74 @@ public sealed class MetricsAccumulator
     }
 
     /// <summary>The window's weighted averages so far, prefixed, in the order names first appeared (statistics last).</summary>
-    public IReadOnlyDictionary<string, double> Compute()
+    public IReadOnlyDictionary<string, double> Compute() =>
+        Averages(_order.Select(n => _values[n]).ToArray(), _statistics, _unpaired);
+
+    /// <summary>
+    /// The window's weighted averages over every rank: each metric's weighted sum and weight, the log-prob statistics'
+    /// sums and the unpaired flag are all-reduced (one all-reduce, plus one all-gather that checks the ranks report the same
+    /// metrics in the same order), so the result is the global batch's, identical on every rank. A collective: every rank
+    /// calls it at the same point.
+    /// </summary>
+    /// <param name="collectives">The ranks.</param>
+    /// <exception cref="InvalidOperationException">The ranks hold different metric names (or orders).</exception>
+    public IReadOnlyDictionary<string, double> Compute(ICollectives collectives)
+    {
+        ArgumentNullException.ThrowIfNull(collectives);
+        var fingerprint = _order.Select(NameCode).Prepend(_order.Count).ToArray();
+        var all = collectives.AllGather(fingerprint);
+        int differs = Array.FindIndex(all, f => !f.SequenceEqual(all[0]));
+        if (differs >= 0)
+            throw new InvalidOperationException(
+                $"Rank {differs} reports other metrics than rank 0 (this rank, {collectives.Rank}, has {string.Join(", ", _order)}): every rank must add the same " +
+                "losses and metrics in the same order before a global Compute.");
+        var local = new List<double>();
+        foreach (var name in _order) { var (sum, weight) = _values[name]; local.Add(sum); local.Add(weight); }
+        var st = _statistics ?? default;
+        local.AddRange(new[] { st.EntropySum, st.Tokens, st.ChosenCorrect, st.ChosenTokens, st.ChosenLogitSum, st.RejectedLogitSum, st.RejectedTokens });
+        local.Add(_statistics is null ? 0 : 1);
+        local.Add(_unpaired ? 1 : 0);
+        var g = collectives.AllReduceSum(local.ToArray());
+        var values = Enumerable.Range(0, _order.Count).Select(i => (g[2 * i], g[2 * i + 1])).ToArray();
+        int at = 2 * _order.Count;
+        LogProbStatistics? statistics = g[at + 7] > 0 ? new LogProbStatistics(g[at], g[at + 1], g[at + 2], g[at + 3], g[at + 4], g[at + 5], g[at + 6]) : null;
+        return Averages(values, statistics, g[at + 8] > 0);
+    }
+
+    /// <summary>Returns <see cref="Compute(ICollectives)"/> over every rank and starts a new window.</summary>
+    public IReadOnlyDictionary<string, double> Flush(ICollectives collectives)
+    {
+        var result = Compute(collectives);
+        Reset();
+        return result;
+    }
+
+    private Dictionary<string, double> Averages((double Sum, double Weight)[] values, LogProbStatistics? statistics, bool unpaired)
     {
         var result = new Dictionary<string, double>();
-        foreach (var name in _order)
+        for (int i = 0; i < _order.Count; i++)
         {
-            var (sum, weight) = _values[name];
-            result[Prefix + name] = weight > 0 ? sum / weight : double.NaN;
+            var (sum, weight) = values[i];
+            result[Prefix + _order[i]] = weight > 0 ? sum / weight : double.NaN;
         }
         // unpaired: the margin of the window is its chosen mean minus its rejected mean, each over its own examples
-        if (_unpaired && result.TryGetValue(Prefix + MetricNames.RewardsMargins, out _)
+        if (unpaired && result.TryGetValue(Prefix + MetricNames.RewardsMargins, out _)
             && result.TryGetValue(Prefix + MetricNames.RewardsChosen, out var chosen) && result.TryGetValue(Prefix + MetricNames.RewardsRejected, out var rejected))
             result[Prefix + MetricNames.RewardsMargins] = chosen - rejected;
-        if (_statistics is { } s)
+        if (statistics is { } s)
             foreach (var (name, value) in s.ToMetrics()) result[Prefix + name] = value;
         return result;
     }
 
-    /// <summary>Returns <see cref="Compute"/> and starts a new window.</summary>
+    /// <summary>A name as an exact double (52 bits of FNV-1a), for checking that ranks hold the same metrics.</summary>
+    private static double NameCode(string name)
+    {
+        ulong h = 14695981039346656037UL;
+        foreach (char c in name) { h ^= c; h *= 1099511628211UL; }
+        return h & ((1UL << 52) - 1);
+    }
+
+    /// <summary>Returns <see cref="Compute()"/> and starts a new window.</summary>
     public IReadOnlyDictionary<string, double> Flush()
     {
         var result = Compute();

@@ -8,7 +8,7 @@ public interface IMetricsSink : IDisposable
 {
     /// <summary>Writes the metrics of one logging step.</summary>
     /// <param name="step">The global (optimizer) step.</param>
-    /// <param name="metrics">Name to value, e.g. from <see cref="MetricsAccumulator.Flush"/>.</param>
+    /// <param name="metrics">Name to value, e.g. from <see cref="MetricsAccumulator.Flush()"/>.</param>
     void Write(long step, IReadOnlyDictionary<string, double> metrics);
 }
 
