@@ -8,10 +8,7 @@ internal static class DistillationInputs
 {
     /// <summary>What the sources agree on: rows, positions, vocabulary, device, and the tensor labels are checked against.</summary>
     internal sealed record Layout(Tensor Reference, string ReferenceName, long Rows, long Positions, long Vocab, string VocabName, Device Device,
-        ScalarType DType, long DefaultChunk, string Sizes)
-    {
-        internal string Describe() => Sizes;
-    }
+        ScalarType DType, long DefaultChunk, string Sizes);
 
     /// <summary>Structural checks (shapes, dtypes, devices, vocabularies); throws at once.</summary>
     internal static Layout Validate(DistillationStudent student, DistillationTeacher teacher, TokenDivergence divergence)

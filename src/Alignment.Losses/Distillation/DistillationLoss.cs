@@ -164,7 +164,7 @@ public sealed class DistillationLoss
             throw new ArgumentException($"The hard loss (HardWeight {Options.HardWeight:G}) is the cross-entropy on the labels: pass labels, or set HardWeight = 0.", nameof(labels));
         window?.Validate();
         var layout = DistillationInputs.Validate(student, teacher, Options.Divergence);
-        return Native.Run("DistillationLoss.Compute", () => layout.Describe(), () =>
+        return Native.Run("DistillationLoss.Compute", () => layout.Sizes, () =>
         {
             using var scope = NewDisposeScope();
             var checks = new ValueChecks();
