@@ -2,7 +2,8 @@
 // prompt's group spans ranks, and each rank cuts its share into two micro-batches of unequal sizes. Each rank computes
 // the global advantages (GlobalBatch.Advantages), the window's counts (GlobalBatch.CountWindow), its micro-batches'
 // losses with that window, and the gradient of the replicated log-probs averaged over ranks (AverageGradients). Every
-// rank then compares with the whole batch computed alone: advantages, summed loss and gradient to 1e-12.
+// rank then compares with the whole batch computed alone: advantages, summed loss and gradient to 1e-12. Then the same for
+// the batch-coupled sequence-pair losses (ShardedPreferenceCheck: RPO, AOT, ORPO, KTO, BCO, SPPO, SPO, ODPO, DPO).
 //
 //   mpiexec.mpich -n 3 dotnet Alignment.Losses.MpiRanks.dll [--expect-world N] [--die-rank R]
 using Alignment.Losses;
@@ -31,4 +32,6 @@ if (Arg("--die-rank", -1) == rank)
 
 var (ok, line) = Alignment.Losses.MpiRanks.ShardedGrpoCheck.Run(mpi);
 Console.WriteLine(line);
-return ok ? 0 : 1;
+var (preferenceOk, preferenceLine) = Alignment.Losses.MpiRanks.ShardedPreferenceCheck.Run(mpi);
+Console.WriteLine(preferenceLine);
+return ok && preferenceOk ? 0 : 1;

@@ -9,7 +9,7 @@ namespace Alignment.Losses;
 /// ranks through an <see cref="ICollectives"/>, then applied, so that a batch split over ranks and gradient-accumulation
 /// steps gives the objective of the whole batch.
 /// </summary>
-public static class GlobalBatch
+public static partial class GlobalBatch
 {
     /// <summary>
     /// The window's counts before its micro-batches run (TRL's num_items_in_batch, over the right window): the valid tokens
@@ -96,7 +96,7 @@ public static class GlobalBatch
         if (rewards.dim() != 1) throw new ArgumentException($"rewards must be [n] (one per completion on this rank); got {Guard.Shape(rewards)}.", nameof(rewards));
         Guard.Floating(rewards, nameof(rewards));
         double[] local;
-        using (var host = rewards.detach().to(ScalarType.Float64, CPU).contiguous()) local = host.data<double>().ToArray();
+        using (NewDisposeScope()) local = rewards.detach().to(ScalarType.Float64, CPU).contiguous().data<double>().ToArray();
         var (offset, length, all) = Collectives.Concatenate(collectives.AllGather(local), collectives.Rank);
         GroupIds global;
         if (groups.Ids is { } ids)

@@ -31,11 +31,15 @@ public sealed class PromptEmbeddings
         return new PromptEmbeddings(embeddings, embeddings, isPaired: true);
     }
 
-    /// <summary>Unpaired data: [M, D] embeddings of the chosen examples' prompts and [N, D] of the rejected examples' prompts.</summary>
+    /// <summary>
+    /// Unpaired data: [M, D] embeddings of the chosen examples' prompts and [N, D] of the rejected examples' prompts. One
+    /// side may be empty (a micro-batch of a data-parallel step, <see cref="GlobalBatch.Compute(ICollectives, IPreferenceLoss, IReadOnlyList{PreferenceBatch}, bool)"/>),
+    /// as with <see cref="PreferenceLogps.Unpaired(Tensor, Tensor)"/>; RPO itself needs both sides of the batch it contrasts.
+    /// </summary>
     public static PromptEmbeddings Unpaired(Tensor chosen, Tensor rejected)
     {
-        Check(chosen, nameof(chosen));
-        Check(rejected, nameof(rejected));
+        Check(chosen, nameof(chosen), allowEmpty: true);
+        Check(rejected, nameof(rejected), allowEmpty: true);
         if (chosen.shape[1] != rejected.shape[1])
             throw new ArgumentException(
                 $"rejected embeddings have dimension D = {rejected.shape[1]} but chosen embeddings have D = {chosen.shape[1]}; they must come from the same encoder.",
@@ -101,11 +105,11 @@ public sealed class PromptEmbeddings
     /// <summary>True for <see cref="Paired"/>.</summary>
     public bool IsPaired { get; }
 
-    private static void Check(Tensor t, string name)
+    private static void Check(Tensor t, string name, bool allowEmpty = false)
     {
         Guard.Usable(t, name);
         Guard.Rank(t, 2, name, "of prompt embeddings [rows, D]");
         Guard.Floating(t, name);
-        Guard.NotEmpty(t, name);
+        if (!allowEmpty || t.shape[1] == 0) Guard.NotEmpty(t, name);
     }
 }
