@@ -189,6 +189,72 @@ public class DistributedTests
         foreach (var (ok, line) in mismatch) Assert.True(ok, line);
     }
 
+    [Theory]
+    [InlineData(1)]
+    [InlineData(2)]
+    [InlineData(3)]
+    public void The_top_entropy_quantile_over_ranks_is_the_whole_batchs_with_the_global_threshold(int world)
+    {
+        const int N = 12, T = 6;
+        var loss = new ClippedPolicyLoss(new ClippedPolicyOptions { TopEntropyQuantile = 0.3, EntropyCoefficient = 0.01 });
+        (Tensor LogProbs, Tensor Entropy, Tensor Mask, Tensor Advantages) Make()
+        {
+            var g = new Generator(5);
+            var lengths = randint(1, T + 1, new long[] { N }, generator: g);
+            var mask = arange(T).unsqueeze(0) < lengths.unsqueeze(1);
+            var logProbs = (-0.05 - 2 * rand(new long[] { N, T }, generator: g, dtype: ScalarType.Float64)).requires_grad_(true);
+            var entropy = (3 * rand(new long[] { N, T }, generator: g, dtype: ScalarType.Float64)).requires_grad_(true);
+            return (logProbs, entropy, mask, randn(new long[] { N }, generator: g, dtype: ScalarType.Float64));
+        }
+        double whole;
+        Tensor wholeGrad;
+        using (var scope = NewDisposeScope())
+        {
+            var (l, h, m, a) = Make();
+            using (var r = loss.Compute(new TokenBatch(l, m) { Entropy = h, Advantages = a })) { r.Backward(); whole = r.Loss.ToDouble(); }
+            wholeGrad = cat(new[] { l.grad!, h.grad! }).clone().DetachFromDisposeScope();
+        }
+        var results = OnThreads(world, c =>
+        {
+            using var scope = NewDisposeScope();
+            var (l, h, m, a) = Make();
+            var rows = Enumerable.Range(0, N).Where(i => i % world == c.Rank).Select(i => (long)i).ToArray();
+            var parts = new[] { rows.Take(3).ToArray(), rows.Skip(3).ToArray() }.Select(p => tensor(p)).ToArray();
+            var batches = parts.Select(p => new TokenBatch(l.index_select(0, p), m.index_select(0, p)) { Entropy = h.index_select(0, p), Advantages = a.index_select(0, p) }).ToList();
+            var window = GlobalBatch.CountWindow(batches, c) with { EntropyThreshold = GlobalBatch.EntropyThreshold(c, batches, 0.3) };
+            double local = 0;
+            foreach (var b in batches)
+            {
+                using var r = loss.Compute(b.WithWindow(window));
+                r.Backward();
+                local += r.Loss.ToDouble();
+            }
+            double total = c.AllReduceSum(new[] { local })[0] / c.WorldSize;
+            c.AverageGradients(new[] { l, h });
+            double error = (cat(new[] { l.grad!, h.grad! }) - wholeGrad).abs().max().ToDouble();
+            // without the global threshold, each micro-batch keeps its own top 30%: another objective
+            double perPart = 0;
+            foreach (var b in batches)
+                using (var r = loss.Compute(b.WithWindow(GlobalBatch.CountWindow(batches, c)))) perPart += r.Loss.ToDouble();
+            double perPartTotal = c.AllReduceSum(new[] { perPart })[0] / c.WorldSize;
+            // (with one rank the per-part masks happen to keep the same tokens here: only the thresholds differ)
+            var ownThresholds = batches.Select(b => GlobalBatch.EntropyThreshold(null, new[] { b }, 0.3)).ToArray();
+            bool differs = ownThresholds.All(t => t != window.EntropyThreshold) && (c.WorldSize == 1 || Math.Abs(perPartTotal - whole) > 1e-6);
+            return (Math.Abs(total - whole) < 1e-12 && error < 1e-12 && differs,
+                $"rank {c.Rank}: {total:R} vs {whole:R} (per-part thresholds {perPartTotal:R}), grad {error:E2}, threshold {window.EntropyThreshold} vs {string.Join(", ", ownThresholds)}");
+        });
+        foreach (var (ok, line) in results) Assert.True(ok, line);
+        // one process alone: exactly the loss's own threshold, float32 included
+        using var s = NewDisposeScope();
+        var entropy = rand(3, 5) * 2;
+        var batch = new TokenBatch(-rand(3, 5) - 0.1f, ones(3, 5)) { Entropy = entropy, Advantages = randn(3) };
+        using var own = loss.Compute(batch);
+        using var given = loss.Compute(batch.WithWindow(new TokenWindow { EntropyThreshold = GlobalBatch.EntropyThreshold(null, new[] { batch }, 0.3) }));
+        Assert.Equal(own.Loss.ToDouble(), given.Loss.ToDouble());
+        Assert.Throws<ArgumentException>(() => GlobalBatch.EntropyThreshold(null, new[] { new TokenBatch(-ones(2, 2), ones(2, 2)) }, 0.3));
+        Assert.Throws<ArgumentOutOfRangeException>(() => GlobalBatch.EntropyThreshold(null, new[] { batch }, 0));
+    }
+
     [Fact]
     public void A_rank_that_never_arrives_times_out_with_a_clear_error_instead_of_hanging()
     {

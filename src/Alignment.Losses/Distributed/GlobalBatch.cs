@@ -60,6 +60,63 @@ public static partial class GlobalBatch
         return CountWindow(masks.Select(m => new TokenBatch(m, m)), collectives, countEmptySequences, gradientsAveraged);
     }
 
+    /// <summary>
+    /// The threshold of <see cref="PolicyGradientOptions.TopEntropyQuantile"/> over the whole data-parallel batch: the
+    /// (1 - q) quantile (torch.quantile's linear interpolation) of the valid tokens' entropies of every given micro-batch
+    /// of every rank, gathered (one all-gather of a float64 per valid token). Set it on the window
+    /// (<c>window with { EntropyThreshold = t }</c>) of the micro-batches it was computed over. TRL gathers the current
+    /// micro-batch's entropies across processes: pass each rank's current micro-batch for TRL's threshold, or the whole
+    /// window's micro-batches for one threshold per optimiser step. Computed in the loss's compute dtype, so one rank
+    /// alone gets exactly the loss's own threshold.
+    /// </summary>
+    /// <param name="collectives">The ranks; null: this process alone.</param>
+    /// <param name="microBatches">This rank's micro-batches, each with <see cref="TokenBatch.Entropy"/>.</param>
+    /// <param name="quantile">q in (0, 1], the loss's <see cref="PolicyGradientOptions.TopEntropyQuantile"/>.</param>
+    /// <exception cref="ArgumentException">A micro-batch has no entropy, entropies are not finite at valid tokens, or no rank has a valid token.</exception>
+    /// <exception cref="ArgumentOutOfRangeException"><paramref name="quantile"/> is not in (0, 1].</exception>
+    public static double EntropyThreshold(ICollectives? collectives, IEnumerable<TokenBatch> microBatches, double quantile)
+    {
+        ArgumentNullException.ThrowIfNull(microBatches);
+        if (!(quantile > 0 && quantile <= 1)) throw new ArgumentOutOfRangeException(nameof(quantile), quantile, "the quantile must be in (0, 1].");
+        var c = collectives ?? Collectives.SingleProcess;
+        var local = new List<double>();
+        bool wide = false;
+        Exception? failure = null;
+        try
+        {
+            using var scope = NewDisposeScope();
+            using var noGrad = no_grad();
+            foreach (var (b, i) in microBatches.Select((b, i) => (b, i)))
+            {
+                if (b is null) throw new ArgumentException($"microBatches[{i}] is null.", nameof(microBatches));
+                if (b.Entropy is null) throw new ArgumentException($"microBatches[{i}].Entropy is required: the threshold is a quantile of the per-token entropies.", nameof(microBatches));
+                Guard.Usable(b.Entropy, $"microBatches[{i}].Entropy");
+                Guard.Usable(b.Mask, $"microBatches[{i}].Mask");
+                if (!b.Entropy.shape.SequenceEqual(b.Mask.shape))
+                    throw new ArgumentException($"microBatches[{i}].Entropy has shape {Guard.Shape(b.Entropy)} but its mask has {Guard.Shape(b.Mask)}.", nameof(microBatches));
+                wide |= Numerics.DTypeFor(b.LogProbs, b.OldLogProbs, b.ReferenceLogProbs, b.BehaviourLogProbs) == ScalarType.Float64;
+                var values = b.Entropy.detach().masked_select(b.Mask != 0).to(ScalarType.Float64, CPU).contiguous();
+                if (values.numel() > 0) local.AddRange(values.data<double>().ToArray());
+            }
+            if (local.Any(v => !double.IsFinite(v))) throw new ArgumentException("The entropies hold NaN or Inf at valid tokens.", nameof(microBatches));
+        }
+        catch (Exception e)
+        {
+            failure = e;
+        }
+        // a flag first (0: this rank failed; 2: float64 compute), so that a failing rank never leaves the others waiting
+        var gathered = c.AllGather(new[] { failure is null ? (wide ? 2.0 : 1.0) : 0.0 }.Concat(failure is null ? local : Enumerable.Empty<double>()).ToArray());
+        if (failure is not null) throw failure;
+        int failed = Array.FindIndex(gathered, g => g[0] == 0);
+        if (failed >= 0) throw new InvalidOperationException($"rank {failed} of {c.WorldSize} could not read its entropies (its own error says why).");
+        var all = gathered.SelectMany(g => g.Skip(1)).ToArray();
+        if (all.Length == 0) throw new ArgumentException($"No valid token on any of the {c.WorldSize} rank(s): the entropy quantile is undefined.", nameof(microBatches));
+        var dtype = gathered.Any(g => g[0] == 2) ? ScalarType.Float64 : ScalarType.Float32;
+        using var threshold = NewDisposeScope();
+        using var t = tensor(all, dtype: ScalarType.Float64).to_type(dtype);
+        return Numerics.QuantileThreshold(t, quantile).ToDouble();
+    }
+
     private static TokenWindow Window(double tokens, double sequences, int microBatches, ICollectives? collectives, bool gradientsAveraged)
     {
         var c = collectives ?? Collectives.SingleProcess;

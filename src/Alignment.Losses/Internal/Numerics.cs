@@ -29,4 +29,14 @@ internal static class Numerics
         };
         return host.view(shape).to(dtype, device).MoveToOuterDisposeScope();
     }
+
+    /// <summary>The (1 - q) quantile of <paramref name="values"/> [n &gt; 0] with torch.quantile's linear interpolation, 0-d, in their dtype.</summary>
+    internal static Tensor QuantileThreshold(Tensor values, double quantile)
+    {
+        long n = values.shape[0];
+        var sorted = values.sort().Values;
+        double position = (1 - quantile) * (n - 1);
+        long lo = (long)Math.Floor(position), hi = (long)Math.Ceiling(position);
+        return sorted[lo] + (sorted[hi] - sorted[lo]) * (position - lo);
+    }
 }

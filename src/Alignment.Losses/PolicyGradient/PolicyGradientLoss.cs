@@ -80,8 +80,9 @@ public abstract record PolicyGradientOptions : TokenLossOptions
     /// the tokens whose entropy is at least the (1 - q) quantile of the micro-batch's valid tokens' entropies (linear
     /// interpolation, torch.quantile's), and the entropy bonus acts on the same tokens. Default 1 (every token). Needs
     /// <see cref="TokenBatch.Entropy"/> (the log-prob pass's detached <see cref="SequenceLogProbsResult.TokenEntropy"/> will
-    /// do). The quantile is of this micro-batch's tokens: TRL gathers them across ranks first, so with several ranks pass
-    /// the gathered batch or accept per-rank thresholds.
+    /// do). The quantile is of this micro-batch's tokens unless its window carries the global threshold
+    /// (<see cref="TokenWindow.EntropyThreshold"/>, from <see cref="GlobalBatch.EntropyThreshold(ICollectives?, IEnumerable{TokenBatch}, double)"/>):
+    /// TRL gathers the entropies across ranks first, so with several ranks set it.
     /// </summary>
     /// <exception cref="ArgumentOutOfRangeException">Not in (0, 1].</exception>
     public double TopEntropyQuantile
@@ -138,19 +139,16 @@ public abstract class PolicyGradientLoss<TOptions> : TokenLoss<TOptions> where T
         CheckAdvantagesFinite(terms);
     }
 
-    /// <summary>TRL's high-entropy mask: valid tokens with H &gt;= the (1 - q) quantile of the valid tokens' entropies.</summary>
+    /// <summary>TRL's high-entropy mask: valid tokens with H &gt;= the (1 - q) quantile of the valid tokens' entropies (the
+    /// window's global threshold when it carries one).</summary>
     private static Tensor HighEntropyMask(TokenTerms terms, Tensor entropy, double quantile)
     {
         using var noGrad = no_grad();
         var h = entropy.detach();
+        if (terms.EntropyThreshold is { } global) return ((h >= global) & terms.Valid).to_type(terms.DType);
         var values = h.masked_select(terms.Valid);
-        long n = values.shape[0];
-        if (n == 0) return zeros_like(terms.Mask);
-        var sorted = values.sort().Values;
-        double position = (1 - quantile) * (n - 1);
-        long lo = (long)Math.Floor(position), hi = (long)Math.Ceiling(position);
-        var threshold = sorted[lo] + (sorted[hi] - sorted[lo]) * (position - lo);
-        return ((h >= threshold) & terms.Valid).to_type(terms.DType);
+        if (values.shape[0] == 0) return zeros_like(terms.Mask);
+        return ((h >= Numerics.QuantileThreshold(values, quantile)) & terms.Valid).to_type(terms.DType);
     }
 
     private void CheckAdvantagesFinite(TokenTerms terms)

@@ -169,8 +169,19 @@ public sealed record TokenWindow
     /// </summary>
     public int MicroBatches { get; init; } = 1;
 
+    /// <summary>
+    /// The entropy threshold of <see cref="PolicyGradientOptions.TopEntropyQuantile"/> over the whole data-parallel batch:
+    /// the (1 - q) quantile of every rank's valid tokens' entropies, from
+    /// <see cref="GlobalBatch.EntropyThreshold(ICollectives?, IEnumerable{TokenBatch}, double)"/> (TRL gathers the entropies
+    /// across processes before taking the quantile). Null (default): the micro-batch's own quantile. Ignored when the
+    /// loss keeps every token (q = 1).
+    /// </summary>
+    public double? EntropyThreshold { get; init; }
+
     internal void Validate()
     {
+        if (EntropyThreshold is { } h && !double.IsFinite(h))
+            throw new ArgumentException($"window.EntropyThreshold must be finite (a quantile of finite entropies); got {h}.", "window");
         if (Tokens is { } t && !(t > 0 && double.IsFinite(t)))
             throw new ArgumentException($"window.Tokens must be a positive finite count of the window's valid tokens; got {t}.", "window");
         if (Sequences is { } s && !(s > 0 && double.IsFinite(s)))

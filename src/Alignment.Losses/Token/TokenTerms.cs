@@ -33,6 +33,7 @@ public sealed class TokenTerms
         ReferenceLogProbs = batch.ReferenceLogProbs is { } r ? MaskedDetached(r) : null;
         BehaviourLogProbs = batch.BehaviourLogProbs is { } b ? MaskedDetached(b) : null;
         Entropy = batch.Entropy is { } h ? Masked(h) : null;
+        EntropyThreshold = batch.Window?.EntropyThreshold;
         using (no_grad()) TokenCounts = segments.Reduce(Mask);
         if (batch.Advantages is { } a)
         {
@@ -88,6 +89,9 @@ public sealed class TokenTerms
 
     /// <summary>H [N, T] as given (with grad when the caller's has one); null without entropy.</summary>
     public Tensor? Entropy { get; }
+
+    /// <summary>The window's global entropy threshold (<see cref="TokenWindow.EntropyThreshold"/>), when given.</summary>
+    internal double? EntropyThreshold { get; }
 
     /// <summary>A [N, T], detached: per-sequence advantages broadcast over each sequence's tokens, or the per-token ones; null without.</summary>
     public Tensor? Advantages { get; }
