@@ -20,6 +20,8 @@ internal sealed record LmOptions
     /// <summary>--distill: distil a wider teacher into a small student instead of aligning (see Distillation.cs).</summary>
     public bool Distill { get; init; }
     public double DistillLearningRate { get; init; } = 1e-3;
+    /// <summary>--threads N: libtorch's intra-op threads (0: its default).</summary>
+    public int Threads { get; init; }
 
     private const string Help = """
         Aligns a small causal transformer on a polite-vs-rude preference dataset with the library end to end:
@@ -45,9 +47,15 @@ internal sealed record LmOptions
                              GKD off-policy (JSD 0.5), GKD on-policy (reverse KL), on-policy distillation (REINFORCE);
                              writes distill_results.csv and distill_kl.png
           --distill-lr X     the distillation runs' learning rate (default 1e-3)
+          --threads N        libtorch's CPU threads (default: its own choice; give 1 per rank under mpiexec)
           --orpo-nll all|completion
                              ORPO's NLL over prompt and completion (all: TRL's and the authors' default) or over the
                              completion only (the authors' --disable_prompt_loss) (default all)
+
+        data-parallel: launched by mpiexec (mpiexec.mpich -n 2 dotnet Alignment.Losses.LanguageModel.dll --threads 1 ...),
+        each rank trains the offline losses on its shard of every step's batch (pair i on rank i % world): the loss runs
+        over the whole batch (loss.AcrossRanks), gradients are averaged over MPI, rank 0 prints and writes the outputs
+        (the other ranks write theirs under DIR/rank-R). loss-curve.csv is the same as one process's to rounding.
         """;
 
     public static LmOptions? Parse(string[] args)
@@ -74,6 +82,7 @@ internal sealed record LmOptions
                     "--orpo-nll" => o with { OrpoPromptLoss = Next() switch { "all" => true, "completion" => false, var v => throw new ArgumentException($"--orpo-nll must be all or completion; got {v}") } },
                     "--distill" => o with { Distill = true },
                     "--distill-lr" => o with { DistillLearningRate = Real() },
+                    "--threads" => o with { Threads = Int() is var t && t >= 1 ? t : throw new ArgumentException("--threads must be >= 1") },
                     "--quick" => o with { SftSteps = 80, Steps = 40, LogEvery = 10 },
                     "--help" or "-h" => throw new OperationCanceledException(),
                     _ => throw new ArgumentException($"unknown option {args[i]}"),

@@ -6,6 +6,8 @@
 //   dotnet run --project samples/Alignment.Losses.LanguageModel -- --losses kto,orpo,simpo      # unpaired, reference-free
 //   dotnet run --project samples/Alignment.Losses.LanguageModel -- --losses grpo,dapo,rloo      # online RL: sample, judge, update
 //   dotnet run --project samples/Alignment.Losses.LanguageModel -- --distill                    # a wider teacher into a small student
+//   mpiexec.mpich -n 2 dotnet samples/Alignment.Losses.LanguageModel/bin/Debug/net10.0/linux-x64/Alignment.Losses.LanguageModel.dll --threads 1
+//                                                                                               # data-parallel over 2 MPI ranks
 using System.Diagnostics;
 using System.Globalization;
 using System.Security.Cryptography;
@@ -13,13 +15,34 @@ using Alignment.Losses;
 using Alignment.Losses.Data;
 using Alignment.Losses.LanguageModel;
 using Alignment.Losses.Metrics;
+using Alignment.Losses.Mpi;
 using ScottPlot;
 using TorchSharp;
 using static TorchSharp.torch;
 
 const int ReplyTokens = Rollouts.ReplyTokens;                // the longest reply sampled (online RL, generation)
+// data-parallel when launched by mpiexec: every rank runs this program; rank 0 speaks and writes the outputs
+using var mpi = MpiCollectives.LaunchedByMpiexec ? new MpiCollectives(args) : null;
+ICollectives ranks = mpi ?? Collectives.SingleProcess;
+int world = ranks.WorldSize, rank = ranks.Rank;
+if (rank > 0) Console.SetOut(TextWriter.Null);
 var options = LmOptions.Parse(args);
 if (options is null) return 2;
+if (world > 1)
+{
+    if (options.Distill || options.Losses.Any(PolicyLosses.Names.Contains))
+    {
+        Console.Error.WriteLine("error: the data-parallel mode (under mpiexec) runs the offline preference losses; run --distill and the online losses in one process.");
+        return 2;
+    }
+    if (options.BatchSize < world)
+    {
+        Console.Error.WriteLine($"error: --batch {options.BatchSize} gives some of the {world} ranks no pair; use at least one pair per rank.");
+        return 2;
+    }
+    if (rank > 0) options = options with { Output = Path.Combine(options.Output, $"rank-{rank}") };
+}
+if (options.Threads > 0) set_num_threads(options.Threads);
 CultureInfo.DefaultThreadCurrentCulture = CultureInfo.InvariantCulture;
 var device = options.Device == "cuda" ? CUDA : CPU;
 Directory.CreateDirectory(options.Output);
@@ -30,7 +53,8 @@ var corpus = new Corpus(Path.Combine(AppContext.BaseDirectory, "data"));
 var train = corpus.Train.Select(corpus.Tokenise).ToList();
 var heldOut = corpus.HeldOut.Select(corpus.Tokenise).ToList();
 var collator = new PreferenceCollator(new PreferenceCollatorOptions { PadTokenId = Corpus.Pad, MaxPromptLength = 24, MaxLength = 48 });
-Console.WriteLine($"data: {train.Count} training and {heldOut.Count} held-out pairs, {corpus.VocabularySize} token types (cl100k_base, remapped)");
+Console.WriteLine($"data: {train.Count} training and {heldOut.Count} held-out pairs, {corpus.VocabularySize} token types (cl100k_base, remapped)" +
+                  (world > 1 ? $"; data-parallel over {world} MPI ranks" : ""));
 if (options.Distill) return Distillation.Run(options, corpus, train, heldOut, collator, device);
 
 // 2. a small causal transformer, supervised on both kinds of reply: the reference is indifferent between them
@@ -39,6 +63,7 @@ var model = new TinyTransformer(corpus.VocabularySize, width: 64, layers: 2, hea
 var logProbOptions = new SequenceLogProbsOptions { StepStatistics = true };
 var rng = new Random(options.Seed);
 Supervise(model, train, options.SftSteps, options.BatchSize);
+if (world > 1) FromRankZero(model.parameters());            // every rank starts alignment from rank 0's weights, bit for bit
 var referenceWeights = model.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().clone());
 string fingerprint = Fingerprint(referenceWeights);
 Console.WriteLine($"sft: {options.SftSteps} steps, reference fingerprint {fingerprint} ({clock.Elapsed.TotalSeconds:F0} s)");
@@ -60,6 +85,7 @@ Console.WriteLine($"reference cache: {trainCache.Count} + {heldOutCache.Count} e
 TinyTransformer? referenceModel = null;                     // built only if a loss needs reference log-probs of new pairs (KTO)
 var runs = new List<Run>();
 var csv = new CsvMetricsSink(Path.Combine(options.Output, "metrics.csv"));
+File.WriteAllLines(Path.Combine(options.Output, "loss-curve.csv"), new[] { "loss,step,value" });    // every offline step's loss
 foreach (var name in options.Losses)
 {
     using (no_grad()) foreach (var (key, value) in model.state_dict()) value.copy_(referenceWeights[key]);
@@ -158,12 +184,15 @@ Run Align(string name, IPreferenceLoss loss)
     var progress = new ConsoleMetricsSink(names: new[] { "loss", "rewards/accuracies", "rewards/margins", "entropy", "mean_token_accuracy" }, totalSteps: options.Steps);
     var accuracy = new List<double> { HeldOutAccuracy() };
     var evalSteps = new List<int> { 0 };
+    var curve = new List<string>();
+    var global = world > 1 ? loss.AcrossRanks(ranks) : loss;  // the loss of the whole step's batch, gathered over the ranks
     for (int step = 1; step <= options.Steps; step++)
     {
         model.train();
         using (var scope = NewDisposeScope())
         {
-            var examples = Sample(train, options.BatchSize);
+            // every rank draws the same global batch (same seed) and keeps its shard: pair i on rank i % world
+            var examples = Sample(train, options.BatchSize).Where((_, i) => i % world == rank).ToList();
             using var b = collator.Collate(examples, device);
             var reference = trainCache.Lookup(b);
             var hidden = model.forward(b.InputIds, b.AttentionMask);
@@ -172,15 +201,18 @@ Run Align(string name, IPreferenceLoss loss)
             using var scored = FusedLinearLogProbs.Compute(hidden, model.Head.weight!, null, promptToo ? b.SequenceLabels : b.Labels, null, LabelAlignment.ShiftByOne, logProbOptions);
             using var logps = promptToo ? scored.Within(b.CompletionMask) : scored;
             using var prompt = promptToo ? scored.Within(b.PromptMask) : null;
-            using var result = loss.Compute(BatchFor(loss, examples, b, hidden, logps, reference) with { Prompt = prompt?.ToPromptLogps() });
+            using var result = global.Compute(BatchFor(loss, examples, b, hidden, logps, reference) with { Prompt = prompt?.ToPromptLogps() });
             optimizer.zero_grad();
             result.Loss.backward();
+            if (world > 1) ranks.AverageGradients(model.parameters());
             optimizer.step();
             accumulator.Add(result);
             accumulator.Add(logps.Statistics());
+            curve.Add(FormattableString.Invariant($"{name},{step},{result.Loss.ToDouble():R}"));
         }
         if (step % options.LogEvery == 0 || step == options.Steps) Evaluate(name, step, accumulator, progress, accuracy, evalSteps);
     }
+    File.AppendAllLines(Path.Combine(options.Output, "loss-curve.csv"), curve);
     return Finish(name, evalSteps, accuracy);
 }
 
@@ -231,7 +263,7 @@ Run AlignOnline(string name, ITokenLoss loss)
 // every LogEvery steps: the window's metrics and the held-out reward accuracy, to the console and metrics.csv
 void Evaluate(string name, int step, MetricsAccumulator accumulator, ConsoleMetricsSink progress, List<double> accuracy, List<int> evalSteps)
 {
-    var metrics = accumulator.Flush().ToDictionary(kv => kv.Key, kv => kv.Value);
+    var metrics = accumulator.Flush(ranks).ToDictionary(kv => kv.Key, kv => kv.Value);   // the global batch's, on every rank
     accuracy.Add(HeldOutAccuracy());
     evalSteps.Add(step);
     metrics["eval_rewards/accuracies"] = accuracy[^1];
@@ -285,6 +317,18 @@ List<string> Generate(TinyTransformer m, List<PreferenceExample> prompts, int se
 }
 
 List<PreferenceExample> Sample(List<PreferenceExample> data, int count) => Enumerable.Range(0, count).Select(_ => data[rng.Next(data.Count)]).ToList();
+
+// a broadcast from rank 0 through the all-reduce: the other ranks add zeros
+void FromRankZero(IEnumerable<Tensor> parameters)
+{
+    using var scope = NewDisposeScope();
+    using var noGrad = no_grad();
+    foreach (var p in parameters)
+    {
+        var values = rank == 0 ? p.detach().to(ScalarType.Float64, CPU).contiguous().data<double>().ToArray() : new double[p.numel()];
+        p.copy_(tensor(ranks.AllReduceSum(values), p.shape, dtype: ScalarType.Float64).to(p.dtype, p.device));
+    }
+}
 
 static string Fingerprint(Dictionary<string, Tensor> weights)
 {

@@ -285,8 +285,7 @@ public class PlaygroundTests
             string Run(params string[] extra) => ProcessRunner.Ok(ProcessRunner.Dotnet(ProcessRunner.RepoRoot, TimeSpan.FromMinutes(5),
                 new[] { "run", "--project", "samples/Alignment.Losses.LanguageModel", "--", "--quick", "--output", outDir }.Concat(extra).ToArray()),
                 "language-model sample");
-            void AssertAligned(params string[] losses) => AssertAlignedTo(0.9, losses);
-            void AssertAlignedTo(double minAccuracy, params string[] losses)
+            void AssertAligned(params string[] losses)
             {
                 var csv = File.ReadAllLines(Path.Combine(outDir, "results.csv"));
                 Assert.Equal(losses, csv.Skip(1).Select(row => row.Split(',')[0]));
@@ -296,14 +295,18 @@ public class PlaygroundTests
                     double before = double.Parse(f[1], System.Globalization.CultureInfo.InvariantCulture);
                     double after = double.Parse(f[2], System.Globalization.CultureInfo.InvariantCulture);
                     double win = double.Parse(f[3], System.Globalization.CultureInfo.InvariantCulture);
+                    // ORPO as TRL runs it, NLL over prompt and completion (the prompt's log-probs from the same pass, split
+                    // by Within): the prompts' NLL dominates 40 quick steps after the completion-only SFT, so the held-out
+                    // accuracy rises less though the replies improve
+                    double minAccuracy = f[0] == "orpo" && !losses.Contains("kto") ? 0.5 : 0.9;
                     Assert.True(after >= minAccuracy && after > before, $"{f[0]}: held-out reward accuracy {before} -> {after}");
                     Assert.True(win > 0.5, $"{f[0]}: win-rate vs reference {win}");
                 }
             }
-            var first = Run();
+            var first = Run("--losses", "dpo,rpo,orpo");
             Assert.Contains("written to", first);
             Assert.Contains("cl100k_base", first);
-            AssertAligned("dpo", "rpo");
+            AssertAligned("dpo", "rpo", "orpo");
             Assert.True(File.Exists(Path.Combine(outDir, "heldout_reward_accuracy.png")));
             Assert.Contains("dpo/eval_rewards/accuracies", File.ReadLines(Path.Combine(outDir, "metrics.csv")).First());
             Assert.Equal(2, Directory.GetFiles(outDir, "reference-*.cache").Length);
@@ -311,11 +314,6 @@ public class PlaygroundTests
             // an unpaired objective (KTO, whose mismatched pairs need the reference model at run time) and a reference-free one
             Assert.Contains("reused from", Run("--losses", "kto,orpo", "--orpo-nll", "completion"));
             AssertAligned("kto", "orpo");
-            // ORPO as TRL runs it, NLL over prompt and completion (the prompt's log-probs from the same pass, split by
-            // Within): the prompts' NLL (the loss is 2.9 at step 10 after the completion-only SFT) dominates 40 quick steps, so
-            // the held-out accuracy rises less (0.00 -> 0.64 measured) though the replies improve
-            Run("--losses", "orpo");
-            AssertAlignedTo(0.5, "orpo");
             // online RL: replies sampled from the model, rewarded by the judge, GRPO and RLOO updates with a KL to the reference
             Assert.Contains("reward", Run("--losses", "grpo,rloo"));
             foreach (var row in File.ReadAllLines(Path.Combine(outDir, "results.csv")).Skip(1))
@@ -325,6 +323,40 @@ public class PlaygroundTests
                 double reference = double.Parse(f[5], System.Globalization.CultureInfo.InvariantCulture);
                 Assert.True(politeness > reference + 0.3, $"{f[0]}: judged politeness {politeness} vs the reference's {reference}");
             }
+        }
+        finally { Directory.Delete(outDir, recursive: true); }
+    }
+
+    [MpiFact]
+    public void Language_model_sample_trains_data_parallel_over_two_mpi_ranks_with_the_loss_curve_of_one_process()
+    {
+        var outDir = Directory.CreateTempSubdirectory("lm-mpi-").FullName;
+        try
+        {
+            string[] Options(string output) => new[] { "--quick", "--sft-steps", "30", "--steps", "15", "--losses", "dpo,rpo", "--threads", "1", "--output", output };
+            // one process (this also builds the sample), then the same global batches over two ranks, as getting-started documents it
+            ProcessRunner.Ok(ProcessRunner.Dotnet(ProcessRunner.RepoRoot, TimeSpan.FromMinutes(5),
+                new[] { "run", "--project", "samples/Alignment.Losses.LanguageModel", "--" }.Concat(Options(Path.Combine(outDir, "one"))).ToArray()), "one process");
+            string dll = Directory.GetFiles(Path.Combine(ProcessRunner.RepoRoot, "samples/Alignment.Losses.LanguageModel/bin/Debug/net10.0"), "Alignment.Losses.LanguageModel.dll",
+                SearchOption.AllDirectories).Single();
+            var mpi = ProcessRunner.Run(DistributedTests.Mpiexec.Value!, ProcessRunner.RepoRoot, TimeSpan.FromMinutes(5),
+                new[] { "-n", "2", "dotnet", dll }.Concat(Options(Path.Combine(outDir, "two"))).ToArray());
+            Assert.True(mpi.ExitCode == 0, $"mpiexec -n 2: exit {mpi.ExitCode}\n{mpi.Output}");
+            Assert.Contains("data-parallel over 2 MPI ranks", mpi.Output);
+            Assert.True(File.Exists(Path.Combine(outDir, "two", "rank-1", "loss-curve.csv")));
+            var one = File.ReadAllLines(Path.Combine(outDir, "one", "loss-curve.csv"));
+            var two = File.ReadAllLines(Path.Combine(outDir, "two", "loss-curve.csv"));
+            Assert.Equal(31, one.Length);                                  // header + 2 losses x 15 steps
+            Assert.Equal(one.Length, two.Length);
+            double worst = 0;
+            foreach (var (a, b) in one.Skip(1).Zip(two.Skip(1)))
+            {
+                var (fa, fb) = (a.Split(','), b.Split(','));
+                Assert.Equal(fa[..2], fb[..2]);
+                worst = Math.Max(worst, Math.Abs(double.Parse(fa[2], System.Globalization.CultureInfo.InvariantCulture) - double.Parse(fb[2], System.Globalization.CultureInfo.InvariantCulture)));
+            }
+            // float32 rounding: the gradient is summed over two shards instead of one batch (measured 1.2e-7 over 20 steps)
+            Assert.True(worst < 1e-5, $"the two-rank loss curve differs from one process's by up to {worst:E2}");
         }
         finally { Directory.Delete(outDir, recursive: true); }
     }
