@@ -71,12 +71,26 @@ public abstract class PreferenceLoss<TOptions> : IPreferenceLoss, IDeferredState
     /// <summary>The largest value a log-prob input may have (rounding in other engines), above which it is refused.</summary>
     private const double LogProbTolerance = 1e-3;
 
+    /// <summary>
+    /// The loss as a link of the margin, when it is one for these options (null, the default: not one). A loss that
+    /// returns one is computed on the CPU in one fused managed pass (<see cref="PreferenceLossOptions.FusedCpu"/>); its
+    /// <see cref="Evaluate"/> remains the definition, run everywhere else, and the two must agree.
+    /// </summary>
+    protected virtual MarginLink? Link => null;
+
     /// <inheritdoc />
     public PreferenceLossResult Compute(PreferenceBatch batch)
     {
         ArgumentNullException.ThrowIfNull(batch);
         ArgumentNullException.ThrowIfNull(batch.Policy, "batch.Policy");
         ValidateCommon(batch);
+        if (Options.FusedCpu && FusedMarginPass.Applies(batch) && Link is { } link)
+        {
+            var dtype = Numerics.DTypeFor(batch.Policy.Chosen, batch.Policy.Rejected, batch.Reference?.Chosen, batch.Reference?.Rejected);
+            var fused = Native.Run($"{GetType().Name}.Compute ({Name})", () => Describe(batch),
+                () => FusedMarginPass.TryCompute(batch, link, RewardScale, Options.CheckFinite, InputsAreLogProbs, Name, dtype));
+            if (fused is not null) return fused;
+        }
         return Native.Run($"{GetType().Name}.Compute ({Name})", () => Describe(batch), () => ComputeCore(batch, deferred: null));
     }
 

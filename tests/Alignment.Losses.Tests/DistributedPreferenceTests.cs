@@ -10,22 +10,7 @@ namespace Alignment.Losses.Tests;
 /// </summary>
 public class DistributedPreferenceTests
 {
-    static T[] OnThreads<T>(int world, Func<ICollectives, T> body)
-    {
-        var ranks = Collectives.InProcess(world, TimeSpan.FromSeconds(30));
-        var results = new T[world];
-        var failures = new Exception?[world];
-        var threads = Enumerable.Range(0, world).Select(r => new Thread(() =>
-        {
-            try { results[r] = body(ranks[r]); }
-            catch (Exception e) { failures[r] = e; }
-        })).ToArray();
-        foreach (var t in threads) t.Start();
-        foreach (var t in threads) t.Join();
-        // the first rank that failed on its own, before those that timed out waiting for it
-        if (failures.OrderBy(f => f is TimeoutException).FirstOrDefault(f => f is not null) is { } failure) throw new Xunit.Sdk.XunitException(failure.ToString());
-        return results;
-    }
+    static T[] OnThreads<T>(int world, Func<ICollectives, T> body) => DistributedTests.OnThreads(world, body);
 
     public static IEnumerable<object[]> CasesAndWorlds() =>
         ShardedPreferenceCheck.Cases.SelectMany(c => new[] { 1, 2, 3, 5 }.Select(w => new object[] { c.Name, w }));

@@ -25,10 +25,11 @@ public class DistributedTests
     internal static readonly Lazy<string?> Mpiexec = new(() =>
         Environment.GetEnvironmentVariable("PATH")?.Split(Path.PathSeparator).Select(d => Path.Combine(d, "mpiexec.mpich")).FirstOrDefault(File.Exists));
 
-    static (bool Ok, string Line)[] OnThreads(int world, Func<ICollectives, (bool, string)> body)
+    /// <summary>Runs <paramref name="body"/> on <paramref name="world"/> in-process ranks, one thread each, and returns each rank's result.</summary>
+    internal static T[] OnThreads<T>(int world, Func<ICollectives, T> body)
     {
         var ranks = Collectives.InProcess(world, TimeSpan.FromSeconds(30));
-        var results = new (bool, string)[world];
+        var results = new T[world];
         var failures = new Exception?[world];
         var threads = Enumerable.Range(0, world).Select(r => new Thread(() =>
         {

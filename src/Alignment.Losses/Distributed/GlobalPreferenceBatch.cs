@@ -27,9 +27,8 @@ public static partial class GlobalBatch
     /// <paramref name="gradientsAveraged"/>, so that <see cref="Collectives.AverageGradients"/> or DDP averaging gives the
     /// whole batch's gradient). Its backward pass reaches the model through the caller's graph, as a plain
     /// <c>loss.Compute(batch)</c> would; it has no second derivative. Every micro-batch's graph must be alive when this is
-    /// called (compute all the window's log-probs first); for a window larger than memory, compute the log-probs without
-    /// grad here, then recompute each micro-batch with grad and backpropagate <see cref="PreferenceLossResult.PerExample"/>-free
-    /// surrogates with the same gradients (gradient caching).</para>
+    /// called (compute all of the step's log-probs first): a loss coupled across micro-batches needs them all at once. A
+    /// micro-batch given without grad gets a result without grad (an evaluation call).</para>
     /// <para><b>The results:</b> <see cref="LossResult.Loss"/> of micro-batch k has the value L n_k / n (n_k its chosen rows,
     /// n this rank's), so the rank's losses sum to the global L; the metrics are the global batch's on every micro-batch;
     /// <see cref="PreferenceLossResult.PerExample"/> holds the global per-example losses at the micro-batch's rows (chosen

@@ -30,6 +30,9 @@ public sealed class ConservativeDpoLoss : PreferenceLoss<ConservativeDpoOptions>
     protected override double RewardScale => Options.Beta;
 
     /// <inheritdoc />
+    protected override MarginLink? Link => Options.ScoreMap.Kind == ScoreMapKind.ReverseKl ? MarginLink.Logistic(Options.Beta, Options.LabelSmoothing) : null;
+
+    /// <inheritdoc />
     protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch)
     {
         return new(PreferenceMath.LabelSmoothed(terms.ScoreMargin(Options.ScoreMap) * Options.Beta, Options.LabelSmoothing));

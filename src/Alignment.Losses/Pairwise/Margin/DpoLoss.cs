@@ -26,6 +26,9 @@ public sealed class DpoLoss : PreferenceLoss<DpoOptions>
     protected override double RewardScale => Options.Beta;
 
     /// <inheritdoc />
+    protected override MarginLink? Link => Options.ScoreMap.Kind == ScoreMapKind.ReverseKl ? MarginLink.Logistic(Options.Beta) : null;
+
+    /// <inheritdoc />
     protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch) =>
         new(PreferenceMath.NegLogSigmoid(terms.ScoreMargin(Options.ScoreMap) * Options.Beta));
 

@@ -25,6 +25,9 @@ public sealed class HingeLoss : PreferenceLoss<HingeOptions>
     protected override double RewardScale => Options.Beta;
 
     /// <inheritdoc />
+    protected override MarginLink? Link => Options.ScoreMap.Kind == ScoreMapKind.ReverseKl ? MarginLink.Hinge(Options.Beta) : null;
+
+    /// <inheritdoc />
     protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch) =>
         new(nn.functional.relu(1 - terms.ScoreMargin(Options.ScoreMap) * Options.Beta));
 

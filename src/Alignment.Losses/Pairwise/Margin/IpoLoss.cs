@@ -40,6 +40,9 @@ public sealed class IpoLoss : PreferenceLoss<IpoOptions>
     /// <inheritdoc />
     protected override double RewardScale => Options.Beta;
 
+    /// <inheritdoc />
+    protected override MarginLink? Link => Options.ScoreMap.Kind == ScoreMapKind.ReverseKl && Options.LogRatio == IpoLogRatio.Sum ? MarginLink.Square(TargetMargin) : null;
+
     /// <summary>The margin 1 / (2 beta) that IPO regresses h~ onto.</summary>
     public double TargetMargin => 1 / (2 * Options.Beta);
 

@@ -30,6 +30,10 @@ public sealed class RobustDpoLoss : PreferenceLoss<RobustDpoOptions>
     protected override double RewardScale => Options.Beta;
 
     /// <inheritdoc />
+    protected override MarginLink? Link => Options.ScoreMap.Kind == ScoreMapKind.ReverseKl
+        ? MarginLink.Logistic(Options.Beta, -Options.LabelSmoothing / (1 - 2 * Options.LabelSmoothing)) : null;
+
+    /// <inheritdoc />
     protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch)
     {
         // [(1 - eps) softplus(-z) - eps softplus(z)] / (1 - 2 eps) = softplus(-z) - eps z / (1 - 2 eps), since

@@ -1,0 +1,136 @@
+using System.Runtime.InteropServices;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace Alignment.Losses.Internal;
+
+/// <summary>
+/// The fused CPU path of a paired loss with a <see cref="MarginLink"/>: one managed pass over the inputs' memory computes
+/// the margins, the link's values and slopes, the standard metrics and the finite and log-prob checks; the loss is then
+/// returned through a surrogate, pe = sg(L_i) + (d - sg(d)) * slope_i with d = l_pol(y_w) - l_pol(y_l), whose value is the
+/// per-pair loss and whose gradient is the saved slope (no second derivative). A handful of native operations instead
+/// of the op-by-op graph's thirty.
+/// </summary>
+internal static unsafe class FusedMarginPass
+{
+    private static readonly delegate* unmanaged<IntPtr, IntPtr> StorageData = Resolve();
+
+    private static delegate* unmanaged<IntPtr, IntPtr> Resolve()
+    {
+        var lib = NativeLibrary.Load("LibTorchSharp", typeof(torch).Assembly, null);
+        return (delegate* unmanaged<IntPtr, IntPtr>)NativeLibrary.GetExport(lib, "THSStorage_data_ptr");
+    }
+
+    /// <summary>The first element of a contiguous CPU tensor.</summary>
+    private static void* Address(Tensor t) => (void*)(StorageData(t.Handle) + (nint)(t.storage_offset() * t.ElementSize));
+
+    /// <summary>Whether the batch can take the fused path: CPU, paired, floating inputs, no example weights.</summary>
+    internal static bool Applies(PreferenceBatch batch)
+    {
+        var p = batch.Policy;
+        if (!p.IsPaired || batch.ExampleWeights is not null || p.Device.type != DeviceType.CPU) return false;
+        if (p.ChosenCount > int.MaxValue / 2) return false;
+        return batch.Reference is null || batch.Reference.Device.type == DeviceType.CPU;
+    }
+
+    /// <summary>The values of a 1-D CPU tensor as float64 into <paramref name="into"/> (a copy: the pass reads each once).</summary>
+    private static void Read(Tensor t, Span<double> into)
+    {
+        using var scope = NewDisposeScope();
+        var x = t.detach();
+        if (x.dtype is not (ScalarType.Float32 or ScalarType.Float64)) x = x.to_type(ScalarType.Float32);
+        if (!x.is_contiguous()) x = x.contiguous();
+        int n = into.Length;
+        if (x.dtype == ScalarType.Float64)
+            new ReadOnlySpan<double>(Address(x), n).CopyTo(into);
+        else
+        {
+            var f = new ReadOnlySpan<float>(Address(x), n);
+            for (int i = 0; i < n; i++) into[i] = f[i];
+        }
+    }
+
+    /// <summary>A new [n] CPU tensor of <paramref name="dtype"/> holding <paramref name="values"/>.</summary>
+    private static Tensor Write(ReadOnlySpan<double> values, ScalarType dtype)
+    {
+        var t = empty(values.Length, dtype: dtype);
+        if (dtype == ScalarType.Float64) values.CopyTo(new Span<double>(Address(t), values.Length));
+        else
+        {
+            var f = new Span<float>(Address(t), values.Length);
+            for (int i = 0; i < values.Length; i++) f[i] = (float)values[i];
+        }
+        return t;
+    }
+
+    /// <summary>
+    /// The loss through the fused pass, or null when a check fails (a NaN/Inf, a positive log-prob): the op-by-op path
+    /// then runs and names the problem exactly as it always does.
+    /// </summary>
+    internal static PreferenceLossResult? TryCompute(PreferenceBatch batch, MarginLink link, double rewardScale, bool checkFinite, bool checkLogProbs,
+        string name, ScalarType dtype)
+    {
+        var policy = batch.Policy;
+        var reference = batch.Reference;
+        int n = (int)policy.ChosenCount;
+        var buffer = new double[6 * n];
+        Span<double> xw = buffer.AsSpan(0, n), xl = buffer.AsSpan(n, n), rw = buffer.AsSpan(2 * n, n), rl = buffer.AsSpan(3 * n, n),
+            h = buffer.AsSpan(4 * n, n), slope = buffer.AsSpan(5 * n, n);
+        Read(policy.Chosen, xw);
+        Read(policy.Rejected, xl);
+        if (reference is not null)
+        {
+            Read(reference.Chosen, rw);
+            Read(reference.Rejected, rl);
+        }
+        // sums of u_w, u_l, h, (h > 0), l_w, l_l and the inputs' largest value, in order (bitwise stable)
+        double su = 0, sv = 0, sh = 0, wins = 0, sxw = 0, sxl = 0, largest = double.NegativeInfinity;
+        bool finite = true;
+        for (int i = 0; i < n; i++)
+        {
+            double uw = reference is null ? xw[i] : xw[i] - rw[i];
+            double ul = reference is null ? xl[i] : xl[i] - rl[i];
+            h[i] = uw - ul;
+            su += uw;
+            sv += ul;
+            sh += h[i];
+            if (h[i] > 0) wins++;
+            sxw += xw[i];
+            sxl += xl[i];
+            double top = Math.Max(xw[i], xl[i]);
+            if (reference is not null) top = Math.Max(top, Math.Max(rw[i], rl[i]));
+            largest = Math.Max(largest, top);
+            finite &= double.IsFinite(uw) && double.IsFinite(ul);
+        }
+        if (checkFinite && (!finite || checkLogProbs && largest > 1e-3)) return null;
+        // the link writes its values over the chosen inputs' copy (no longer needed)
+        var losses = xw;
+        link.Evaluate(h, losses, slope);
+        double sl = 0;
+        for (int i = 0; i < n; i++) sl += losses[i];
+        double scale = rewardScale / n;
+        var metrics = new[] { su * scale, sv * scale, sh * scale, wins / n, sxw / n, sxl / n };
+        // what the op-by-op path computes in float32 must fit float32 too: past its range that path reports the overflow
+        double limit = dtype == ScalarType.Float64 ? double.MaxValue : float.MaxValue;
+        for (int i = 0; i < n; i++) finite &= Math.Abs(losses[i]) <= limit && Math.Abs(slope[i]) <= limit;
+        foreach (var m in metrics) finite &= Math.Abs(m) <= limit;
+        finite &= Math.Abs(sl / n) <= limit;
+        if (checkFinite && !finite) return null;
+
+        using var scope = NewDisposeScope();
+        var perPair = Write(losses, dtype);
+        Tensor perExample;
+        bool grad = policy.Chosen.requires_grad || policy.Rejected.requires_grad;
+        if (grad)
+        {
+            var slopes = Write(slope, dtype);
+            var d = Numerics.As(policy.Chosen, dtype) - Numerics.As(policy.Rejected, dtype);
+            perExample = perPair + (d - d.detach()) * slopes;
+        }
+        else perExample = perPair;
+        var loss = perExample.mean();
+        var metricValues = tensor(metrics, dtype: ScalarType.Float64);
+        scope.MoveToOuter(loss, perExample, metricValues);
+        return new PreferenceLossResult(loss, perExample, metricValues, PreferenceTerms.StandardMetricNames, name);
+    }
+}

@@ -1,0 +1,96 @@
+namespace Alignment.Losses;
+
+/// <summary>
+/// A pairwise loss written as a link of the pair's margin: L_i = link(h_i), h = u_w - u_l = (l_pol(y_w) - l_ref(y_w)) -
+/// (l_pol(y_l) - l_ref(y_l)). Most of the DPO family is one (DPO, cDPO, robust DPO, hinge, IPO on sums), and a loss that
+/// says so (<see cref="PreferenceLoss{TOptions}.Link"/>) is computed on the CPU in one managed pass: the link's value and
+/// slope, the standard metrics and the finite checks over contiguous memory, returned through a surrogate whose gradient
+/// is the saved one (see <see cref="PreferenceLossOptions.FusedCpu"/>). Everywhere else (CUDA, example weights, a loss
+/// without a link) the loss runs op by op, with the same result.
+/// </summary>
+/// <remarks>
+/// Evaluate in float64 and stably (softplus as max(x, 0) + log1p(e^-|x|), never log(sigmoid)). The slope is dL/dh; the
+/// pass turns it into the gradients of l_pol(y_w) (+slope) and l_pol(y_l) (-slope).
+/// </remarks>
+public abstract class MarginLink
+{
+    /// <summary>For every margin h_i, the per-pair loss link(h_i) and its derivative d link / dh at h_i.</summary>
+    /// <param name="margins">h [B], float64.</param>
+    /// <param name="losses">Written: link(h_i).</param>
+    /// <param name="slopes">Written: link'(h_i).</param>
+    public abstract void Evaluate(ReadOnlySpan<double> margins, Span<double> losses, Span<double> slopes);
+
+    /// <summary>A link from a function returning (value, slope) at one margin (one delegate call per pair).</summary>
+    public static MarginLink FromFunction(Func<double, (double Value, double Slope)> link) =>
+        new FunctionLink(link ?? throw new ArgumentNullException(nameof(link)));
+
+    /// <summary>softplus(x) = log(1 + e^x) in float64, without overflow or cancellation.</summary>
+    public static double Softplus(double x) => Math.Max(x, 0) + Math.Log(1 + Math.Exp(-Math.Abs(x)));
+
+    /// <summary>sigmoid(x) = 1 / (1 + e^-x) in float64, without overflow.</summary>
+    public static double Sigmoid(double x)
+    {
+        if (x >= 0) return 1 / (1 + Math.Exp(-x));
+        double e = Math.Exp(x);
+        return e / (1 + e);
+    }
+
+    /// <summary>
+    /// The smoothed logistic link of DPO, cDPO and robust DPO: softplus(-z) + c z with z = beta h, slope
+    /// beta (c - sigmoid(-z)). c = 0: DPO; c = eps: cDPO; c = -eps / (1 - 2 eps): robust DPO.
+    /// </summary>
+    internal static MarginLink Logistic(double beta, double linear = 0) => new LogisticLink(beta, linear);
+
+    /// <summary>Hinge: relu(1 - beta h), slope -beta where 1 - beta h &gt; 0 (0 at the kink, as libtorch's relu).</summary>
+    internal static MarginLink Hinge(double beta) => new HingeLink(beta);
+
+    /// <summary>IPO on sums: (h - target)^2, slope 2 (h - target).</summary>
+    internal static MarginLink Square(double target) => new SquareLink(target);
+
+    private sealed class LogisticLink(double beta, double linear) : MarginLink
+    {
+        public override void Evaluate(ReadOnlySpan<double> margins, Span<double> losses, Span<double> slopes)
+        {
+            for (int i = 0; i < margins.Length; i++)
+            {
+                double z = beta * margins[i];
+                losses[i] = Softplus(-z) + linear * z;
+                slopes[i] = beta * (linear - Sigmoid(-z));
+            }
+        }
+    }
+
+    private sealed class HingeLink(double beta) : MarginLink
+    {
+        public override void Evaluate(ReadOnlySpan<double> margins, Span<double> losses, Span<double> slopes)
+        {
+            for (int i = 0; i < margins.Length; i++)
+            {
+                double a = 1 - beta * margins[i];
+                losses[i] = a > 0 ? a : 0;
+                slopes[i] = a > 0 ? -beta : 0;
+            }
+        }
+    }
+
+    private sealed class SquareLink(double target) : MarginLink
+    {
+        public override void Evaluate(ReadOnlySpan<double> margins, Span<double> losses, Span<double> slopes)
+        {
+            for (int i = 0; i < margins.Length; i++)
+            {
+                double d = margins[i] - target;
+                losses[i] = d * d;
+                slopes[i] = 2 * d;
+            }
+        }
+    }
+
+    private sealed class FunctionLink(Func<double, (double Value, double Slope)> f) : MarginLink
+    {
+        public override void Evaluate(ReadOnlySpan<double> margins, Span<double> losses, Span<double> slopes)
+        {
+            for (int i = 0; i < margins.Length; i++) (losses[i], slopes[i]) = f(margins[i]);
+        }
+    }
+}

@@ -1,0 +1,165 @@
+using Alignment.Losses;
+
+namespace Alignment.Losses.Tests;
+
+/// <summary>
+/// The fused CPU pass of the margin-link losses (PreferenceLossOptions.FusedCpu, MarginLink): against the op-by-op path
+/// (FusedCpu = false) in value, per-example losses, gradients and metrics, to 1e-12 in float64 and float32 rounding
+/// otherwise; the same errors; the path is taken (fewer tensors); a user's link; memory.
+/// </summary>
+public class FusedMarginTests
+{
+    public static IEnumerable<object[]> Losses() => new[] { "dpo", "dpo_beta2", "cdpo", "robust", "hinge", "ipo" }.Select(n => new object[] { n });
+
+    static IPreferenceLoss Make(string name, bool fused) => name switch
+    {
+        "dpo" => new DpoLoss(new DpoOptions { FusedCpu = fused }),
+        "dpo_beta2" => new DpoLoss(new DpoOptions { Beta = 2, FusedCpu = fused }),
+        "cdpo" => new ConservativeDpoLoss(new ConservativeDpoOptions { LabelSmoothing = 0.1, FusedCpu = fused }),
+        "robust" => new RobustDpoLoss(new RobustDpoOptions { LabelSmoothing = 0.2, FusedCpu = fused }),
+        "hinge" => new HingeLoss(new HingeOptions { Beta = 0.5, FusedCpu = fused }),
+        "ipo" => new IpoLoss(new IpoOptions { Beta = 0.3, FusedCpu = fused }),
+        _ => throw new ArgumentException(name),
+    };
+
+    static (Tensor Loss, Tensor PerExample, Tensor GradChosen, Tensor GradRejected, IReadOnlyDictionary<string, double> Metrics) Run(
+        IPreferenceLoss loss, Tensor chosen, Tensor rejected, Tensor? refChosen, Tensor? refRejected)
+    {
+        var c = chosen.detach().clone().requires_grad_(true);
+        var r = rejected.detach().clone().requires_grad_(true);
+        using var result = loss.Compute(new PreferenceBatch(new PreferenceLogps(c, r), refChosen is null ? null : new PreferenceLogps(refChosen, refRejected!)));
+        result.Backward();
+        return (result.Loss.detach().to_type(ScalarType.Float64).clone(), result.PerExample.detach().to_type(ScalarType.Float64).clone(),
+            c.grad!.to_type(ScalarType.Float64).clone(), r.grad!.to_type(ScalarType.Float64).clone(), result.Metrics);
+    }
+
+    [Theory, MemberData(nameof(Losses))]
+    public void The_fused_pass_equals_the_op_by_op_path_in_every_dtype_with_and_without_a_reference(string name)
+    {
+        using var scope = NewDisposeScope();
+        var g = new Generator(17);
+        foreach (var dtype in new[] { ScalarType.Float64, ScalarType.Float32, ScalarType.BFloat16 })
+            foreach (bool withReference in new[] { true, false })
+            {
+                // margins from tiny to far past the softplus threshold, both signs
+                Tensor L(long n) => (-(0.5 + 60 * rand(new[] { n }, generator: g, dtype: ScalarType.Float64).pow(3))).to_type(dtype);
+                var (c, r) = (L(41), L(41));
+                var (rc, rr) = withReference ? (L(41), L(41)) : ((Tensor?)null, (Tensor?)null);
+                var fused = Run(Make(name, true), c, r, rc, rr);
+                var plain = Run(Make(name, false), c, r, rc, rr);
+                double tol = dtype == ScalarType.Float64 ? 1e-12 : 2e-6;
+                void Close(Tensor a, Tensor b, string what)
+                {
+                    double err = ((a - b).abs() / (b.abs() + 1)).max().ToDouble();
+                    Assert.True(err <= tol, $"{name} {dtype} reference={withReference}: {what} differs by {err:E2}");
+                }
+                Close(fused.Loss, plain.Loss, "loss");
+                Close(fused.PerExample, plain.PerExample, "per-example");
+                Close(fused.GradChosen, plain.GradChosen, "gradient of chosen");
+                Close(fused.GradRejected, plain.GradRejected, "gradient of rejected");
+                Assert.Equal(plain.Metrics.Keys, fused.Metrics.Keys);
+                foreach (var (key, value) in plain.Metrics)
+                    Assert.True(Math.Abs(fused.Metrics[key] - value) <= tol * (1 + Math.Abs(value)), $"{name} {dtype}: {key} {fused.Metrics[key]} vs {value}");
+            }
+    }
+
+    [Theory, MemberData(nameof(Losses))]
+    public void A_failed_check_reruns_op_by_op_and_throws_the_same_error(string name)
+    {
+        using var scope = NewDisposeScope();
+        var cases = new (Tensor Chosen, Tensor Rejected)[]
+        {
+            (tensor(new[] { -1.0, double.NaN, -2.0 }), tensor(new[] { -1.5, -1.0, -3.0 })),
+            (tensor(new[] { -1.0, -2.0, 0.5 }), tensor(new[] { -1.5, -1.0, -3.0 })),             // a positive log-prob
+            (tensor(new[] { -1.0, -2.0, -1.0 }), tensor(new[] { double.NegativeInfinity, -1.0, -3.0 })),
+        };
+        foreach (var (c, r) in cases)
+        {
+            var a = Assert.ThrowsAny<Exception>(() => Make(name, true).Compute(new PreferenceBatch(new PreferenceLogps(c, r))));
+            var b = Assert.ThrowsAny<Exception>(() => Make(name, false).Compute(new PreferenceBatch(new PreferenceLogps(c, r))));
+            Assert.Equal(b.GetType(), a.GetType());
+            Assert.Equal(b.Message, a.Message);
+        }
+    }
+
+    [Fact]
+    public void The_fused_pass_is_taken_and_creates_far_fewer_tensors()
+    {
+        long Created(bool fused)
+        {
+            using var scope = NewDisposeScope();
+            var c = (-rand(64) - 1).requires_grad_(true);
+            var r = (-rand(64) - 1).requires_grad_(true);
+            var (pc, pr) = (-rand(64) - 1, -rand(64) - 1);
+            var batch = new PreferenceBatch(new PreferenceLogps(c, r), new PreferenceLogps(pc, pr));
+            var stats = DisposeScopeManager.Statistics;
+            long before = stats.CreatedInScopeCount;
+            using (var result = new DpoLoss(new DpoOptions { FusedCpu = fused }).Compute(batch)) { }
+            return stats.CreatedInScopeCount - before;
+        }
+        long fusedCount = Created(true), plainCount = Created(false);
+        Assert.True(fusedCount * 2 <= plainCount, $"fused {fusedCount} tensors, op by op {plainCount}");
+    }
+
+    [Fact]
+    public void Evaluation_calls_views_and_one_sided_gradients_work()
+    {
+        using var scope = NewDisposeScope();
+        var wide = -rand(8, 3, dtype: ScalarType.Float64) - 0.5;
+        var (c, r) = (wide[.., 0], wide[.., 2]);                           // strided views
+        using (var eval = DpoLoss.Compute(new PreferenceLogps(c, r)))
+        using (var plain = DpoLoss.Compute(new PreferenceLogps(c, r), options: new DpoOptions { FusedCpu = false }))
+        {
+            Assert.False(eval.RequiresGrad);
+            Assert.Equal(plain.Loss.ToDouble(), eval.Loss.ToDouble(), 12);
+        }
+        var leaf = c.clone().requires_grad_(true);
+        using var one = DpoLoss.Compute(new PreferenceLogps(leaf, r));
+        one.Backward();
+        var expected = -0.1 * torch.sigmoid(-0.1 * (leaf.detach() - r)) / 8;
+        Assert.True((leaf.grad! - expected).abs().max().ToDouble() < 1e-15);
+    }
+
+    sealed record MyOptions : PreferenceLossOptions;
+
+    /// <summary>A user's loss with a link: softplus(-h)^2 / 2, written both ways.</summary>
+    sealed class SquaredLogistic(MyOptions options) : PreferenceLoss<MyOptions>(options)
+    {
+        public override string Name => "squared_logistic";
+        protected override double RewardScale => 1;
+        protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch) =>
+            new(PreferenceMath.NegLogSigmoid(terms.Margin).square() / 2);
+        protected override MarginLink? Link => MarginLink.FromFunction(h =>
+        {
+            double s = MarginLink.Softplus(-h);
+            return (s * s / 2, -s * MarginLink.Sigmoid(-h));
+        });
+    }
+
+    [Fact]
+    public void A_users_loss_with_a_link_takes_the_fused_pass_and_matches_its_formula()
+    {
+        using var scope = NewDisposeScope();
+        var (c, r) = (-rand(20, dtype: ScalarType.Float64) * 5, -rand(20, dtype: ScalarType.Float64) * 5);
+        var fused = Run(new SquaredLogistic(new MyOptions()), c, r, null, null);
+        var plain = Run(new SquaredLogistic(new MyOptions { FusedCpu = false }), c, r, null, null);
+        Assert.True((fused.GradChosen - plain.GradChosen).abs().max().ToDouble() < 1e-15);
+        Assert.Equal(plain.Loss.ToDouble(), fused.Loss.ToDouble(), 14);
+    }
+
+    [Fact]
+    public void The_fused_pass_leaks_nothing_with_or_without_a_scope() =>
+        NoScopeMemoryTests.AssertFlat("fused DPO", () =>
+        {
+            var c = (-rand(32) - 1).requires_grad_(true);
+            var r = (-rand(32) - 1).requires_grad_(true);
+            var batch = new PreferenceBatch(new PreferenceLogps(c, r), new PreferenceLogps(-rand(32) - 1, -rand(32) - 1));
+            var loss = new DpoLoss();
+            return () =>
+            {
+                using (var result = loss.Compute(batch)) result.Backward();
+                c.grad = null;
+                r.grad = null;
+            };
+        }, iterations: 300);
+}
