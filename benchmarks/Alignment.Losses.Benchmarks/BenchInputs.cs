@@ -110,13 +110,14 @@ internal sealed class BenchInputs : IDisposable
         return v;
     }
 
-    public static IPreferenceLoss Create(string name) => name switch
+    public static IPreferenceLoss Create(string name, bool fusedCpu = true) => name switch
     {
-        "dpo" => new DpoLoss(),
-        "cdpo" => new ConservativeDpoLoss(),
-        "robust_dpo" => new RobustDpoLoss(),
-        "ipo" => new IpoLoss(),
-        "hinge" => new HingeLoss(),
+        // the margin-link losses take the fused CPU pass unless fusedCpu is false (--op-by-op)
+        "dpo" => new DpoLoss(new DpoOptions { FusedCpu = fusedCpu }),
+        "cdpo" => new ConservativeDpoLoss(new ConservativeDpoOptions { FusedCpu = fusedCpu }),
+        "robust_dpo" => new RobustDpoLoss(new RobustDpoOptions { FusedCpu = fusedCpu }),
+        "ipo" => new IpoLoss(new IpoOptions { FusedCpu = fusedCpu }),
+        "hinge" => new HingeLoss(new HingeOptions { FusedCpu = fusedCpu }),
         "dpo_nll" => new DpoNllLoss(),
         "rpo" => new RpoLoss(),
         "spo" => new SpoLoss(new SpoOptions { KlWeight = 0 }),   // the peer times the preference term (no KL estimate in the batch)

@@ -31,6 +31,7 @@ internal static class QuickTiming
         var dtypes = Arg("--dtypes", "float32").Split(',');
         int repeats = int.Parse(Arg("--repeats", "100"));
         var output = Arg("--out", "quick-timing.json");
+        bool fused = !args.Contains("--op-by-op");               // the margin-link losses' fused CPU pass (default) or their op-by-op path
         var unknown = losses.Where(l => !BenchInputs.LossNames.Contains(l)).ToList();
         if (unknown.Count > 0)
         {
@@ -44,7 +45,7 @@ internal static class QuickTiming
                 foreach (var dt in dtypes)
                 {
                     using var inputs = new BenchInputs(b, dt == "bfloat16" ? ScalarType.BFloat16 : ScalarType.Float32, new Device(device));
-                    var loss = BenchInputs.Create(name);
+                    var loss = BenchInputs.Create(name, fused);
                     var batch = inputs.BatchFor(name);
                     double Forward()
                     {
@@ -57,7 +58,7 @@ internal static class QuickTiming
                         var record = new Dictionary<string, object>
                         {
                             ["suite"] = "LossBenchmarks", ["loss"] = name, ["B"] = b, ["dtype"] = dt, ["device"] = device,
-                            ["method"] = method, ["median_us"] = Median(call, repeats),
+                            ["method"] = method, ["median_us"] = Median(call, repeats), ["path"] = fused ? "default" : "op-by-op",
                         };
                         records.Add(record);
                         Console.WriteLine(JsonSerializer.Serialize(record));

@@ -1,4 +1,5 @@
 using System.Runtime.InteropServices;
+using System.Runtime.Intrinsics;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -36,12 +37,21 @@ internal static unsafe class FusedMarginPass
     /// <summary>The values of a 1-D CPU tensor as float64 into <paramref name="into"/> (a copy: the pass reads each once).</summary>
     private static void Read(Tensor t, Span<double> into)
     {
+        var dtype = t.dtype;
+        if (dtype is ScalarType.Float32 or ScalarType.Float64 && t.is_contiguous())
+        {
+            Copy(t, dtype, into);                                // the memory as it is: no handle, no copy in libtorch
+            return;
+        }
         using var scope = NewDisposeScope();
-        var x = t.detach();
-        if (x.dtype is not (ScalarType.Float32 or ScalarType.Float64)) x = x.to_type(ScalarType.Float32);
-        if (!x.is_contiguous()) x = x.contiguous();
+        var x = t.detach().to_type(dtype == ScalarType.Float64 ? ScalarType.Float64 : ScalarType.Float32).contiguous();
+        Copy(x, x.dtype, into);
+    }
+
+    private static void Copy(Tensor x, ScalarType dtype, Span<double> into)
+    {
         int n = into.Length;
-        if (x.dtype == ScalarType.Float64)
+        if (dtype == ScalarType.Float64)
             new ReadOnlySpan<double>(Address(x), n).CopyTo(into);
         else
         {
@@ -70,10 +80,23 @@ internal static unsafe class FusedMarginPass
     internal static PreferenceLossResult? TryCompute(PreferenceBatch batch, MarginLink link, double rewardScale, bool checkFinite, bool checkLogProbs,
         string name, ScalarType dtype)
     {
+        int n = (int)batch.Policy.ChosenCount;
+        var buffer = System.Buffers.ArrayPool<double>.Shared.Rent(6 * n);        // no large-object-heap allocation per call
+        try
+        {
+            return Pass(batch, link, rewardScale, checkFinite, checkLogProbs, name, dtype, n, buffer);
+        }
+        finally
+        {
+            System.Buffers.ArrayPool<double>.Shared.Return(buffer);
+        }
+    }
+
+    private static PreferenceLossResult? Pass(PreferenceBatch batch, MarginLink link, double rewardScale, bool checkFinite, bool checkLogProbs,
+        string name, ScalarType dtype, int n, double[] buffer)
+    {
         var policy = batch.Policy;
         var reference = batch.Reference;
-        int n = (int)policy.ChosenCount;
-        var buffer = new double[6 * n];
         Span<double> xw = buffer.AsSpan(0, n), xl = buffer.AsSpan(n, n), rw = buffer.AsSpan(2 * n, n), rl = buffer.AsSpan(3 * n, n),
             h = buffer.AsSpan(4 * n, n), slope = buffer.AsSpan(5 * n, n);
         Read(policy.Chosen, xw);
@@ -83,13 +106,37 @@ internal static unsafe class FusedMarginPass
             Read(reference.Chosen, rw);
             Read(reference.Rejected, rl);
         }
-        // sums of u_w, u_l, h, (h > 0), l_w, l_l and the inputs' largest value, in order (bitwise stable)
-        double su = 0, sv = 0, sh = 0, wins = 0, sxw = 0, sxl = 0, largest = double.NegativeInfinity;
-        bool finite = true;
-        for (int i = 0; i < n; i++)
+        else
         {
-            double uw = reference is null ? xw[i] : xw[i] - rw[i];
-            double ul = reference is null ? xl[i] : xl[i] - rl[i];
+            rw.Clear();                                        // reference-free: l_ref = 0
+            rl.Clear();
+        }
+        // sums of u_w, u_l, h, (h > 0), l_w, l_l and the inputs' largest value: four lanes at a time, then the tail, in a
+        // fixed order (the same bits on every run)
+        var (vu, vv, vh, vwins, vxw, vxl) = (Vector256<double>.Zero, Vector256<double>.Zero, Vector256<double>.Zero,
+            Vector256<double>.Zero, Vector256<double>.Zero, Vector256<double>.Zero);
+        var vtop = Vector256.Create(double.NegativeInfinity);
+        bool finite = true;
+        int i = 0;
+        if (Vector256.IsHardwareAccelerated)
+        {
+            for (; i + 4 <= n; i += 4)
+            {
+                var (a, b, c, d) = (Vector256.Create(xw.Slice(i, 4)), Vector256.Create(xl.Slice(i, 4)), Vector256.Create(rw.Slice(i, 4)), Vector256.Create(rl.Slice(i, 4)));
+                var (uw, ul) = (a - c, b - d);
+                var m = uw - ul;
+                m.CopyTo(h.Slice(i, 4));
+                (vu, vv, vh, vxw, vxl) = (vu + uw, vv + ul, vh + m, vxw + a, vxl + b);
+                vwins += Vector256.GreaterThan(m, Vector256<double>.Zero) & Vector256<double>.One;
+                vtop = Vector256.Max(vtop, Vector256.Max(Vector256.Max(a, b), Vector256.Max(c, d)));
+                finite &= Vector256.EqualsAll(uw - uw, Vector256<double>.Zero) && Vector256.EqualsAll(ul - ul, Vector256<double>.Zero);
+            }
+        }
+        double su = Vector256.Sum(vu), sv = Vector256.Sum(vv), sh = Vector256.Sum(vh), wins = Vector256.Sum(vwins), sxw = Vector256.Sum(vxw), sxl = Vector256.Sum(vxl);
+        double largest = Math.Max(Math.Max(vtop[0], vtop[1]), Math.Max(vtop[2], vtop[3]));
+        for (; i < n; i++)
+        {
+            double uw = xw[i] - rw[i], ul = xl[i] - rl[i];
             h[i] = uw - ul;
             su += uw;
             sv += ul;
@@ -97,22 +144,25 @@ internal static unsafe class FusedMarginPass
             if (h[i] > 0) wins++;
             sxw += xw[i];
             sxl += xl[i];
-            double top = Math.Max(xw[i], xl[i]);
-            if (reference is not null) top = Math.Max(top, Math.Max(rw[i], rl[i]));
-            largest = Math.Max(largest, top);
+            largest = Math.Max(largest, Math.Max(Math.Max(xw[i], xl[i]), Math.Max(rw[i], rl[i])));
             finite &= double.IsFinite(uw) && double.IsFinite(ul);
         }
         if (checkFinite && (!finite || checkLogProbs && largest > 1e-3)) return null;
         // the link writes its values over the chosen inputs' copy (no longer needed)
         var losses = xw;
         link.Evaluate(h, losses, slope);
-        double sl = 0;
-        for (int i = 0; i < n; i++) sl += losses[i];
+        // the mean loss, and every value within the compute dtype's range (what the op-by-op path computes in float32 must
+        // fit float32 too: past its range that path reports the overflow)
+        double limit = dtype == ScalarType.Float64 ? double.MaxValue : float.MaxValue;
+        double sl = 0, biggest = 0;
+        for (int k = 0; k < n; k++)
+        {
+            sl += losses[k];
+            biggest = Math.Max(biggest, Math.Max(Math.Abs(losses[k]), Math.Abs(slope[k])));
+        }
+        finite &= biggest <= limit;                            // false for NaN too
         double scale = rewardScale / n;
         var metrics = new[] { su * scale, sv * scale, sh * scale, wins / n, sxw / n, sxl / n };
-        // what the op-by-op path computes in float32 must fit float32 too: past its range that path reports the overflow
-        double limit = dtype == ScalarType.Float64 ? double.MaxValue : float.MaxValue;
-        for (int i = 0; i < n; i++) finite &= Math.Abs(losses[i]) <= limit && Math.Abs(slope[i]) <= limit;
         foreach (var m in metrics) finite &= Math.Abs(m) <= limit;
         finite &= Math.Abs(sl / n) <= limit;
         if (checkFinite && !finite) return null;

@@ -1,3 +1,5 @@
+using System.Runtime.Intrinsics;
+
 namespace Alignment.Losses;
 
 /// <summary>
@@ -24,8 +26,12 @@ public abstract class MarginLink
     public static MarginLink FromFunction(Func<double, (double Value, double Slope)> link) =>
         new FunctionLink(link ?? throw new ArgumentNullException(nameof(link)));
 
-    /// <summary>softplus(x) = log(1 + e^x) in float64, without overflow or cancellation.</summary>
-    public static double Softplus(double x) => Math.Max(x, 0) + Math.Log(1 + Math.Exp(-Math.Abs(x)));
+    /// <summary>softplus(x) = log(1 + e^x) in float64, without overflow or cancellation (log1p of e^-|x| for the tail).</summary>
+    public static double Softplus(double x)
+    {
+        double e = Math.Exp(-Math.Abs(x));
+        return Math.Max(x, 0) + Log1pOf(e, 1 + e);
+    }
 
     /// <summary>sigmoid(x) = 1 / (1 + e^-x) in float64, without overflow.</summary>
     public static double Sigmoid(double x)
@@ -49,16 +55,39 @@ public abstract class MarginLink
 
     private sealed class LogisticLink(double beta, double linear) : MarginLink
     {
+        // with e = exp(-|z|), shared: softplus(-z) = max(-z, 0) + log1p(e), sigmoid(-z) = e / (1 + e) for z >= 0, 1 / (1 + e) below
         public override void Evaluate(ReadOnlySpan<double> margins, Span<double> losses, Span<double> slopes)
         {
-            for (int i = 0; i < margins.Length; i++)
+            int i = 0;
+#if NET9_0_OR_GREATER
+            if (Vector256.IsHardwareAccelerated)
+            {
+                var (vb, vc, one, zero) = (Vector256.Create(beta), Vector256.Create(linear), Vector256<double>.One, Vector256<double>.Zero);
+                for (; i + 4 <= margins.Length; i += 4)
+                {
+                    var z = vb * Vector256.Create(margins.Slice(i, 4));
+                    var e = Vector256.Exp(-Vector256.Abs(z));
+                    var u = one + e;
+                    // log1p(e) = log(u) e / (u - 1), exact where u rounds to 1 (Goldberg's correction)
+                    var log1p = Vector256.ConditionalSelect(Vector256.Equals(u, one), e, Vector256.Log(u) * e / (u - one));
+                    (Vector256.Max(-z, zero) + log1p + vc * z).CopyTo(losses.Slice(i, 4));
+                    var sigmoid = Vector256.ConditionalSelect(Vector256.GreaterThanOrEqual(z, zero), e, one) / u;
+                    (vb * (vc - sigmoid)).CopyTo(slopes.Slice(i, 4));
+                }
+            }
+#endif
+            for (; i < margins.Length; i++)
             {
                 double z = beta * margins[i];
-                losses[i] = Softplus(-z) + linear * z;
-                slopes[i] = beta * (linear - Sigmoid(-z));
+                double e = Math.Exp(-Math.Abs(z)), u = 1 + e;
+                losses[i] = Math.Max(-z, 0) + Log1pOf(e, u) + linear * z;
+                slopes[i] = beta * (linear - (z >= 0 ? e : 1) / u);
             }
         }
     }
+
+    /// <summary>log1p(e) given u = 1 + e (Goldberg's correction: exact where u rounds to 1).</summary>
+    private static double Log1pOf(double e, double u) => u == 1 ? e : Math.Log(u) * e / (u - 1);
 
     private sealed class HingeLink(double beta) : MarginLink
     {
