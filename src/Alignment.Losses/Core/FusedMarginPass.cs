@@ -174,8 +174,9 @@ internal static unsafe class FusedMarginPass
         if (grad)
         {
             var slopes = Write(slope, dtype);
-            var d = Numerics.As(policy.Chosen, dtype) - Numerics.As(policy.Rejected, dtype);
-            perExample = perPair + (d - d.detach()) * slopes;
+            Tensor In(Tensor x) => x.dtype == dtype ? x : x.to_type(dtype);          // no alias handle when the dtype matches
+            var d = In(policy.Chosen) - In(policy.Rejected);
+            perExample = perPair.addcmul_(d - d.detach(), slopes, 1);                  // in place: perPair is ours and constant
         }
         else perExample = perPair;
         var loss = perExample.mean();
