@@ -16,7 +16,7 @@ public abstract record PreferenceLossOptions
 
     /// <summary>
     /// When true (the default), a loss written as a link of the margin (<see cref="MarginLink"/>: DPO, cDPO, robust DPO,
-    /// hinge and IPO on sums, with the reverse-KL score map) runs on the CPU in one managed pass: margins, the link's value
+    /// hinge, IPO on sums, EXO and DiscoPOP, with the reverse-KL score map) runs on the CPU in one managed pass: margins, the link's value
     /// and slope, the standard metrics and the checks over the inputs' memory, returned through a surrogate whose value is
     /// the loss and whose gradient is the saved one. It agrees with the op-by-op path to float64 rounding (float64
     /// inputs) or float32 rounding (float32, bfloat16 and float16 inputs, computed in float64 then rounded), errors

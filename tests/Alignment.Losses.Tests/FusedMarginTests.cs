@@ -9,7 +9,7 @@ namespace Alignment.Losses.Tests;
 /// </summary>
 public class FusedMarginTests
 {
-    public static IEnumerable<object[]> Losses() => new[] { "dpo", "dpo_beta2", "cdpo", "robust", "hinge", "ipo" }.Select(n => new object[] { n });
+    public static IEnumerable<object[]> Losses() => new[] { "dpo", "dpo_beta2", "cdpo", "robust", "hinge", "ipo", "exo_pair", "discopop" }.Select(n => new object[] { n });
 
     static IPreferenceLoss Make(string name, bool fused) => name switch
     {
@@ -19,6 +19,8 @@ public class FusedMarginTests
         "robust" => new RobustDpoLoss(new RobustDpoOptions { LabelSmoothing = 0.2, FusedCpu = fused }),
         "hinge" => new HingeLoss(new HingeOptions { Beta = 0.5, FusedCpu = fused }),
         "ipo" => new IpoLoss(new IpoOptions { Beta = 0.3, FusedCpu = fused }),
+        "exo_pair" => new ExoPairLoss(new ExoPairOptions { LabelSmoothing = 0.01, FusedCpu = fused }),
+        "discopop" => new DiscoPopLoss(new DiscoPopOptions { FusedCpu = fused }),
         _ => throw new ArgumentException(name),
     };
 

@@ -4,7 +4,7 @@ namespace Alignment.Losses;
 
 /// <summary>
 /// A pairwise loss written as a link of the pair's margin: L_i = link(h_i), h = u_w - u_l = (l_pol(y_w) - l_ref(y_w)) -
-/// (l_pol(y_l) - l_ref(y_l)). Most of the DPO family is one (DPO, cDPO, robust DPO, hinge, IPO on sums), and a loss that
+/// (l_pol(y_l) - l_ref(y_l)). Most of the DPO family is one (DPO, cDPO, robust DPO, hinge, IPO on sums, EXO, DiscoPOP), and a loss that
 /// says so (<see cref="PreferenceLoss{TOptions}.Link"/>) is computed on the CPU in one managed pass: the link's value and
 /// slope, the standard metrics and the finite checks over contiguous memory, returned through a surrogate whose gradient
 /// is the saved one (see <see cref="PreferenceLossOptions.FusedCpu"/>). Everywhere else (CUDA, example weights, a loss
@@ -52,6 +52,48 @@ public abstract class MarginLink
 
     /// <summary>IPO on sums: (h - target)^2, slope 2 (h - target).</summary>
     internal static MarginLink Square(double target) => new SquareLink(target);
+
+    /// <summary>
+    /// EXO: with z = beta h, q = sigmoid(z), c = z + ln eps - ln(1 - eps): L = -softplus(-z) - sigmoid(-z) c - ln(1 - eps)
+    /// for z &gt;= 0 and -softplus(z) + sigmoid(z) c - ln eps below; dL/dz = q (1 - q) c.
+    /// </summary>
+    internal static MarginLink Exo(double beta, double eps) => new ExoLink(beta, eps);
+
+    /// <summary>
+    /// DiscoPOP: with z = beta h, t = z / tau, m = sigmoid(t), E = m e^-z = exp(-softplus(-t) - z):
+    /// L = (1 - m) softplus(-z) + E; dL/dz = -(m (1 - m) / tau) softplus(-z) - (1 - m) sigmoid(-z) + ((1 - m) / tau - 1) E.
+    /// </summary>
+    internal static MarginLink DiscoPop(double beta, double tau) => new DiscoPopLink(beta, tau);
+
+    private sealed class ExoLink(double beta, double eps) : MarginLink
+    {
+        public override void Evaluate(ReadOnlySpan<double> margins, Span<double> losses, Span<double> slopes)
+        {
+            double a = Math.Log(1 - eps), b = Math.Log(eps);
+            for (int i = 0; i < margins.Length; i++)
+            {
+                double z = beta * margins[i], c = z + (b - a);
+                double e = Math.Exp(-Math.Abs(z)), u = 1 + e;
+                losses[i] = z >= 0 ? -Softplus(-z) - Sigmoid(-z) * c - a : -Softplus(z) + Sigmoid(z) * c - b;
+                slopes[i] = beta * (e / (u * u)) * c;                           // q (1 - q) = e / (1 + e)^2, e = exp(-|z|)
+            }
+        }
+    }
+
+    private sealed class DiscoPopLink(double beta, double tau) : MarginLink
+    {
+        public override void Evaluate(ReadOnlySpan<double> margins, Span<double> losses, Span<double> slopes)
+        {
+            for (int i = 0; i < margins.Length; i++)
+            {
+                double z = beta * margins[i], t = z / tau;
+                double m = Sigmoid(t), rest = Sigmoid(-t), spz = Softplus(-z);
+                double exponential = Math.Exp(-Softplus(-t) - z);
+                losses[i] = rest * spz + exponential;
+                slopes[i] = beta * (-(m * rest / tau) * spz - rest * Sigmoid(-z) + (rest / tau - 1) * exponential);
+            }
+        }
+    }
 
     private sealed class LogisticLink(double beta, double linear) : MarginLink
     {

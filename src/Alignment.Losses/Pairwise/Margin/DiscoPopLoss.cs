@@ -34,6 +34,9 @@ public sealed class DiscoPopLoss : PreferenceLoss<DiscoPopOptions>
     protected override double RewardScale => Options.Beta;
 
     /// <inheritdoc />
+    protected override MarginLink? Link => Options.ScoreMap.Kind == ScoreMapKind.ReverseKl ? MarginLink.DiscoPop(Options.Beta, Options.Tau) : null;
+
+    /// <inheritdoc />
     protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch)
     {
         var z = terms.ScoreMargin(Options.ScoreMap) * Options.Beta;

@@ -35,6 +35,9 @@ public sealed class ExoPairLoss : PreferenceLoss<ExoPairOptions>
     /// <inheritdoc />
     protected override double RewardScale => Options.Beta;
 
+    /// <inheritdoc />
+    protected override MarginLink? Link => Options.ScoreMap.Kind == ScoreMapKind.ReverseKl ? MarginLink.Exo(Options.Beta, Options.LabelSmoothing) : null;
+
     /// <summary>z* = ln((1 - eps) / eps), the value of beta * Delta at which the loss is 0 and stationary.</summary>
     public double StationaryLogit => Math.Log((1 - Options.LabelSmoothing) / Options.LabelSmoothing);
 
