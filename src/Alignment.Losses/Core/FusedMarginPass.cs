@@ -1,4 +1,3 @@
-using System.Runtime.InteropServices;
 using System.Runtime.Intrinsics;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -14,16 +13,8 @@ namespace Alignment.Losses.Internal;
 /// </summary>
 internal static unsafe class FusedMarginPass
 {
-    private static readonly delegate* unmanaged<IntPtr, IntPtr> StorageData = Resolve();
-
-    private static delegate* unmanaged<IntPtr, IntPtr> Resolve()
-    {
-        var lib = NativeLibrary.Load("LibTorchSharp", typeof(torch).Assembly, null);
-        return (delegate* unmanaged<IntPtr, IntPtr>)NativeLibrary.GetExport(lib, "THSStorage_data_ptr");
-    }
-
     /// <summary>The first element of a contiguous CPU tensor.</summary>
-    private static void* Address(Tensor t) => (void*)(StorageData(t.Handle) + (nint)(t.storage_offset() * t.ElementSize));
+    private static void* Address(Tensor t) => TensorMemory.Address(t);
 
     /// <summary>Whether the batch can take the fused path: CPU, paired, floating inputs, no example weights.</summary>
     internal static bool Applies(PreferenceBatch batch)

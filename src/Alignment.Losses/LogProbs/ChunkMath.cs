@@ -9,9 +9,16 @@ namespace Alignment.Losses.Internal;
 /// </summary>
 internal static class ChunkMath
 {
-    /// <summary>Returns (logsumexp [rows], target log-prob [rows]) of a block of logits [rows, V].</summary>
-    internal static (Tensor Lse, Tensor TargetLogp) Forward(Tensor block, Tensor targets)
+    /// <summary>Returns (logsumexp [rows], target log-prob [rows]) of a block of logits [rows, V]; with <paramref name="fused"/>,
+    /// through the managed kernel (<see cref="LogSoftmaxRows"/>) where it applies.</summary>
+    internal static (Tensor Lse, Tensor TargetLogp) Forward(Tensor block, Tensor targets, bool fused = false)
     {
+        if (fused && Kernel(block))
+        {
+            var (l, tl) = (empty(block.shape[0], dtype: ScalarType.Float32), empty(block.shape[0], dtype: ScalarType.Float32));
+            LogSoftmaxRows.Forward(block, targets.contiguous(), null, l, tl);
+            return (l, tl);
+        }
         var lse = block.logsumexp(1);
         var target = block.gather(1, targets.unsqueeze(1)).squeeze(1);
         return (lse, target - lse);
@@ -21,12 +28,26 @@ internal static class ChunkMath
     /// d/d block of sum_t g_t log softmax(block_t)[y_t] = g * (onehot(y) - softmax(block)); overwrites <paramref name="block"/>.
     /// Rows with g = 0 (masked positions) get an exact 0, even where their logits are not finite.
     /// </summary>
-    internal static Tensor GradInPlace(Tensor block, Tensor lse, Tensor targets, Tensor g)
+    /// <param name="block">[rows, V] logits, overwritten by the gradient.</param>
+    /// <param name="lse">Their logsumexp per row, or null to compute it here.</param>
+    /// <param name="targets">[rows] target ids.</param>
+    /// <param name="g">[rows] d loss / d target log-prob.</param>
+    /// <param name="fused">Through the managed kernel (<see cref="LogSoftmaxRows"/>) where it applies: one pass, in place.</param>
+    internal static Tensor GradInPlace(Tensor block, Tensor? lse, Tensor targets, Tensor g, bool fused = false)
     {
+        if (fused && Kernel(block) && g.dtype == ScalarType.Float32)
+        {
+            LogSoftmaxRows.Backward(block, block, targets.contiguous(), lse?.contiguous(), g.contiguous());
+            return block;
+        }
+        lse ??= block.logsumexp(1);
         var gradient = block.sub_(lse.unsqueeze(1)).exp_().mul_(-g.unsqueeze(1));   // -g * softmax
         gradient.scatter_add_(1, targets.unsqueeze(1), g.unsqueeze(1));              // + g at the target
         return gradient.masked_fill_((g == 0).unsqueeze(1), 0);
     }
+
+    /// <summary>Whether a 2-D block can take the managed kernel in place: a contiguous float32 CPU block.</summary>
+    private static bool Kernel(Tensor block) => block.dtype == ScalarType.Float32 && block.is_contiguous() && LogSoftmaxRows.Supports(block);
 
     /// <summary>Per-token values with exact zeros where <paramref name="valid"/> is false (selecting, so NaN/Inf there cannot leak in).</summary>
     internal static Tensor Masked(Tensor perToken, Tensor valid) => perToken.masked_fill(valid.logical_not(), 0);
@@ -62,6 +83,9 @@ internal static class ChunkMath
             for (long t0 = 0; t0 < t; t0 += chunk)
                 yield return new Block(i, 1, t0, Math.Min(chunk, t - t0));
     }
+
+    /// <summary>How a head's chunks are processed: tokens per chunk, and whether the CPU kernel may run.</summary>
+    internal readonly record struct Plan(long Tokens, bool Fused);
 
     /// <summary>Sequences [N0, N0 + Rows) at positions [T0, T0 + Tokens).</summary>
     internal readonly record struct Block(long N0, long Rows, long T0, long Tokens)

@@ -77,14 +77,14 @@ public static class FusedLinearLogProbs
                 throw new ArgumentException($"bias must be [{weight.shape[0]}]; got {Guard.Shape(bias)}.", nameof(bias));
             Guard.SameDevice(hidden, nameof(hidden), bias, nameof(bias));
         }
-        return Native.Run("FusedLinearLogProbs.Compute", () => $"hidden {Native.Describe(hidden)}, weight {Native.Describe(weight)}, chunk {options.TokensPerChunk(weight.shape[0], hidden.device_type)} tokens", () =>
+        return Native.Run("FusedLinearLogProbs.Compute", () => $"hidden {Native.Describe(hidden)}, weight {Native.Describe(weight)}, chunk {options.HeadTokensPerChunk(weight.shape[0], hidden.device_type)} tokens", () =>
         {
             using var scope = NewDisposeScope();
             var prepared = Targets.Prepare(hidden, nameof(hidden), weight.shape[0], nameof(weight), labels, mask, boundaries, alignment, options);
             bool shift = alignment == LabelAlignment.ShiftByOne;
             var dtype = Numerics.DTypeFor(hidden, weight, bias);
             var extras = LogProbExtras.For(options, prepared.Valid, dtype);
-            long chunk = options.TokensPerChunk(weight.shape[0], hidden.device_type);
+            var chunk = new ChunkMath.Plan(options.HeadTokensPerChunk(weight.shape[0], hidden.device_type), options.FusedCpu);
             // views, so that the gradients reach a leaf's AccumulateGrad as fresh tensors it adopts instead of copying
             Tensor ViewOf(Tensor t) => t.requires_grad ? t.view(t.shape) : t;
             var tokens = bias is null
@@ -169,7 +169,7 @@ public static class FusedLinearLogProbs
     private static Tensor Logits(Tensor h, Tensor wt, Tensor? b) =>
         b is null ? h.mm(wt) : torch.addmm(b, h, wt, 1, 1);   // mm / addmm, never matmul: see Native
 
-    private static Tensor Forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor valid, bool shift, long chunk, ScalarType dtype,
+    private static Tensor Forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor valid, bool shift, ChunkMath.Plan plan, ScalarType dtype,
         LogProbExtras? extras)
     {
         var x = SequenceLogProbs.Scored(hidden, shift);
@@ -177,12 +177,12 @@ public static class FusedLinearLogProbs
         var tokenLogp = empty(n, t, dtype: dtype, device: x.device);
         var wt = weight.to_type(dtype).t();
         var b = bias?.to_type(dtype);
-        foreach (var block in ChunkMath.Blocks(n, t, chunk))
+        foreach (var block in ChunkMath.Blocks(n, t, plan.Tokens))
         {
             using var inner = NewDisposeScope();
             var logits = Logits(block.Rows2D(x, dtype), wt, b);                              // [count, V]: the one live chunk
             var y = block.Flat(targets);
-            var (lse, targetLogp) = ChunkMath.Forward(logits, y);
+            var (lse, targetLogp) = ChunkMath.Forward(logits, y, plan.Fused);
             block.Of(tokenLogp).copy_(targetLogp.view(block.Rows, block.Tokens));
             extras?.Record(block, logits, lse, y);
         }
@@ -190,7 +190,7 @@ public static class FusedLinearLogProbs
     }
 
     private static (Tensor Hidden, Tensor Weight, Tensor? Bias) Backward(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor valid,
-        bool shift, long chunk, ScalarType dtype, Tensor gradOutput)
+        bool shift, ChunkMath.Plan plan, ScalarType dtype, Tensor gradOutput)
     {
         var x = SequenceLogProbs.Scored(hidden, shift);
         var (gradHidden, scored) = SequenceLogProbs.GradientBuffer(hidden, hidden.dtype, shift);
@@ -200,14 +200,14 @@ public static class FusedLinearLogProbs
         var w = weight.to_type(dtype);
         var wt = w.t();
         var b = bias?.to_type(dtype);
-        foreach (var block in ChunkMath.Blocks(x.shape[0], x.shape[1], chunk))
+        foreach (var block in ChunkMath.Blocks(x.shape[0], x.shape[1], plan.Tokens))
         {
             using var inner = NewDisposeScope();
             var g = block.Flat(rowGrad);
             // masked positions contribute nothing, even when their hidden states are NaN (0 * NaN would be NaN in G^T h)
             var h = block.Rows2D(x, dtype).masked_fill((g == 0).unsqueeze(1), 0);
             var logits = Logits(h, wt, b);
-            var gradLogits = ChunkMath.GradInPlace(logits, logits.logsumexp(1), block.Flat(targets), g);   // [count, V]
+            var gradLogits = ChunkMath.GradInPlace(logits, null, block.Flat(targets), g, plan.Fused);   // [count, V]
             block.Of(scored).copy_(gradLogits.mm(w).view(block.Rows, block.Tokens, x.shape[2]));
             gradWeight.addmm_(gradLogits.t(), h);
             gradBias?.add_(gradLogits.sum(dim: 0));   // named: a literal 0 would bind to sum(ScalarType)
@@ -226,12 +226,12 @@ public static class FusedLinearLogProbs
             ctx.save_data("shift", vars[4]);
             ctx.save_data("chunk", vars[5]);
             ctx.save_data("dtype", vars[6]);
-            return FusedLinearLogProbs.Forward(hidden, weight, null, targets, weights, (bool)vars[4], (long)vars[5], (ScalarType)vars[6], (LogProbExtras?)vars[7]);
+            return FusedLinearLogProbs.Forward(hidden, weight, null, targets, weights, (bool)vars[4], (ChunkMath.Plan)vars[5], (ScalarType)vars[6], (LogProbExtras?)vars[7]);
         }
 
         protected override Tensor?[] Backward(autograd.AutogradContext ctx, IReadOnlyList<Tensor> s, Tensor grad_output)
         {
-            var (gh, gw, _) = FusedLinearLogProbs.Backward(s[0], s[1], null, s[2], s[3], (bool)ctx.get_data("shift")!, (long)ctx.get_data("chunk")!,
+            var (gh, gw, _) = FusedLinearLogProbs.Backward(s[0], s[1], null, s[2], s[3], (bool)ctx.get_data("shift")!, (ChunkMath.Plan)ctx.get_data("chunk")!,
                 (ScalarType)ctx.get_data("dtype")!, grad_output);
             return new Tensor?[] { gh, gw, null, null, null, null, null, null };
         }
@@ -248,12 +248,12 @@ public static class FusedLinearLogProbs
             ctx.save_data("shift", vars[5]);
             ctx.save_data("chunk", vars[6]);
             ctx.save_data("dtype", vars[7]);
-            return FusedLinearLogProbs.Forward(hidden, weight, bias, targets, weights, (bool)vars[5], (long)vars[6], (ScalarType)vars[7], (LogProbExtras?)vars[8]);
+            return FusedLinearLogProbs.Forward(hidden, weight, bias, targets, weights, (bool)vars[5], (ChunkMath.Plan)vars[6], (ScalarType)vars[7], (LogProbExtras?)vars[8]);
         }
 
         protected override Tensor?[] Backward(autograd.AutogradContext ctx, IReadOnlyList<Tensor> s, Tensor grad_output)
         {
-            var (gh, gw, gb) = FusedLinearLogProbs.Backward(s[0], s[1], s[2], s[3], s[4], (bool)ctx.get_data("shift")!, (long)ctx.get_data("chunk")!,
+            var (gh, gw, gb) = FusedLinearLogProbs.Backward(s[0], s[1], s[2], s[3], s[4], (bool)ctx.get_data("shift")!, (ChunkMath.Plan)ctx.get_data("chunk")!,
                 (ScalarType)ctx.get_data("dtype")!, grad_output);
             return new Tensor?[] { gh, gw, gb, null, null, null, null, null, null };
         }

@@ -36,8 +36,10 @@ public sealed record SequenceLogProbsOptions
 
     /// <summary>
     /// Tokens per fp32 chunk: bounds the extra memory to about ChunkTokens x V x 4 bytes. Default null: as many tokens as
-    /// fit in <see cref="DefaultCpuChunkElements"/> (CPU) or <see cref="DefaultCudaChunkElements"/> (CUDA) logits; many
-    /// short sequences then share one chunk instead of costing a few kernels each.
+    /// fit in <see cref="DefaultCpuChunkElements"/> (CPU) or <see cref="DefaultCudaChunkElements"/> (CUDA) logits, and for
+    /// <see cref="FusedLinearLogProbs"/> on the CPU at least <see cref="MinCpuHeadChunkTokens"/>; many short sequences then
+    /// share one chunk instead of costing a few kernels each. (The CPU kernel of <see cref="FusedCpu"/> reads the logits
+    /// in place and needs no chunk.)
     /// </summary>
     public long? ChunkTokens
     {
@@ -73,6 +75,36 @@ public sealed record SequenceLogProbsOptions
     /// entropy, mean_token_accuracy, logits/chosen and logits/rejected. Default false. No gradient flows through them.
     /// </summary>
     public bool StepStatistics { get; init; }
+
+    /// <summary>
+    /// On the CPU, run the log-prob step (forward with the WPO terms and step statistics, and backward) as one managed kernel
+    /// over rows of float32 or bfloat16 logits: one read of the logits forward, one read and one write backward, rows in
+    /// parallel on up to <c>torch.get_num_threads()</c> threads, bitwise the same whatever the thread count. Default true.
+    /// It needs .NET 9 or later and 256-bit vectors; float16 and float64 logits, non-unit strides along V, and other
+    /// devices take the chunked libtorch path, as does every call with false. Both paths agree to float32 rounding
+    /// (the tests hold them to 2e-6 relative) and throw the same errors.
+    /// </summary>
+    public bool FusedCpu { get; init; } = true;
+
+    /// <summary>
+    /// On Linux, ask for transparent huge pages (madvise MADV_HUGEPAGE) on the fresh CPU gradient buffer the backward pass
+    /// writes (at least 4 MiB). Writing fresh memory otherwise costs a page fault per 4 KiB, which makes the write several
+    /// times slower than the memory bandwidth. A hint: where the kernel's huge pages are off ("never") nothing changes.
+    /// Default true.
+    /// </summary>
+    public bool HugePageGradients { get; init; } = true;
+
+    /// <summary>
+    /// The fewest tokens per chunk of <see cref="FusedLinearLogProbs"/> on the CPU when <see cref="ChunkTokens"/> is not set:
+    /// 256, so that each chunk's matrix products are large enough to run at the BLAS's speed even at V = 128k (where
+    /// <see cref="DefaultCpuChunkElements"/> alone would give 32 tokens). A chunk of 256 tokens at V = 128,256 is 131 MB of fp32
+    /// logits.
+    /// </summary>
+    public const long MinCpuHeadChunkTokens = 256;
+
+    /// <summary>The chunk size in tokens of the fused LM head for a vocabulary of <paramref name="vocab"/> on <paramref name="device"/>.</summary>
+    internal long HeadTokensPerChunk(long vocab, DeviceType device) =>
+        ChunkTokens ?? (device == DeviceType.CPU ? Math.Max(MinCpuHeadChunkTokens, TokensPerChunk(vocab, device)) : TokensPerChunk(vocab, device));
 
     /// <summary>The chunk size in tokens for a vocabulary of <paramref name="vocab"/> on <paramref name="device"/>.</summary>
     internal long TokensPerChunk(long vocab, DeviceType device) =>
@@ -446,7 +478,8 @@ public static class SequenceLogProbs
                 && CudaLogProbKernels.TryGet(logits.device, logits.dtype) is { } kernels)
                 tokens = KernelFunction.apply(input, prepared.Targets, prepared.Valid, shift, kernels, extras);
             else
-                tokens = SequenceLogProbFunction.apply(input, prepared.Targets, prepared.Valid, shift, options.TokensPerChunk(logits.shape[2], logits.device_type), dtype, extras);
+                tokens = SequenceLogProbFunction.apply(input, prepared.Targets, prepared.Valid, shift, options.TokensPerChunk(logits.shape[2], logits.device_type), dtype, extras,
+                    (options.FusedCpu, options.HugePageGradients));
             var result = Targets.Finish(tokens, prepared, dtype, options.LdAlpha, extras, nameof(logits), sum => Targets.NonFinite(nameof(logits), sum));
             result.MoveToOuter(scope);
             return result;
@@ -457,9 +490,11 @@ public static class SequenceLogProbs
     internal static Tensor Scored(Tensor logits, bool shift) => shift ? logits.narrow(1, 0, logits.shape[1] - 1) : logits;
 
     /// <summary>A gradient buffer laid out like <paramref name="input"/> whose unscored last position is 0 (ShiftByOne), and its scored part.</summary>
-    internal static (Tensor Full, Tensor Scored) GradientBuffer(Tensor input, ScalarType dtype, bool shift)
+    internal static (Tensor Full, Tensor Scored) GradientBuffer(Tensor input, ScalarType dtype, bool shift, bool hugePages = false)
     {
         var full = empty_like(input, dtype: dtype);
+        if (hugePages && full.device_type == DeviceType.CPU)
+            unsafe { TensorMemory.AdviseHugePages(TensorMemory.Address(full), full.numel() * full.ElementSize); }   // before any page is touched
         if (shift) full.narrow(1, input.shape[1] - 1, 1).zero_();
         return (full, Scored(full, shift));
     }
@@ -517,11 +552,21 @@ public static class SequenceLogProbs
             var chunk = (long)vars[4];
             var dtype = (ScalarType)vars[5];
             var extras = (LogProbExtras?)vars[6];
+            var (fused, hugePages) = ((bool, bool))vars[7];
             var x = Scored(logits, shift);
             long n = x.shape[0], t = x.shape[1];
             var tokenLogp = empty(n, t, dtype: dtype, device: x.device);
             var lse = empty(n, t, dtype: dtype, device: x.device);
-            foreach (var block in ChunkMath.Blocks(n, t, chunk))
+            fused &= LogSoftmaxRows.Supports(x);
+            ctx.save_data("fused", fused);
+            ctx.save_data("hugePages", hugePages);
+            if (fused)
+            {
+                using var inner = NewDisposeScope();
+                var perToken = extras?.PerToken;
+                LogSoftmaxRows.Forward(x, targets, valid.contiguous(), lse, tokenLogp, perToken?.LogSumSquares, perToken?.Entropy, perToken?.LogitMean, perToken?.Hit);
+            }
+            else foreach (var block in ChunkMath.Blocks(n, t, chunk))
             {
                 using var inner = NewDisposeScope();
                 var z = block.Rows2D(x, dtype);                                             // the one live chunk
@@ -546,7 +591,12 @@ public static class SequenceLogProbs
             var dtype = (ScalarType)ctx.get_data("dtype")!;
             var x = Scored(logits, shift);
             var rowGrad = ChunkMath.Masked(grad_output.to_type(dtype), valid);              // [N, T]: d loss / d token log-prob
-            var (grad, scored) = GradientBuffer(logits, logits.dtype, shift);
+            var (grad, scored) = GradientBuffer(logits, logits.dtype, shift, (bool)ctx.get_data("hugePages")!);
+            if ((bool)ctx.get_data("fused")! && LogSoftmaxRows.Supports(scored))
+            {
+                LogSoftmaxRows.Backward(x, scored, targets, lse, rowGrad.contiguous());
+                return new Tensor?[] { grad, null, null, null, null, null, null, null };
+            }
             foreach (var block in ChunkMath.Blocks(x.shape[0], x.shape[1], chunk))
             {
                 using var inner = NewDisposeScope();
@@ -563,7 +613,7 @@ public static class SequenceLogProbs
                     target.copy_(work.view(block.Rows, block.Tokens, x.shape[2]));
                 }
             }
-            return new Tensor?[] { grad, null, null, null, null, null, null };
+            return new Tensor?[] { grad, null, null, null, null, null, null, null };
         }
     }
 }
@@ -589,6 +639,9 @@ internal sealed class LogProbExtras
         Valid = valid;
         (_logSumSquares, _entropy, _logitMean, _hit) = (logSumSquares, entropy, logitMean, hit);
     }
+
+    /// <summary>The per-token buffers [R, T'] the forward pass fills (null where not asked for).</summary>
+    internal (Tensor? LogSumSquares, Tensor? Entropy, Tensor? LogitMean, Tensor? Hit) PerToken => (_logSumSquares, _entropy, _logitMean, _hit);
 
     /// <summary>[R, T'] per-token entropy, or null without step statistics.</summary>
     internal Tensor? TokenEntropy => _entropy;

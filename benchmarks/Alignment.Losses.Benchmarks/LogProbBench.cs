@@ -1,0 +1,121 @@
+using System.Runtime.Intrinsics;
+using System.Text.Json;
+using Alignment.Losses;
+using Alignment.Losses.Internal;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace Alignment.Losses.Benchmarks;
+
+/// <summary>
+/// <c>--logprob-timing</c>: the CPU log-prob step (sequence log-probs from fp32 logits, forward and forward + backward,
+/// a fresh gradient each call as the peer makes) through the library's kernel (with and without the huge-page hint), its
+/// chunked libtorch path, and plain TorchSharp log_softmax + gather; next to this machine's memory floor for the same
+/// bytes (a vectorised read of the logits, a write of a fresh buffer of their size with and without huge pages). Timed as
+/// <c>benchmarks/pytorch/logprob_step.py</c> times the PyTorch peer (median of N calls after a warm-up), which
+/// <c>benchmarks/compare-logprobs-with-pytorch.sh</c> runs in the same session.
+/// </summary>
+/// <remarks>Arguments: <c>--shapes 8x512x32000,4x1024x128256 --threads 1 --repeats 5 --out FILE</c>.</remarks>
+internal static unsafe class LogProbBench
+{
+    private static string Arg(string[] args, string name, string fallback)
+    {
+        int i = Array.IndexOf(args, name);
+        return i >= 0 && i + 1 < args.Length ? args[i + 1] : fallback;
+    }
+
+    public static int Timing(string[] args)
+    {
+        var shapes = Arg(args, "--shapes", "8x512x32000,4x1024x128256").Split(',').Select(s => s.Split('x').Select(int.Parse).ToArray()).ToArray();
+        int threads = int.Parse(Arg(args, "--threads", "1")), repeats = int.Parse(Arg(args, "--repeats", "5"));
+        var output = Arg(args, "--out", "logprob-timing.json");
+        set_num_threads(threads);
+        var records = new List<Dictionary<string, object>>();
+        foreach (var shape in shapes)
+        {
+            var (n, t, v) = (shape[0], shape[1], shape[2]);
+            manual_seed(0);
+            using var logits = randn(n, t, v).requires_grad_(true);
+            using var labels = randint(0, v, new long[] { n, t });
+            string label = $"{n}x{t}x{v}";
+            double bytes = (double)n * t * v * 4;
+            void Add(string path, string method, double us)
+            {
+                var record = new Dictionary<string, object>
+                {
+                    ["suite"] = "LogProbs", ["loss"] = path, ["B"] = label, ["dtype"] = "float32", ["device"] = "cpu", ["method"] = method,
+                    ["median_us"] = us, ["threads"] = threads, ["gb_per_s"] = bytes / (us * 1e3),
+                };
+                records.Add(record);
+                Console.WriteLine(JsonSerializer.Serialize(record));
+            }
+
+            // the floor: one read of the logits; one write of a fresh buffer of their size (page faults included)
+            Add("floor_read", "Forward", QuickTiming.Median(() => Read(logits), repeats, warmups: 2));
+            Add("floor_fresh_write", "Forward", QuickTiming.Median(() => FreshWrite(logits, huge: false), repeats, warmups: 2));
+            Add("floor_fresh_write_huge", "Forward", QuickTiming.Median(() => FreshWrite(logits, huge: true), repeats, warmups: 2));
+
+            var paths = new (string Name, SequenceLogProbsOptions? Options)[]
+            {
+                ("ours_kernel", new SequenceLogProbsOptions()),
+                ("ours_kernel_no_huge_pages", new SequenceLogProbsOptions { HugePageGradients = false }),
+                ("ours_chunked", new SequenceLogProbsOptions { FusedCpu = false }),
+                ("torchsharp_naive", null),
+            };
+            foreach (var (name, options) in paths)
+            {
+                Tensor Sum()
+                {
+                    if (options is not null) return SequenceLogProbs.Compute(logits, labels, null, LabelAlignment.Aligned, options).Sum;
+                    return nn.functional.log_softmax(logits, 2).gather(2, labels.unsqueeze(2)).squeeze(2).sum(1);
+                }
+                double Forward()
+                {
+                    using var scope = NewDisposeScope();
+                    using var noGrad = no_grad();
+                    return Sum()[0].ToDouble();
+                }
+                double Both()
+                {
+                    using var scope = NewDisposeScope();
+                    Sum().sum().backward();
+                    double x = logits.grad![0, 0, 0].ToDouble();
+                    logits.grad = null;
+                    return x;
+                }
+                if (name != "ours_kernel_no_huge_pages") Add(name, "Forward", QuickTiming.Median(Forward, repeats, warmups: 2));
+                Add(name, "ForwardBackward", QuickTiming.Median(Both, repeats, warmups: 2));
+            }
+        }
+        File.WriteAllText(output, JsonSerializer.Serialize(new Dictionary<string, object> { ["library"] = "Alignment.Losses", ["device"] = "cpu", ["records"] = records },
+            new JsonSerializerOptions { WriteIndented = true }));
+        return 0;
+    }
+
+    /// <summary>A vectorised sum over the tensor's memory: the time to read it once.</summary>
+    private static double Read(Tensor x)
+    {
+        var p = (float*)TensorMemory.Address(x);
+        long count = x.numel();
+        var (a, b) = (Vector256<float>.Zero, Vector256<float>.Zero);
+        long i = 0;
+        for (; i + 16 <= count; i += 16)
+        {
+            a += Vector256.Load(p + i);
+            b += Vector256.Load(p + i + 8);
+        }
+        return Vector256.Sum(a + b);
+    }
+
+    /// <summary>Allocates a buffer the size of <paramref name="like"/> and writes it once (the page faults are part of the cost).</summary>
+    private static double FreshWrite(Tensor like, bool huge)
+    {
+        using var buffer = empty_like(like, requires_grad: false);
+        var p = (float*)TensorMemory.Address(buffer);
+        long count = buffer.numel();
+        if (huge) TensorMemory.AdviseHugePages(p, count * 4);
+        var one = Vector256.Create(1f);
+        for (long i = 0; i + 8 <= count; i += 8) one.Store(p + i);
+        return p[count - 1];
+    }
+}

@@ -1,0 +1,81 @@
+"""PyTorch peer of the CPU log-prob step: sequence log-probs from fp32 logits [N, T, V], forward and forward + backward
+(a fresh gradient each call: logits.grad = None), the two ways PyTorch code computes them:
+
+  naive:   log_softmax(logits).gather(labels).sum(-1)                     (TRL's selective_log_softmax for fp32 logits)
+  chunked: per block of CHUNK tokens, z.gather(labels) - logsumexp(z)     (the library's algorithm, in eager PyTorch)
+
+  python3 benchmarks/pytorch/logprob_step.py --shapes 8x512x32000,4x1024x128256 --repeats 5 --chunk 1024 --out peer.json
+
+Median of REPEATS calls after 2 warm-ups, 1 thread unless PEER_THREADS says otherwise (the app's --logprob-timing times
+its side the same way).
+"""
+import argparse
+import json
+import os
+import time
+
+import torch
+
+
+def median_us(call, repeats):
+    for _ in range(2):
+        call()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        samples.append((time.perf_counter() - start) * 1e6)
+    samples.sort()
+    mid = len(samples) // 2
+    return samples[mid] if len(samples) % 2 else (samples[mid - 1] + samples[mid]) / 2
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--shapes", default="8x512x32000,4x1024x128256")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--chunk", type=int, default=1024, help="tokens per block of the chunked path")
+    p.add_argument("--out", default="pytorch-logprob-results.json")
+    a = p.parse_args()
+    torch.set_num_threads(int(os.environ.get("PEER_THREADS", "1")))
+    records = []
+    for shape in a.shapes.split(","):
+        n, t, v = (int(k) for k in shape.split("x"))
+        torch.manual_seed(0)
+        logits = torch.randn(n, t, v, requires_grad=True)
+        labels = torch.randint(0, v, (n, t))
+
+        def naive():
+            return torch.log_softmax(logits, -1).gather(-1, labels[..., None]).squeeze(-1).sum(-1)
+
+        def chunked():
+            flat, lab, out = logits.view(-1, v), labels.view(-1), []
+            for i in range(0, flat.shape[0], a.chunk):
+                z = flat[i:i + a.chunk]
+                out.append(z.gather(-1, lab[i:i + a.chunk, None]).squeeze(-1) - torch.logsumexp(z, -1))
+            return torch.cat(out).view(n, t).sum(-1)
+
+        for name, fn in (("pytorch_naive", naive), ("pytorch_chunked", chunked)):
+            def forward():
+                with torch.no_grad():
+                    return fn()[0].item()
+
+            def both():
+                fn().sum().backward()
+                x = logits.grad[0, 0, 0].item()
+                logits.grad = None
+                return x
+
+            for method, call in (("Forward", forward), ("ForwardBackward", both)):
+                us = median_us(call, a.repeats)
+                rec = dict(suite="LogProbs", loss=name, B=shape, dtype="float32", device="cpu", method=method, median_us=us,
+                           threads=torch.get_num_threads(), gb_per_s=n * t * v * 4 / (us * 1e3))
+                records.append(rec)
+                print(json.dumps(rec), flush=True)
+        del logits, labels
+    with open(a.out, "w") as f:
+        json.dump(dict(torch=torch.__version__, device="cpu", records=records), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
