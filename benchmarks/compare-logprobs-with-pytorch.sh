@@ -4,27 +4,30 @@
 # algorithm in eager PyTorch), same machine, same run, both sides on THREADS threads; next to the memory floor measured
 # in the same run (one read of the logits; a fresh buffer of their size written once, with and without huge pages).
 #
-#   benchmarks/compare-logprobs-with-pytorch.sh [SHAPES] [REPEATS] [THREADS]
-#   benchmarks/compare-logprobs-with-pytorch.sh 8x512x32000,4x1024x128256 5 1          # the defaults (about 4 min here)
+#   benchmarks/compare-logprobs-with-pytorch.sh [SHAPES] [REPEATS] [THREADS] [HEADS]
+#   benchmarks/compare-logprobs-with-pytorch.sh 8x512x32000,4x1024x128256 5 1          # the defaults (about 8 min here)
+#   benchmarks/compare-logprobs-with-pytorch.sh '' 3 1 256x1024x32000                 # the LM head only (TOKENSxHxV)
+# HEADS (none by default): the fused LM head against materialised logits, h W^T + log_softmax + gather + backward.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 shapes=${1:-8x512x32000,4x1024x128256}
 repeats=${2:-5}
 threads=${3:-1}
+heads=${4:-}
 source benchmarks/peer-python.sh
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 dotnet build -c Release benchmarks/Alignment.Losses.Benchmarks -v q -nologo >/dev/null
 dotnet run -c Release --no-build --project benchmarks/Alignment.Losses.Benchmarks -- --logprob-timing --shapes "$shapes" --repeats "$repeats" \
-  --threads "$threads" --out "$work/ours.json" >/dev/null
-PEER_THREADS=$threads "$python" benchmarks/pytorch/logprob_step.py --shapes "$shapes" --repeats "$repeats" --out "$work/peer.json" >/dev/null
+  --threads "$threads" --heads "$heads" --out "$work/ours.json" >/dev/null
+PEER_THREADS=$threads "$python" benchmarks/pytorch/logprob_step.py --shapes "$shapes" --repeats "$repeats" --heads "$heads" --out "$work/peer.json" >/dev/null
 "$python" - "$work" <<'PY'
 import json, sys
 work = sys.argv[1]
 peer = json.load(open(f"{work}/peer.json"))
 recs = json.load(open(f"{work}/ours.json"))["records"] + peer["records"]
 at = {(r["B"], r["loss"], r["method"]): r["median_us"] / 1000 for r in recs}
-shapes = list(dict.fromkeys(r["B"] for r in recs))
+shapes = [b for b in dict.fromkeys(r["B"] for r in recs) if not b.startswith("head")]
 print(f"PyTorch {peer['torch']}, {recs[0]['threads']} thread(s) per side; ms, median; fp32 logits, fresh gradient per call")
 for shape in shapes:
     n, t, v = (int(k) for k in shape.split("x"))
@@ -44,4 +47,13 @@ for shape in shapes:
         f, b = at.get((shape, key, "Forward")), at[(shape, key, "ForwardBackward")]
         fs = f"{f:.0f} | {f / nf:.2f} | {f / cf:.2f} | {f / floor_f:.2f}" if f else "- | - | - | -"
         print(f"| {label} | {fs} | {b:.0f} | {b / nb:.2f} | {b / cb:.2f} | {b / floor_b:.2f} |")
+for head in [b for b in dict.fromkeys(r["B"] for r in recs) if b.startswith("head")]:
+    print(f"\nLM {head} (tokens x H x V), forward + backward, ms")
+    print("| path | time | ÷ PyTorch materialised | ÷ TorchSharp materialised |")
+    print("|---|---|---|---|")
+    p, t = at[(head, "head_pytorch_materialised", "ForwardBackward")], at[(head, "head_torchsharp_materialised", "ForwardBackward")]
+    for key, label in (("head_ours_fused", "ours, fused head (default)"), ("head_ours_fused_libtorch", "ours, fused head, FusedCpu = false"),
+                       ("head_torchsharp_materialised", "TorchSharp materialised"), ("head_pytorch_materialised", "PyTorch eager materialised")):
+        b = at[(head, key, "ForwardBackward")]
+        print(f"| {label} | {b:.0f} | {b / p:.2f} | {b / t:.2f} |")
 PY

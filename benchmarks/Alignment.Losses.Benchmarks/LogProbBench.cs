@@ -15,7 +15,8 @@ namespace Alignment.Losses.Benchmarks;
 /// <c>benchmarks/pytorch/logprob_step.py</c> times the PyTorch peer (median of N calls after a warm-up), which
 /// <c>benchmarks/compare-logprobs-with-pytorch.sh</c> runs in the same session.
 /// </summary>
-/// <remarks>Arguments: <c>--shapes 8x512x32000,4x1024x128256 --threads 1 --repeats 5 --out FILE</c>.</remarks>
+/// <remarks>Arguments: <c>--shapes 8x512x32000,4x1024x128256 --heads 2048x1024x32000 --threads 1 --repeats 5 --out FILE</c>
+/// (<c>--heads</c>: TOKENSxHxV cases of the LM head, none by default).</remarks>
 internal static unsafe class LogProbBench
 {
     private static string Arg(string[] args, string name, string fallback)
@@ -26,7 +27,7 @@ internal static unsafe class LogProbBench
 
     public static int Timing(string[] args)
     {
-        var shapes = Arg(args, "--shapes", "8x512x32000,4x1024x128256").Split(',').Select(s => s.Split('x').Select(int.Parse).ToArray()).ToArray();
+        var shapes = Arg(args, "--shapes", "8x512x32000,4x1024x128256").Split(',', StringSplitOptions.RemoveEmptyEntries).Select(s => s.Split('x').Select(int.Parse).ToArray()).ToArray();
         int threads = int.Parse(Arg(args, "--threads", "1")), repeats = int.Parse(Arg(args, "--repeats", "5"));
         var output = Arg(args, "--out", "logprob-timing.json");
         set_num_threads(threads);
@@ -87,9 +88,50 @@ internal static unsafe class LogProbBench
                 Add(name, "ForwardBackward", QuickTiming.Median(Both, repeats, warmups: 2));
             }
         }
+        foreach (var head in Arg(args, "--heads", "").Split(',', StringSplitOptions.RemoveEmptyEntries).Select(h => h.Split('x').Select(int.Parse).ToArray()))
+            records.AddRange(HeadTiming(head[0], head[1], head[2], threads, repeats));
         File.WriteAllText(output, JsonSerializer.Serialize(new Dictionary<string, object> { ["library"] = "Alignment.Losses", ["device"] = "cpu", ["records"] = records },
             new JsonSerializerOptions { WriteIndented = true }));
         return 0;
+    }
+
+    /// <summary>
+    /// The LM head: tokens x H hidden states (with grad) through W [V, H] (with grad) to the tokens' log-probs, forward +
+    /// backward: the fused head (default, and with FusedCpu = false) against TorchSharp's materialised mm + log_softmax +
+    /// gather, as the peer's <c>--heads</c> does it.
+    /// </summary>
+    private static IEnumerable<Dictionary<string, object>> HeadTiming(int tokens, int hidden, int vocab, int threads, int repeats)
+    {
+        manual_seed(0);
+        using var h = (randn(1, tokens, hidden) * 0.5).requires_grad_(true);
+        using var w = (randn(vocab, hidden) * (1.0 / Math.Sqrt(hidden))).requires_grad_(true);
+        using var labels = randint(0, vocab, new long[] { 1, tokens });
+        var paths = new (string Name, SequenceLogProbsOptions? Options)[]
+        {
+            ("head_ours_fused", new SequenceLogProbsOptions()), ("head_ours_fused_libtorch", new SequenceLogProbsOptions { FusedCpu = false }),
+            ("head_torchsharp_materialised", null),
+        };
+        foreach (var (name, options) in paths)
+        {
+            double Both()
+            {
+                using var scope = NewDisposeScope();
+                var sum = options is not null
+                    ? FusedLinearLogProbs.Compute(h, w, null, labels, null, LabelAlignment.Aligned, options).Sum
+                    : nn.functional.log_softmax(h.squeeze(0).mm(w.t()), 1).gather(1, labels.squeeze(0).unsqueeze(1)).sum();
+                sum.sum().backward();
+                double x = w.grad![0, 0].ToDouble();
+                (h.grad, w.grad) = (null, null);
+                return x;
+            }
+            var record = new Dictionary<string, object>
+            {
+                ["suite"] = "LogProbs", ["loss"] = name, ["B"] = $"head {tokens}x{hidden}x{vocab}", ["dtype"] = "float32", ["device"] = "cpu",
+                ["method"] = "ForwardBackward", ["median_us"] = QuickTiming.Median(Both, repeats, warmups: 2), ["threads"] = threads,
+            };
+            Console.WriteLine(JsonSerializer.Serialize(record));
+            yield return record;
+        }
     }
 
     /// <summary>A vectorised sum over the tensor's memory: the time to read it once.</summary>
