@@ -10,7 +10,7 @@
 # HEADS (none by default): the fused LM head against materialised logits, h W^T + log_softmax + gather + backward.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-shapes=${1:-8x512x32000,4x1024x128256}
+shapes=${1-8x512x32000,4x1024x128256}   # an empty SHAPES runs none (heads only)
 repeats=${2:-5}
 threads=${3:-1}
 heads=${4:-}
@@ -21,6 +21,9 @@ dotnet build -c Release benchmarks/Alignment.Losses.Benchmarks -v q -nologo >/de
 dotnet run -c Release --no-build --project benchmarks/Alignment.Losses.Benchmarks -- --logprob-timing --shapes "$shapes" --repeats "$repeats" \
   --threads "$threads" --heads "$heads" --out "$work/ours.json" >/dev/null
 PEER_THREADS=$threads "$python" benchmarks/pytorch/logprob_step.py --shapes "$shapes" --repeats "$repeats" --heads "$heads" --out "$work/peer.json" >/dev/null
+: > "$work/peer-memory.jsonl"
+[ -z "$heads" ] || PEER_THREADS=$threads MALLOC_MMAP_THRESHOLD_=65536 "$python" benchmarks/pytorch/logprob_step.py --shapes '' --heads "$heads" --head-memory \
+  --out "$work/unused.json" > "$work/peer-memory.jsonl"
 "$python" - "$work" <<'PY'
 import json, sys
 work = sys.argv[1]
@@ -47,13 +50,21 @@ for shape in shapes:
         f, b = at.get((shape, key, "Forward")), at[(shape, key, "ForwardBackward")]
         fs = f"{f:.0f} | {f / nf:.2f} | {f / cf:.2f} | {f / floor_f:.2f}" if f else "- | - | - | -"
         print(f"| {label} | {fs} | {b:.0f} | {b / nb:.2f} | {b / cb:.2f} | {b / floor_b:.2f} |")
+mem = {(r["B"], r["loss"]): r["extra_mib"] for r in recs if "extra_mib" in r}
+for line in open(f"{work}/peer-memory.jsonl"):
+    if line.startswith("{"):
+        r = json.loads(line)
+        mem[(r["B"], r["path"])] = r["extra_mib"]
 for head in [b for b in dict.fromkeys(r["B"] for r in recs) if b.startswith("head")]:
-    print(f"\nLM {head} (tokens x H x V), forward + backward, ms")
-    print("| path | time | ÷ PyTorch materialised | ÷ TorchSharp materialised |")
-    print("|---|---|---|---|")
+    print(f"\nLM {head} (tokens x H x V), forward + backward: time (ms, median) and the extra resident memory of a step beyond")
+    print("the gradients of h and W (MiB, a child process each, malloc's mmap threshold 64 KiB on both sides)")
+    print("| path | time | ÷ PyTorch materialised | ÷ TorchSharp materialised | extra memory | ÷ PyTorch materialised |")
+    print("|---|---|---|---|---|---|")
     p, t = at[(head, "head_pytorch_materialised", "ForwardBackward")], at[(head, "head_torchsharp_materialised", "ForwardBackward")]
+    pm = mem[(head, "head_pytorch_materialised")]
     for key, label in (("head_ours_fused", "ours, fused head (default)"), ("head_ours_fused_libtorch", "ours, fused head, FusedCpu = false"),
+                       ("head_ours_retained", "ours, fused head, RetainHeadLogits"),
                        ("head_torchsharp_materialised", "TorchSharp materialised"), ("head_pytorch_materialised", "PyTorch eager materialised")):
-        b = at[(head, key, "ForwardBackward")]
-        print(f"| {label} | {b:.0f} | {b / p:.2f} | {b / t:.2f} |")
+        b, m = at[(head, key, "ForwardBackward")], mem[(head, key)]
+        print(f"| {label} | {b:.0f} | {b / p:.2f} | {b / t:.2f} | {m:.0f} | {m / pm:.2f} |")
 PY

@@ -189,16 +189,9 @@ internal static class DistillationBench
 
     private static double MemoryOf(string path, int tokens, int hidden, int vocab, int threads, long? chunk)
     {
-        var psi = new ProcessStartInfo(Environment.ProcessPath!) { RedirectStandardOutput = true, RedirectStandardError = true };
-        foreach (var a in Environment.GetCommandLineArgs().Skip(1).TakeWhile(a => a != "--distill-timing")) psi.ArgumentList.Add(a);
-        foreach (var a in new[] { "--distill-memory", path, "--tokens", $"{tokens}", "--hidden", $"{hidden}", "--vocab", $"{vocab}", "--threads", $"{threads}" }) psi.ArgumentList.Add(a);
-        if (chunk is { } c) { psi.ArgumentList.Add("--chunk"); psi.ArgumentList.Add($"{c}"); }
-        psi.Environment["MALLOC_MMAP_THRESHOLD_"] = "65536";
-        using var p = Process.Start(psi)!;
-        var stdout = p.StandardOutput.ReadToEnd();
-        p.WaitForExit();
-        var line = stdout.Split('\n').LastOrDefault(l => l.StartsWith('{')) ?? throw new InvalidOperationException($"--distill-memory {path} printed no result: {stdout}{p.StandardError.ReadToEnd()}");
-        return JsonDocument.Parse(line).RootElement.GetProperty("extra_mib").GetDouble();
+        var args = new List<string> { "--distill-memory", path, "--tokens", $"{tokens}", "--hidden", $"{hidden}", "--vocab", $"{vocab}", "--threads", $"{threads}" };
+        if (chunk is { } c) args.AddRange(new[] { "--chunk", $"{c}" });
+        return PeakMemory.OfChild(args);
     }
 
     /// <summary>The child: one warm-up step, the peak resident set reset, one step; prints the extra MiB over the resident set before it.</summary>
@@ -208,15 +201,8 @@ internal static class DistillationBench
         set_num_threads(int.Parse(Arg(args, "--threads", "1")));
         using var x = new DistillationInputs(int.Parse(Arg(args, "--tokens", "512")), int.Parse(Arg(args, "--hidden", "256")), int.Parse(Arg(args, "--vocab", "16384")),
             chunkTokens: Chunk(args));
-        x.Step(fused);
-        GC.Collect();
-        File.WriteAllText("/proc/self/clear_refs", "5");
-        double before = Status("VmRSS");
-        x.Step(fused);
-        Console.WriteLine(JsonSerializer.Serialize(new Dictionary<string, object> { ["path"] = fused ? "fused" : "materialised", ["extra_mib"] = Status("VmHWM") - before }));
+        double extra = PeakMemory.Measure(() => x.Step(fused));
+        Console.WriteLine(JsonSerializer.Serialize(new Dictionary<string, object> { ["path"] = fused ? "fused" : "materialised", ["extra_mib"] = extra }));
         return 0;
     }
-
-    private static double Status(string field) =>
-        File.ReadLines("/proc/self/status").Where(l => l.StartsWith(field + ":")).Select(l => double.Parse(l.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1]) / 1024).First();
 }

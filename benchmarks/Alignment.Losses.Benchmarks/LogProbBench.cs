@@ -95,42 +95,82 @@ internal static unsafe class LogProbBench
         return 0;
     }
 
+    private static readonly string[] HeadPaths = { "head_ours_fused", "head_ours_fused_libtorch", "head_ours_retained", "head_torchsharp_materialised" };
+
     /// <summary>
     /// The LM head: tokens x H hidden states (with grad) through W [V, H] (with grad) to the tokens' log-probs, forward +
-    /// backward: the fused head (default, and with FusedCpu = false) against TorchSharp's materialised mm + log_softmax +
-    /// gather, as the peer's <c>--heads</c> does it.
+    /// backward: the fused head (default, with FusedCpu = false, with RetainHeadLogits) against TorchSharp's materialised
+    /// mm + log_softmax + gather, as the peer's <c>--heads</c> does it; time, and the extra memory of a step beyond the
+    /// gradients of h and W (a child process each).
     /// </summary>
     private static IEnumerable<Dictionary<string, object>> HeadTiming(int tokens, int hidden, int vocab, int threads, int repeats)
     {
-        manual_seed(0);
-        using var h = (randn(1, tokens, hidden) * 0.5).requires_grad_(true);
-        using var w = (randn(vocab, hidden) * (1.0 / Math.Sqrt(hidden))).requires_grad_(true);
-        using var labels = randint(0, vocab, new long[] { 1, tokens });
-        var paths = new (string Name, SequenceLogProbsOptions? Options)[]
+        foreach (var name in HeadPaths)
         {
-            ("head_ours_fused", new SequenceLogProbsOptions()), ("head_ours_fused_libtorch", new SequenceLogProbsOptions { FusedCpu = false }),
-            ("head_torchsharp_materialised", null),
-        };
-        foreach (var (name, options) in paths)
-        {
-            double Both()
-            {
-                using var scope = NewDisposeScope();
-                var sum = options is not null
-                    ? FusedLinearLogProbs.Compute(h, w, null, labels, null, LabelAlignment.Aligned, options).Sum
-                    : nn.functional.log_softmax(h.squeeze(0).mm(w.t()), 1).gather(1, labels.squeeze(0).unsqueeze(1)).sum();
-                sum.sum().backward();
-                double x = w.grad![0, 0].ToDouble();
-                (h.grad, w.grad) = (null, null);
-                return x;
-            }
+            double us;
+            using (var step = new HeadStep(name, tokens, hidden, vocab)) us = QuickTiming.Median(step.Run, repeats, warmups: 2);
             var record = new Dictionary<string, object>
             {
                 ["suite"] = "LogProbs", ["loss"] = name, ["B"] = $"head {tokens}x{hidden}x{vocab}", ["dtype"] = "float32", ["device"] = "cpu",
-                ["method"] = "ForwardBackward", ["median_us"] = QuickTiming.Median(Both, repeats, warmups: 2), ["threads"] = threads,
+                ["method"] = "ForwardBackward", ["median_us"] = us, ["threads"] = threads,
+                ["extra_mib"] = PeakMemory.OfChild(new[] { "--logprob-memory", name, $"{tokens}x{hidden}x{vocab}", "--threads", $"{threads}" }),
             };
             Console.WriteLine(JsonSerializer.Serialize(record));
             yield return record;
+        }
+    }
+
+    /// <summary>The child of <see cref="HeadTiming"/>: <c>--logprob-memory PATH TOKENSxHxV --threads N</c>.</summary>
+    public static int Memory(string[] args)
+    {
+        set_num_threads(int.Parse(Arg(args, "--threads", "1")));
+        var s = args[1].Split('x').Select(int.Parse).ToArray();
+        using var step = new HeadStep(args[0], s[0], s[1], s[2]);
+        double gradients = ((double)s[0] * s[1] + (double)s[2] * s[1]) * 4 / (1 << 20);    // h.grad and W.grad, which every path makes
+        double extra = PeakMemory.Measure(() => step.Run()) - gradients;   // the step frees its gradients at the end
+        Console.WriteLine(JsonSerializer.Serialize(new Dictionary<string, object> { ["path"] = args[0], ["extra_mib"] = extra }));
+        return 0;
+    }
+
+    /// <summary>One forward + backward of the LM head by one path, on fixed random inputs.</summary>
+    private sealed class HeadStep : IDisposable
+    {
+        private readonly Tensor _h, _w, _labels;
+        private readonly SequenceLogProbsOptions? _options;
+
+        internal HeadStep(string path, int tokens, int hidden, int vocab)
+        {
+            manual_seed(0);
+            _h = (randn(1, tokens, hidden) * 0.5).requires_grad_(true);
+            _w = (randn(vocab, hidden) * (1.0 / Math.Sqrt(hidden))).requires_grad_(true);
+            _labels = randint(0, vocab, new long[] { 1, tokens });
+            _options = path switch
+            {
+                "head_ours_fused" => new SequenceLogProbsOptions(),
+                "head_ours_fused_libtorch" => new SequenceLogProbsOptions { FusedCpu = false },
+                "head_ours_retained" => new SequenceLogProbsOptions { RetainHeadLogits = true },
+                "head_torchsharp_materialised" => null,
+                _ => throw new ArgumentException($"unknown head path {path}; known: {string.Join(", ", HeadPaths)}"),
+            };
+        }
+
+        internal double Run()
+        {
+            using var scope = NewDisposeScope();
+            var sum = _options is not null
+                ? FusedLinearLogProbs.Compute(_h, _w, null, _labels, null, LabelAlignment.Aligned, _options).Sum
+                : nn.functional.log_softmax(_h.squeeze(0).mm(_w.t()), 1).gather(1, _labels.squeeze(0).unsqueeze(1)).sum();
+            sum.sum().backward();
+            double x = _w.grad![0, 0].ToDouble();
+            (_h.grad, _w.grad) = (null, null);
+            return x;
+        }
+
+        public void Dispose()
+        {
+            _h.Dispose();
+            _w.Dispose();
+            _labels.Dispose();
         }
     }
 

@@ -18,6 +18,7 @@ if (args.Length > 0 && args[0] == "--distill-timing") return Alignment.Losses.Be
 if (args.Length > 1 && args[0] == "--distill-memory") return Alignment.Losses.Benchmarks.DistillationBench.Memory(args[1..]);
 // --logprob-timing ...: the CPU log-prob step (kernel, chunked, naive) and the memory floor (compare-logprobs-with-pytorch.sh)
 if (args.Length > 0 && args[0] == "--logprob-timing") return Alignment.Losses.Benchmarks.LogProbBench.Timing(args[1..]);
+if (args.Length > 2 && args[0] == "--logprob-memory") return Alignment.Losses.Benchmarks.LogProbBench.Memory(args[1..]);
 // --quick-timing ...: a few losses and sizes timed the way the PyTorch peer times them (the GPU script's short run)
 if (args.Length > 0 && args[0] == "--quick-timing") return Alignment.Losses.Benchmarks.QuickTiming.Run(args[1..]);
 // --cuda-memory: peak GPU memory per case (each in a child process) and the largest RPO batch; with a case: the child

@@ -5,7 +5,8 @@
   chunked: per block of CHUNK tokens (torch.split), z.gather(labels) - logsumexp(z)   (the library's algorithm, eager)
 
   python3 benchmarks/pytorch/logprob_step.py --shapes 8x512x32000,4x1024x128256 --repeats 5 --chunk 1024 --out peer.json
-  python3 benchmarks/pytorch/logprob_step.py --shapes '' --heads 2048x1024x32000 --out peer.json   # the LM head (materialised)
+  python3 benchmarks/pytorch/logprob_step.py --shapes '' --heads 256x1024x32000 --out peer.json     # the LM head (materialised)
+  MALLOC_MMAP_THRESHOLD_=65536 python3 benchmarks/pytorch/logprob_step.py --shapes '' --heads 256x1024x32000 --head-memory
 
 Median of REPEATS calls after 2 warm-ups, 1 thread unless PEER_THREADS says otherwise (the app's --logprob-timing times
 its side the same way).
@@ -16,6 +17,14 @@ import os
 import time
 
 import torch
+
+
+def rss_mib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
 
 
 def median_us(call, repeats):
@@ -37,6 +46,7 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--chunk", type=int, default=1024, help="tokens per block of the chunked path")
     p.add_argument("--heads", default="", help="TOKENSxHxV cases of the LM head: h W^T, log_softmax, gather, backward")
+    p.add_argument("--head-memory", action="store_true", help="print each head's extra resident memory of a step (beyond the gradients) instead of timing it")
     p.add_argument("--out", default="pytorch-logprob-results.json")
     a = p.parse_args()
     torch.set_num_threads(int(os.environ.get("PEER_THREADS", "1")))
@@ -88,6 +98,16 @@ def main():
             h.grad = w.grad = None
             return x
 
+        if a.head_memory:
+            # run with MALLOC_MMAP_THRESHOLD_=65536 (as the app's child processes are), so that freed buffers go back to the OS
+            step()
+            with open("/proc/self/clear_refs", "w") as f:  # reset the peak resident set to the current one
+                f.write("5")
+            before = rss_mib("VmRSS")
+            step()
+            grads = (tokens * hidden + vocab * hidden) * 4 / 2**20      # h.grad and W.grad, which every path makes
+            print(json.dumps(dict(path="head_pytorch_materialised", B=f"head {head}", extra_mib=rss_mib("VmHWM") - before - grads)), flush=True)
+            continue
         us = median_us(step, a.repeats)
         rec = dict(suite="LogProbs", loss="head_pytorch_materialised", B=f"head {head}", dtype="float32", device="cpu",
                    method="ForwardBackward", median_us=us, threads=torch.get_num_threads())

@@ -192,7 +192,7 @@ public class FusedLogProbTests
     }
 
     [Fact]
-    public void The_fused_head_takes_the_kernel_in_place_and_agrees_with_its_libtorch_path()
+    public void The_fused_head_takes_the_kernel_in_place_and_agrees_with_its_libtorch_path_with_and_without_retained_logits()
     {
         using var scope = NewDisposeScope();
         var g = new Generator(21);
@@ -200,13 +200,29 @@ public class FusedLogProbTests
         var weight = randn(new long[] { 300, 16 }, generator: g) * 0.5;
         var bias = randn(new long[] { 300 }, generator: g) * 0.1;
         var labels = randint(0, 300, new long[] { 3, 10 }, generator: g).masked_fill(rand(new long[] { 3, 10 }, generator: g) < 0.2, -100);
-        (Tensor Sum, Tensor Gh, Tensor Gw, Tensor Gb, int Calls) Head(bool fused, long? chunk)
+        int recomputed = 0;
+        (Tensor Sum, Tensor Gh, Tensor Gw, Tensor Gb, int Calls) Head(bool fused, long? chunk, bool retain = false, bool twice = false)
         {
             var (h, w, b) = (hidden.clone().requires_grad_(true), weight.clone().requires_grad_(true), bias.clone().requires_grad_(true));
-            int before = LogSoftmaxRows.CallsOnThisThread;
-            using var r = FusedLinearLogProbs.Compute(h, w, b, labels, null, LabelAlignment.ShiftByOne, new SequenceLogProbsOptions { FusedCpu = fused, ChunkTokens = chunk });
-            (r.Sum * linspace(-1, 1, 3)).sum().backward();
+            int before = LogSoftmaxRows.CallsOnThisThread, recomputedBefore = FusedLinearLogProbs.RecomputedChunksOnThisThread;
+            using var r = FusedLinearLogProbs.Compute(h, w, b, labels, null, LabelAlignment.ShiftByOne,
+                new SequenceLogProbsOptions { FusedCpu = fused, ChunkTokens = chunk, RetainHeadLogits = retain });
+            var objective = (r.Sum * linspace(-1, 1, 3)).sum();
+            if (twice)
+            {
+                objective.backward(retain_graph: true);                     // the retained logits must survive a first backward
+                (h.grad, w.grad, b.grad) = (null, null, null);
+            }
+            objective.backward();
+            recomputed = FusedLinearLogProbs.RecomputedChunksOnThisThread - recomputedBefore;
             return (r.Sum.detach().clone(), h.grad!.clone(), w.grad!.clone(), b.grad!.clone(), LogSoftmaxRows.CallsOnThisThread - before);
+        }
+        void Agree((Tensor Sum, Tensor Gh, Tensor Gw, Tensor Gb, int Calls) a, (Tensor Sum, Tensor Gh, Tensor Gw, Tensor Gb, int Calls) b, string label)
+        {
+            Close(a.Sum.to_type(ScalarType.Float64), b.Sum.to_type(ScalarType.Float64), 2e-6, $"{label} sum");
+            Close(a.Gh.to_type(ScalarType.Float64), b.Gh.to_type(ScalarType.Float64), 2e-6, $"{label} hidden gradient");
+            Close(a.Gw.to_type(ScalarType.Float64), b.Gw.to_type(ScalarType.Float64), 2e-6, $"{label} weight gradient");
+            Close(a.Gb.to_type(ScalarType.Float64), b.Gb.to_type(ScalarType.Float64), 2e-6, $"{label} bias gradient");
         }
         foreach (long? chunk in new long?[] { null, 4 })
         {
@@ -214,10 +230,16 @@ public class FusedLogProbTests
             var plain = Head(false, chunk);
             Assert.Equal(0, plain.Calls);
             Assert.True(fused.Calls >= 2, $"chunk {chunk}: the kernel ran {fused.Calls} times");
-            Close(fused.Sum.to_type(ScalarType.Float64), plain.Sum.to_type(ScalarType.Float64), 2e-6, $"head chunk {chunk} sum");
-            Close(fused.Gh.to_type(ScalarType.Float64), plain.Gh.to_type(ScalarType.Float64), 2e-6, $"head chunk {chunk} hidden gradient");
-            Close(fused.Gw.to_type(ScalarType.Float64), plain.Gw.to_type(ScalarType.Float64), 2e-6, $"head chunk {chunk} weight gradient");
-            Close(fused.Gb.to_type(ScalarType.Float64), plain.Gb.to_type(ScalarType.Float64), 2e-6, $"head chunk {chunk} bias gradient");
+            Agree(fused, plain, $"head chunk {chunk}");
+            Assert.True(recomputed > 0);
+            // the retained logits (RetainHeadLogits): no chunk recomputed, the same gradients on both paths; a second backward
+            // through the retained graph recomputes (the first overwrote them) and agrees too
+            Agree(Head(true, chunk, retain: true), plain, $"retained head chunk {chunk}");
+            Assert.Equal(0, recomputed);
+            Agree(Head(false, chunk, retain: true), plain, $"retained libtorch head chunk {chunk}");
+            Assert.Equal(0, recomputed);
+            Agree(Head(true, chunk, retain: true, twice: true), plain, $"retained head chunk {chunk}, second backward");
+            Assert.True(recomputed > 0, "the second backward must recompute the overwritten logits");
         }
     }
 }

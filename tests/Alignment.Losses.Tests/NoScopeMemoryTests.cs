@@ -68,7 +68,23 @@ public class NoScopeMemoryTests
             var labels = randint(0, 11, new long[] { 4, 6 });
             return () =>
             {
-                using var r = SequenceLogProbs.Compute(logits, labels, null, LabelAlignment.ShiftByOne, new SequenceLogProbsOptions { ChunkTokens = 4 });
+                using var r = SequenceLogProbs.Compute(logits, labels, null, LabelAlignment.ShiftByOne,
+                    new SequenceLogProbsOptions { ChunkTokens = 4, StepStatistics = true, WpoTerms = true });   // the CPU kernel, with its extras
+                using var total = r.Sum.sum();
+                total.backward();
+            };
+        });
+
+    [Fact]
+    public void Sequence_log_probs_on_the_chunked_path_leak_nothing_without_a_scope() =>
+        AssertFlat("SequenceLogProbs, FusedCpu = false", () =>
+        {
+            var logits = randn(4, 6, 11).requires_grad_(true);
+            var labels = randint(0, 11, new long[] { 4, 6 });
+            return () =>
+            {
+                using var r = SequenceLogProbs.Compute(logits, labels, null, LabelAlignment.ShiftByOne,
+                    new SequenceLogProbsOptions { ChunkTokens = 4, FusedCpu = false, StepStatistics = true });
                 using var total = r.Sum.sum();
                 total.backward();
             };
@@ -77,7 +93,7 @@ public class NoScopeMemoryTests
     [Fact]
     public void Fused_linear_log_probs_and_the_fused_loss_leak_nothing_without_a_scope()
     {
-        Func<Action> Setup(bool loss) => () =>
+        Func<Action> Setup(bool loss, bool retain = false) => () =>
         {
             var hidden = randn(4, 5, 6).requires_grad_(true);
             var weight = randn(13, 6).requires_grad_(true);
@@ -89,18 +105,21 @@ public class NoScopeMemoryTests
                 ? () =>
                 {
                     using var r = FusedLinearLogProbs.ComputeLoss(dpo, hidden, weight, bias, labels, null, LabelAlignment.ShiftByOne, reference,
-                        new SequenceLogProbsOptions { ChunkTokens = 3 });
+                        new SequenceLogProbsOptions { ChunkTokens = 3, RetainHeadLogits = retain });
                     r.Loss.backward();
                 }
                 : () =>
                 {
-                    using var r = FusedLinearLogProbs.Compute(hidden, weight, null, labels, null, LabelAlignment.Aligned, new SequenceLogProbsOptions { ChunkTokens = 3 });
+                    using var r = FusedLinearLogProbs.Compute(hidden, weight, null, labels, null, LabelAlignment.Aligned,
+                        new SequenceLogProbsOptions { ChunkTokens = 3, RetainHeadLogits = retain });
                     using var total = r.Sum.sum();
                     total.backward();
                 };
         };
         AssertFlat("FusedLinearLogProbs.Compute", Setup(loss: false));
         AssertFlat("FusedLinearLogProbs.ComputeLoss", Setup(loss: true));
+        AssertFlat("FusedLinearLogProbs.Compute, retained logits", Setup(loss: false, retain: true));
+        AssertFlat("FusedLinearLogProbs.ComputeLoss, retained logits", Setup(loss: true, retain: true));
     }
 
     [Fact]

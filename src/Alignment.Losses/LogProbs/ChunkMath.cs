@@ -84,8 +84,9 @@ internal static class ChunkMath
                 yield return new Block(i, 1, t0, Math.Min(chunk, t - t0));
     }
 
-    /// <summary>How a head's chunks are processed: tokens per chunk, and whether the CPU kernel may run.</summary>
-    internal readonly record struct Plan(long Tokens, bool Fused);
+    /// <summary>How a head's chunks are processed: tokens per chunk, whether the CPU kernel may run, and whether the
+    /// forward pass keeps each chunk's logits for the backward pass (instead of recomputing them).</summary>
+    internal readonly record struct Plan(long Tokens, bool Fused, bool Retain = false);
 
     /// <summary>Sequences [N0, N0 + Rows) at positions [T0, T0 + Tokens).</summary>
     internal readonly record struct Block(long N0, long Rows, long T0, long Tokens)

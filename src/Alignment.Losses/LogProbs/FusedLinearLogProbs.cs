@@ -12,8 +12,9 @@ namespace Alignment.Losses;
 /// <para>Two phases, in one custom autograd function. Forward (phase 1): for each chunk of tokens, logits = h W^T + b
 /// (one matrix product), keep the per-token target log-prob, free the chunk. The result is the [N] log-probs any
 /// <see cref="IPreferenceLoss"/> consumes, so the loss maths is the same code as the unfused path, batch-coupled losses
-/// (RPO) included. Backward (phase 2): for each chunk, recompute the logits, form d loss/d logits = g * (onehot - softmax),
-/// and accumulate grad_hidden = G W and grad_W += G^T h (and grad_b).</para>
+/// (RPO) included. Backward (phase 2): for each chunk, recompute the logits (or reuse them, with
+/// <see cref="SequenceLogProbsOptions.RetainHeadLogits"/>), form d loss/d logits = g * (onehot - softmax) (on the CPU in
+/// one pass of the managed kernel, in place), and accumulate grad_hidden = G W and grad_W += G^T h (and grad_b).</para>
 /// <para>Chunks hold whole sequences when they fit, token ranges otherwise, so peak memory is bounded by the chunk size
 /// whatever T and V are: about ChunkTokens x V fp32 values plus the gradients of W (and h) themselves. Masked positions
 /// contribute nothing, even when their hidden states hold NaN or Inf.</para>
@@ -84,7 +85,8 @@ public static class FusedLinearLogProbs
             bool shift = alignment == LabelAlignment.ShiftByOne;
             var dtype = Numerics.DTypeFor(hidden, weight, bias);
             var extras = LogProbExtras.For(options, prepared.Valid, dtype);
-            var chunk = new ChunkMath.Plan(options.HeadTokensPerChunk(weight.shape[0], hidden.device_type), options.FusedCpu);
+            bool retain = options.RetainHeadLogits && is_grad_enabled() && (hidden.requires_grad || weight.requires_grad || bias?.requires_grad == true);
+            var chunk = new ChunkMath.Plan(options.HeadTokensPerChunk(weight.shape[0], hidden.device_type), options.FusedCpu, retain);
             // views, so that the gradients reach a leaf's AccumulateGrad as fresh tensors it adopts instead of copying
             Tensor ViewOf(Tensor t) => t.requires_grad ? t.view(t.shape) : t;
             var tokens = bias is null
@@ -169,8 +171,9 @@ public static class FusedLinearLogProbs
     private static Tensor Logits(Tensor h, Tensor wt, Tensor? b) =>
         b is null ? h.mm(wt) : torch.addmm(b, h, wt, 1, 1);   // mm / addmm, never matmul: see Native
 
+    /// <summary>The forward pass; with <see cref="ChunkMath.Plan.Retain"/> each chunk's logits are added to <paramref name="kept"/> (in block order).</summary>
     private static Tensor Forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor valid, bool shift, ChunkMath.Plan plan, ScalarType dtype,
-        LogProbExtras? extras)
+        LogProbExtras? extras, List<Tensor> kept)
     {
         var x = SequenceLogProbs.Scored(hidden, shift);
         long n = x.shape[0], t = x.shape[1];
@@ -185,12 +188,18 @@ public static class FusedLinearLogProbs
             var (lse, targetLogp) = ChunkMath.Forward(logits, y, plan.Fused);
             block.Of(tokenLogp).copy_(targetLogp.view(block.Rows, block.Tokens));
             extras?.Record(block, logits, lse, y);
+            if (plan.Retain)
+            {
+                inner.MoveToOuter(logits);       // alive until the caller saves it for backward (libtorch then holds it)
+                kept.Add(logits);
+            }
         }
         return ChunkMath.Masked(tokenLogp, valid);
     }
 
+    /// <summary>The backward pass; <paramref name="kept"/>: the forward's chunk logits in block order (retained), or empty (recompute).</summary>
     private static (Tensor Hidden, Tensor Weight, Tensor? Bias) Backward(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor valid,
-        bool shift, ChunkMath.Plan plan, ScalarType dtype, Tensor gradOutput)
+        bool shift, ChunkMath.Plan plan, ScalarType dtype, Tensor gradOutput, IReadOnlyList<Tensor> kept)
     {
         var x = SequenceLogProbs.Scored(hidden, shift);
         var (gradHidden, scored) = SequenceLogProbs.GradientBuffer(hidden, hidden.dtype, shift);
@@ -200,19 +209,43 @@ public static class FusedLinearLogProbs
         var w = weight.to_type(dtype);
         var wt = w.t();
         var b = bias?.to_type(dtype);
+        int index = 0;
         foreach (var block in ChunkMath.Blocks(x.shape[0], x.shape[1], plan.Tokens))
         {
             using var inner = NewDisposeScope();
             var g = block.Flat(rowGrad);
             // masked positions contribute nothing, even when their hidden states are NaN (0 * NaN would be NaN in G^T h)
             var h = block.Rows2D(x, dtype).masked_fill((g == 0).unsqueeze(1), 0);
-            var logits = Logits(h, wt, b);
+            // the forward's logits, overwritten in place by their gradient (the caller passes them to the first backward pass
+            // only: a second one through a retained graph recomputes), or recomputed; masked rows get exact zeros whatever
+            // their logits hold
+            var logits = index < kept.Count ? kept[index++] : Recompute(h, wt, b);
             var gradLogits = ChunkMath.GradInPlace(logits, null, block.Flat(targets), g, plan.Fused);   // [count, V]
             block.Of(scored).copy_(gradLogits.mm(w).view(block.Rows, block.Tokens, x.shape[2]));
             gradWeight.addmm_(gradLogits.t(), h);
             gradBias?.add_(gradLogits.sum(dim: 0));   // named: a literal 0 would bind to sum(ScalarType)
         }
         return (gradHidden, gradWeight.to_type(weight.dtype), gradBias?.to_type(bias!.dtype));
+    }
+
+    /// <summary>Chunks whose logits a backward pass on this thread recomputed (lets tests see that retained logits were used).</summary>
+    [ThreadStatic] internal static int RecomputedChunksOnThisThread;
+
+    private static Tensor Recompute(Tensor h, Tensor wt, Tensor? b)
+    {
+        RecomputedChunksOnThisThread++;
+        return Logits(h, wt, b);
+    }
+
+    /// <summary>
+    /// The retained chunk logits (saved after the <paramref name="first"/> fixed tensors) for the first backward pass; none
+    /// after it, since that pass overwrites them with their gradient (a second pass through a retained graph recomputes).
+    /// </summary>
+    private static IReadOnlyList<Tensor> Retained(autograd.AutogradContext ctx, IReadOnlyList<Tensor> saved, int first)
+    {
+        if (ctx.get_data("retained") is not true) return Array.Empty<Tensor>();
+        ctx.save_data("retained", false);
+        return saved.Skip(first).ToList();
     }
 
     private sealed class LinearFunction : LibraryFunction<LinearFunction>
@@ -222,17 +255,20 @@ public static class FusedLinearLogProbs
         protected override Tensor Forward(autograd.AutogradContext ctx, object[] vars)
         {
             Tensor hidden = (Tensor)vars[0], weight = (Tensor)vars[1], targets = (Tensor)vars[2], weights = (Tensor)vars[3];
-            ctx.save_for_backward(new List<Tensor> { hidden, weight, targets, weights });
             ctx.save_data("shift", vars[4]);
             ctx.save_data("chunk", vars[5]);
             ctx.save_data("dtype", vars[6]);
-            return FusedLinearLogProbs.Forward(hidden, weight, null, targets, weights, (bool)vars[4], (ChunkMath.Plan)vars[5], (ScalarType)vars[6], (LogProbExtras?)vars[7]);
+            var kept = new List<Tensor>();
+            var result = FusedLinearLogProbs.Forward(hidden, weight, null, targets, weights, (bool)vars[4], (ChunkMath.Plan)vars[5], (ScalarType)vars[6], (LogProbExtras?)vars[7], kept);
+            ctx.save_for_backward(new List<Tensor> { hidden, weight, targets, weights }.Concat(kept).ToList());
+            ctx.save_data("retained", kept.Count > 0);
+            return result;
         }
 
         protected override Tensor?[] Backward(autograd.AutogradContext ctx, IReadOnlyList<Tensor> s, Tensor grad_output)
         {
             var (gh, gw, _) = FusedLinearLogProbs.Backward(s[0], s[1], null, s[2], s[3], (bool)ctx.get_data("shift")!, (ChunkMath.Plan)ctx.get_data("chunk")!,
-                (ScalarType)ctx.get_data("dtype")!, grad_output);
+                (ScalarType)ctx.get_data("dtype")!, grad_output, Retained(ctx, s, 4));
             return new Tensor?[] { gh, gw, null, null, null, null, null, null };
         }
     }
@@ -244,17 +280,20 @@ public static class FusedLinearLogProbs
         protected override Tensor Forward(autograd.AutogradContext ctx, object[] vars)
         {
             Tensor hidden = (Tensor)vars[0], weight = (Tensor)vars[1], bias = (Tensor)vars[2], targets = (Tensor)vars[3], weights = (Tensor)vars[4];
-            ctx.save_for_backward(new List<Tensor> { hidden, weight, bias, targets, weights });
             ctx.save_data("shift", vars[5]);
             ctx.save_data("chunk", vars[6]);
             ctx.save_data("dtype", vars[7]);
-            return FusedLinearLogProbs.Forward(hidden, weight, bias, targets, weights, (bool)vars[5], (ChunkMath.Plan)vars[6], (ScalarType)vars[7], (LogProbExtras?)vars[8]);
+            var kept = new List<Tensor>();
+            var result = FusedLinearLogProbs.Forward(hidden, weight, bias, targets, weights, (bool)vars[5], (ChunkMath.Plan)vars[6], (ScalarType)vars[7], (LogProbExtras?)vars[8], kept);
+            ctx.save_for_backward(new List<Tensor> { hidden, weight, bias, targets, weights }.Concat(kept).ToList());
+            ctx.save_data("retained", kept.Count > 0);
+            return result;
         }
 
         protected override Tensor?[] Backward(autograd.AutogradContext ctx, IReadOnlyList<Tensor> s, Tensor grad_output)
         {
             var (gh, gw, gb) = FusedLinearLogProbs.Backward(s[0], s[1], s[2], s[3], s[4], (bool)ctx.get_data("shift")!, (ChunkMath.Plan)ctx.get_data("chunk")!,
-                (ScalarType)ctx.get_data("dtype")!, grad_output);
+                (ScalarType)ctx.get_data("dtype")!, grad_output, Retained(ctx, s, 5));
             return new Tensor?[] { gh, gw, gb, null, null, null, null, null, null };
         }
     }

@@ -87,6 +87,17 @@ public sealed record SequenceLogProbsOptions
     public bool FusedCpu { get; init; } = true;
 
     /// <summary>
+    /// <see cref="FusedLinearLogProbs"/> only: keep each chunk's fp32 logits from the forward pass for the backward pass
+    /// instead of recomputing them. The backward pass then makes two matrix products per chunk instead of three (three in
+    /// all, as materialised logits cost, instead of four), at the memory of all the scored tokens' fp32 logits until
+    /// the backward pass has run (tokens x V x 4 bytes: about a third of what log_softmax + gather and its backward keep);
+    /// the backward pass writes each chunk's gradient in place. Default false (recompute: memory bounded by one chunk).
+    /// Only when a gradient is needed; the kept logits are released with the autograd graph, and a second backward pass
+    /// through a retained graph (retain_graph) recomputes them.
+    /// </summary>
+    public bool RetainHeadLogits { get; init; }
+
+    /// <summary>
     /// On Linux, ask for transparent huge pages (madvise MADV_HUGEPAGE) on the fresh CPU gradient buffer the backward pass
     /// writes (at least 4 MiB). Writing fresh memory otherwise costs a page fault per 4 KiB, which makes the write several
     /// times slower than the memory bandwidth. A hint: where the kernel's huge pages are off ("never") nothing changes.
