@@ -40,7 +40,7 @@ internal static unsafe class LogSoftmaxRows
     /// <summary>Whether a [.., V] tensor can be read (or written) by the kernel: CPU, float32 or bfloat16, unit stride along V.</summary>
     internal static bool Supports(Tensor x) =>
         Available && x.device_type == DeviceType.CPU && x.dtype is ScalarType.Float32 or ScalarType.BFloat16
-        && x.dim() is 2 or 3 && x.shape[^1] is > 0 and <= int.MaxValue && (x.shape[^1] == 1 || x.stride(-1) == 1)
+        && x.dim() is 2 or 3 && x.shape[^1] is > 0 and <= int.MaxValue - 64 && (x.shape[^1] == 1 || x.stride(-1) == 1)
         && !x.is_conj() && !x.is_neg();
 
     /// <summary>The rows of a [N, T, V] (or [rows, V]) tensor: row r = (n, t) starts at n * OuterStride + t * InnerStride.</summary>

@@ -79,7 +79,8 @@ public sealed record SequenceLogProbsOptions
     /// <summary>
     /// On the CPU, run the log-prob step (forward with the WPO terms and step statistics, and backward) as one managed kernel
     /// over rows of float32 or bfloat16 logits: one read of the logits forward, one read and one write backward, rows in
-    /// parallel on up to <c>torch.get_num_threads()</c> threads, bitwise the same whatever the thread count. Default true.
+    /// parallel on up to <c>torch.get_num_threads()</c> threads, bitwise the same whatever the thread count; also each
+    /// chunk of <see cref="FusedLinearLogProbs"/>, in place. Default true.
     /// It needs .NET 9 or later and 256-bit vectors; float16 and float64 logits, non-unit strides along V, and other
     /// devices take the chunked libtorch path, as does every call with false. Both paths agree to float32 rounding
     /// (the tests hold them to 2e-6 relative) and throw the same errors.
