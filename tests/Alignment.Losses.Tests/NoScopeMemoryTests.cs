@@ -60,31 +60,17 @@ public class NoScopeMemoryTests
             };
         });
 
-    [Fact]
-    public void Sequence_log_probs_leak_nothing_without_a_scope() =>
-        AssertFlat("SequenceLogProbs", () =>
+    [Theory, InlineData(true), InlineData(false)]
+    public void Sequence_log_probs_leak_nothing_without_a_scope(bool fusedCpu) =>
+        AssertFlat($"SequenceLogProbs, FusedCpu = {fusedCpu}", () =>
         {
             var logits = randn(4, 6, 11).requires_grad_(true);
             var labels = randint(0, 11, new long[] { 4, 6 });
             return () =>
             {
+                // the CPU kernel or the chunked path, with the extras
                 using var r = SequenceLogProbs.Compute(logits, labels, null, LabelAlignment.ShiftByOne,
-                    new SequenceLogProbsOptions { ChunkTokens = 4, StepStatistics = true, WpoTerms = true });   // the CPU kernel, with its extras
-                using var total = r.Sum.sum();
-                total.backward();
-            };
-        });
-
-    [Fact]
-    public void Sequence_log_probs_on_the_chunked_path_leak_nothing_without_a_scope() =>
-        AssertFlat("SequenceLogProbs, FusedCpu = false", () =>
-        {
-            var logits = randn(4, 6, 11).requires_grad_(true);
-            var labels = randint(0, 11, new long[] { 4, 6 });
-            return () =>
-            {
-                using var r = SequenceLogProbs.Compute(logits, labels, null, LabelAlignment.ShiftByOne,
-                    new SequenceLogProbsOptions { ChunkTokens = 4, FusedCpu = false, StepStatistics = true });
+                    new SequenceLogProbsOptions { ChunkTokens = 4, FusedCpu = fusedCpu, StepStatistics = true, WpoTerms = true });
                 using var total = r.Sum.sum();
                 total.backward();
             };
