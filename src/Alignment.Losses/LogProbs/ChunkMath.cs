@@ -35,7 +35,7 @@ internal static class ChunkMath
     /// <param name="fused">Through the managed kernel (<see cref="LogSoftmaxRows"/>) where it applies: one pass, in place.</param>
     internal static Tensor GradInPlace(Tensor block, Tensor? lse, Tensor targets, Tensor g, bool fused = false)
     {
-        if (fused && Kernel(block) && g.dtype == ScalarType.Float32)
+        if (KernelTakes(block, g, fused))
         {
             LogSoftmaxRows.Backward(block, block, targets.contiguous(), lse?.contiguous(), g.contiguous());
             return block;
@@ -48,6 +48,13 @@ internal static class ChunkMath
 
     /// <summary>Whether a 2-D block can take the managed kernel in place: a contiguous float32 CPU block.</summary>
     private static bool Kernel(Tensor block) => block.dtype == ScalarType.Float32 && block.is_contiguous() && LogSoftmaxRows.Supports(block);
+
+    /// <summary>
+    /// Whether <see cref="GradInPlace"/> runs the kernel for this block. The kernel writes through the block's memory without
+    /// touching its autograd version counter; the libtorch path's in-place ops bump it, so a tensor autograd has saved must
+    /// not be given to that path (unpacking it again would fail).
+    /// </summary>
+    internal static bool KernelTakes(Tensor block, Tensor g, bool fused) => fused && Kernel(block) && g.dtype == ScalarType.Float32;
 
     /// <summary>Per-token values with exact zeros where <paramref name="valid"/> is false (selecting, so NaN/Inf there cannot leak in).</summary>
     internal static Tensor Masked(Tensor perToken, Tensor valid) => perToken.masked_fill(valid.logical_not(), 0);

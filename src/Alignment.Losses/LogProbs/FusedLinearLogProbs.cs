@@ -197,9 +197,13 @@ public static class FusedLinearLogProbs
         return ChunkMath.Masked(tokenLogp, valid);
     }
 
-    /// <summary>The backward pass; <paramref name="kept"/>: the forward's chunk logits in block order (retained), or empty (recompute).</summary>
-    private static (Tensor Hidden, Tensor Weight, Tensor? Bias) Backward(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor valid,
-        bool shift, ChunkMath.Plan plan, ScalarType dtype, Tensor gradOutput, IReadOnlyList<Tensor> kept)
+    /// <summary>
+    /// The backward pass; <paramref name="kept"/>: the forward's chunk logits in block order (retained), or empty (recompute).
+    /// Overwrote: whether a kept chunk now holds its gradient (the kernel writes it in place; the libtorch path works on a
+    /// copy, since its in-place ops would invalidate the saved tensor for a second backward pass).
+    /// </summary>
+    private static (Tensor Hidden, Tensor Weight, Tensor? Bias, bool Overwrote) Backward(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets,
+        Tensor valid, bool shift, ChunkMath.Plan plan, ScalarType dtype, Tensor gradOutput, IReadOnlyList<Tensor> kept)
     {
         var x = SequenceLogProbs.Scored(hidden, shift);
         var (gradHidden, scored) = SequenceLogProbs.GradientBuffer(hidden, hidden.dtype, shift);
@@ -210,22 +214,31 @@ public static class FusedLinearLogProbs
         var wt = w.t();
         var b = bias?.to_type(dtype);
         int index = 0;
+        bool overwrote = false;
         foreach (var block in ChunkMath.Blocks(x.shape[0], x.shape[1], plan.Tokens))
         {
             using var inner = NewDisposeScope();
             var g = block.Flat(rowGrad);
             // masked positions contribute nothing, even when their hidden states are NaN (0 * NaN would be NaN in G^T h)
             var h = block.Rows2D(x, dtype).masked_fill((g == 0).unsqueeze(1), 0);
-            // the forward's logits, overwritten in place by their gradient (the caller passes them to the first backward pass
-            // only: a second one through a retained graph recomputes), or recomputed; masked rows get exact zeros whatever
-            // their logits hold
-            var logits = index < kept.Count ? kept[index++] : Recompute(h, wt, b);
+            // the forward's logits (overwritten in place by the kernel, after which a second backward pass through a retained
+            // graph recomputes; copied first on the libtorch path), or recomputed; masked rows get exact zeros whatever their
+            // logits hold
+            Tensor logits;
+            if (index < kept.Count)
+            {
+                var saved = kept[index++];
+                bool inPlace = ChunkMath.KernelTakes(saved, g, plan.Fused);
+                overwrote |= inPlace;
+                logits = inPlace ? saved : saved.clone();
+            }
+            else logits = Recompute(h, wt, b);
             var gradLogits = ChunkMath.GradInPlace(logits, null, block.Flat(targets), g, plan.Fused);   // [count, V]
             block.Of(scored).copy_(gradLogits.mm(w).view(block.Rows, block.Tokens, x.shape[2]));
             gradWeight.addmm_(gradLogits.t(), h);
             gradBias?.add_(gradLogits.sum(dim: 0));   // named: a literal 0 would bind to sum(ScalarType)
         }
-        return (gradHidden, gradWeight.to_type(weight.dtype), gradBias?.to_type(bias!.dtype));
+        return (gradHidden, gradWeight.to_type(weight.dtype), gradBias?.to_type(bias!.dtype), overwrote);
     }
 
     /// <summary>Chunks whose logits a backward pass on this thread recomputed (lets tests see that retained logits were used).</summary>
@@ -238,14 +251,21 @@ public static class FusedLinearLogProbs
     }
 
     /// <summary>
-    /// The retained chunk logits (saved after the <paramref name="first"/> fixed tensors) for the first backward pass; none
-    /// after it, since that pass overwrites them with their gradient (a second pass through a retained graph recomputes).
+    /// The retained chunk logits (saved after the <paramref name="first"/> fixed tensors) while they still hold the logits:
+    /// until a backward pass has overwritten them with their gradient (then a second pass through a retained graph recomputes).
     /// </summary>
-    private static IReadOnlyList<Tensor> Retained(autograd.AutogradContext ctx, IReadOnlyList<Tensor> saved, int first)
+    private static IReadOnlyList<Tensor> Retained(autograd.AutogradContext ctx, IReadOnlyList<Tensor> saved, int first) =>
+        ctx.get_data("retained") is true ? saved.Skip(first).ToList() : Array.Empty<Tensor>();
+
+    /// <summary>The backward pass of either function; records when the retained logits were overwritten.</summary>
+    private static (Tensor Hidden, Tensor Weight, Tensor? Bias) Backward(autograd.AutogradContext ctx, IReadOnlyList<Tensor> s, Tensor? bias, int fixedCount,
+        Tensor gradOutput)
     {
-        if (ctx.get_data("retained") is not true) return Array.Empty<Tensor>();
-        ctx.save_data("retained", false);
-        return saved.Skip(first).ToList();
+        int offset = bias is null ? 0 : 1;
+        var (gh, gw, gb, overwrote) = Backward(s[0], s[1], bias, s[2 + offset], s[3 + offset], (bool)ctx.get_data("shift")!, (ChunkMath.Plan)ctx.get_data("chunk")!,
+            (ScalarType)ctx.get_data("dtype")!, gradOutput, Retained(ctx, s, fixedCount));
+        if (overwrote) ctx.save_data("retained", false);
+        return (gh, gw, gb);
     }
 
     private sealed class LinearFunction : LibraryFunction<LinearFunction>
@@ -267,8 +287,7 @@ public static class FusedLinearLogProbs
 
         protected override Tensor?[] Backward(autograd.AutogradContext ctx, IReadOnlyList<Tensor> s, Tensor grad_output)
         {
-            var (gh, gw, _) = FusedLinearLogProbs.Backward(s[0], s[1], null, s[2], s[3], (bool)ctx.get_data("shift")!, (ChunkMath.Plan)ctx.get_data("chunk")!,
-                (ScalarType)ctx.get_data("dtype")!, grad_output, Retained(ctx, s, 4));
+            var (gh, gw, _) = FusedLinearLogProbs.Backward(ctx, s, null, 4, grad_output);
             return new Tensor?[] { gh, gw, null, null, null, null, null, null };
         }
     }
@@ -292,8 +311,7 @@ public static class FusedLinearLogProbs
 
         protected override Tensor?[] Backward(autograd.AutogradContext ctx, IReadOnlyList<Tensor> s, Tensor grad_output)
         {
-            var (gh, gw, gb) = FusedLinearLogProbs.Backward(s[0], s[1], s[2], s[3], s[4], (bool)ctx.get_data("shift")!, (ChunkMath.Plan)ctx.get_data("chunk")!,
-                (ScalarType)ctx.get_data("dtype")!, grad_output, Retained(ctx, s, 5));
+            var (gh, gw, gb) = FusedLinearLogProbs.Backward(ctx, s, s[2], 5, grad_output);
             return new Tensor?[] { gh, gw, gb, null, null, null, null, null, null };
         }
     }
