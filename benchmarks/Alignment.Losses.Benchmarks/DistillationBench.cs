@@ -147,7 +147,8 @@ internal static class DistillationBench
         return failures == 0 ? 0 : 1;
     }
 
-    private static string Arg(string[] args, string name, string fallback)
+    /// <summary>The value after <paramref name="name"/> in <paramref name="args"/>, or <paramref name="fallback"/> (shared by the timing modes).</summary>
+    internal static string Arg(string[] args, string name, string fallback)
     {
         int i = Array.IndexOf(args, name);
         return i >= 0 && i + 1 < args.Length ? args[i + 1] : fallback;

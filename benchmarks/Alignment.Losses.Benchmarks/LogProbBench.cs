@@ -19,17 +19,11 @@ namespace Alignment.Losses.Benchmarks;
 /// (<c>--heads</c>: TOKENSxHxV cases of the LM head, none by default).</remarks>
 internal static unsafe class LogProbBench
 {
-    private static string Arg(string[] args, string name, string fallback)
-    {
-        int i = Array.IndexOf(args, name);
-        return i >= 0 && i + 1 < args.Length ? args[i + 1] : fallback;
-    }
-
     public static int Timing(string[] args)
     {
-        var shapes = Arg(args, "--shapes", "8x512x32000,4x1024x128256").Split(',', StringSplitOptions.RemoveEmptyEntries).Select(s => s.Split('x').Select(int.Parse).ToArray()).ToArray();
-        int threads = int.Parse(Arg(args, "--threads", "1")), repeats = int.Parse(Arg(args, "--repeats", "5"));
-        var output = Arg(args, "--out", "logprob-timing.json");
+        var shapes = DistillationBench.Arg(args, "--shapes", "8x512x32000,4x1024x128256").Split(',', StringSplitOptions.RemoveEmptyEntries).Select(s => s.Split('x').Select(int.Parse).ToArray()).ToArray();
+        int threads = int.Parse(DistillationBench.Arg(args, "--threads", "1")), repeats = int.Parse(DistillationBench.Arg(args, "--repeats", "5"));
+        var output = DistillationBench.Arg(args, "--out", "logprob-timing.json");
         set_num_threads(threads);
         var records = new List<Dictionary<string, object>>();
         foreach (var shape in shapes)
@@ -88,7 +82,7 @@ internal static unsafe class LogProbBench
                 Add(name, "ForwardBackward", QuickTiming.Median(Both, repeats, warmups: 2));
             }
         }
-        foreach (var head in Arg(args, "--heads", "").Split(',', StringSplitOptions.RemoveEmptyEntries).Select(h => h.Split('x').Select(int.Parse).ToArray()))
+        foreach (var head in DistillationBench.Arg(args, "--heads", "").Split(',', StringSplitOptions.RemoveEmptyEntries).Select(h => h.Split('x').Select(int.Parse).ToArray()))
             records.AddRange(HeadTiming(head[0], head[1], head[2], threads, repeats));
         File.WriteAllText(output, JsonSerializer.Serialize(new Dictionary<string, object> { ["library"] = "Alignment.Losses", ["device"] = "cpu", ["records"] = records },
             new JsonSerializerOptions { WriteIndented = true }));
@@ -123,7 +117,7 @@ internal static unsafe class LogProbBench
     /// <summary>The child of <see cref="HeadTiming"/>: <c>--logprob-memory PATH TOKENSxHxV --threads N</c>.</summary>
     public static int Memory(string[] args)
     {
-        set_num_threads(int.Parse(Arg(args, "--threads", "1")));
+        set_num_threads(int.Parse(DistillationBench.Arg(args, "--threads", "1")));
         var s = args[1].Split('x').Select(int.Parse).ToArray();
         using var step = new HeadStep(args[0], s[0], s[1], s[2]);
         double gradients = ((double)s[0] * s[1] + (double)s[2] * s[1]) * 4 / (1 << 20);    // h.grad and W.grad, which every path makes

@@ -13,9 +13,6 @@ namespace Alignment.Losses.Internal;
 /// </summary>
 internal static unsafe class FusedMarginPass
 {
-    /// <summary>The first element of a contiguous CPU tensor.</summary>
-    private static void* Address(Tensor t) => TensorMemory.Address(t);
-
     /// <summary>Whether the batch can take the fused path: CPU, paired, floating inputs, no example weights.</summary>
     internal static bool Applies(PreferenceBatch batch)
     {
@@ -43,10 +40,10 @@ internal static unsafe class FusedMarginPass
     {
         int n = into.Length;
         if (dtype == ScalarType.Float64)
-            new ReadOnlySpan<double>(Address(x), n).CopyTo(into);
+            new ReadOnlySpan<double>(TensorMemory.Address(x), n).CopyTo(into);
         else
         {
-            var f = (float*)Address(x);
+            var f = (float*)TensorMemory.Address(x);
             int i = 0;
             if (Vector256.IsHardwareAccelerated)
                 for (; i + 8 <= n; i += 8)                       // eight floats widened to two vectors of four doubles (exact)
@@ -63,10 +60,10 @@ internal static unsafe class FusedMarginPass
     private static Tensor Write(ReadOnlySpan<double> values, ScalarType dtype)
     {
         var t = empty(values.Length, dtype: dtype);
-        if (dtype == ScalarType.Float64) values.CopyTo(new Span<double>(Address(t), values.Length));
+        if (dtype == ScalarType.Float64) values.CopyTo(new Span<double>(TensorMemory.Address(t), values.Length));
         else
         {
-            var f = new Span<float>(Address(t), values.Length);
+            var f = new Span<float>(TensorMemory.Address(t), values.Length);
             for (int i = 0; i < values.Length; i++) f[i] = (float)values[i];
         }
         return t;
