@@ -109,10 +109,14 @@ internal static unsafe class LogSoftmaxRows
         });
     }
 
-    /// <summary>Runs rows [0, rows) in contiguous parts on up to torch.get_num_threads() threads (one part when small).</summary>
-    private static void Parallel(long rows, int vocab, Action<long, long> body)
+    /// <summary>
+    /// Runs rows [0, rows) in contiguous parts on up to torch.get_num_threads() threads (one part when the work, rows x
+    /// <paramref name="workPerRow"/> elements, is small). Each row is computed by one thread, so results do not depend on
+    /// the thread count. Shared by the library's managed row kernels.
+    /// </summary>
+    internal static void Parallel(long rows, long workPerRow, Action<long, long> body)
     {
-        int threads = (int)Math.Min(Math.Max(1, torch.get_num_threads()), Math.Max(1, rows * vocab / MinParallelWork));
+        int threads = (int)Math.Min(Math.Max(1, torch.get_num_threads()), Math.Max(1, rows * workPerRow / MinParallelWork));
         threads = (int)Math.Min(threads, rows);
         if (threads <= 1)
         {

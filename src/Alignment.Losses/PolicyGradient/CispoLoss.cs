@@ -72,6 +72,10 @@ public sealed class CispoLoss : PolicyGradientLoss<CispoOptions>
     public override string Name => Options.Bound == CispoBound.Cap ? "cispo" : "cispo_clip";
 
     /// <inheritdoc />
+    private protected override (TokenLink Link, ImportanceRatio Ratio)? Fused =>
+        (new CispoLink(Options.Bound == CispoBound.Cap, Options.EpsilonLow, Options.EpsilonHigh!.Value), Options.Ratio);
+
+    /// <inheritdoc />
     protected override (Tensor PerToken, bool SequenceLevel) PolicyTerm(TokenTerms terms, Tensor logRatio, List<(string Name, Tensor Value)> metrics)
     {
         ArgumentNullException.ThrowIfNull(terms);

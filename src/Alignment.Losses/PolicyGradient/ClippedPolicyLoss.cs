@@ -84,6 +84,10 @@ public sealed class ClippedPolicyLoss : PolicyGradientLoss<ClippedPolicyOptions>
     public override string Name => _name;
 
     /// <inheritdoc />
+    private protected override (TokenLink Link, ImportanceRatio Ratio)? Fused =>
+        (new ClippedLink(Options.EpsilonLow, Options.EpsilonHigh, Options.Delta, Options.DualClip), Options.Ratio);
+
+    /// <inheritdoc />
     protected override (Tensor PerToken, bool SequenceLevel) PolicyTerm(TokenTerms terms, Tensor logRatio, List<(string Name, Tensor Value)> metrics)
     {
         ArgumentNullException.ThrowIfNull(terms);

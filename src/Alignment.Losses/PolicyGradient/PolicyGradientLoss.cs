@@ -76,6 +76,19 @@ public abstract record PolicyGradientOptions : TokenLossOptions
     private double _topEntropyQuantile = 1.0;
 
     /// <summary>
+    /// When true (the default), GRPO, DAPO, Dr. GRPO, BNPO, GSPO-token, dual-clip, CISPO, SAPO and REINFORCE run on the CPU in
+    /// one managed pass over [N, T] (padded batches): the clamped log-ratio, the ratio, the policy term and its derivative,
+    /// the top-entropy mask, the rollout weights, the KL term, the entropy bonus, every metric and every value check from
+    /// one read of each input, returned through a surrogate (per-token loss L + (l - sg(l)) dL/dl) whose value is the
+    /// per-token loss and whose gradient is the saved one; the per-sequence means and the reduction are native ops on it.
+    /// It agrees with the op-by-op path to float64 rounding (float64 inputs) or float32 rounding (float32, bfloat16 and
+    /// float16, computed in float64 then rounded), errors included (a failed check reruns op by op, which names the input).
+    /// The surrogate has no second derivative: set false for double backward (or to compare the two paths). CUDA tensors,
+    /// packed batches and the sequence-level ratios (GSPO, RLOO, GMPO) always run op by op.
+    /// </summary>
+    public bool FusedCpu { get; init; } = true;
+
+    /// <summary>
     /// TRL's top_entropy_quantile (Wang et al. 2025, "Beyond the 80/20 rule", arXiv 2506.01939): the policy term keeps only
     /// the tokens whose entropy is at least the (1 - q) quantile of the micro-batch's valid tokens' entropies (linear
     /// interpolation, torch.quantile's), and the entropy bonus acts on the same tokens. Default 1 (every token). Needs
@@ -115,8 +128,29 @@ public abstract class PolicyGradientLoss<TOptions> : TokenLoss<TOptions> where T
     /// <returns>The per-token policy loss, and whether it is one value per sequence.</returns>
     protected abstract (Tensor PerToken, bool SequenceLevel) PolicyTerm(TokenTerms terms, Tensor logRatio, List<(string Name, Tensor Value)> metrics);
 
+    /// <summary>
+    /// The policy term as a <see cref="TokenLink"/> for the fused CPU pass, with the ratio it reads, when it is one for
+    /// these options; null (the default) runs op by op. <see cref="PolicyTerm"/> stays the definition and the two agree.
+    /// </summary>
+    private protected virtual (TokenLink Link, ImportanceRatio Ratio)? Fused => null;
+
+    /// <inheritdoc />
+    private protected sealed override TokenLossResult? ComputeFused(TokenBatch batch)
+    {
+        if (!Options.FusedCpu || Fused is not { } fused || !FusedPolicyPass.Applies(batch, fused.Link, fused.Ratio)) return null;
+        RequireInputs(batch);
+        return FusedPolicyPass.TryCompute(batch, new FusedPolicyPass.Setup(fused.Link, fused.Ratio, Options, Reduction, Name));
+    }
+
     /// <inheritdoc />
     protected override void Validate(TokenBatch batch, TokenTerms terms)
+    {
+        RequireInputs(batch);
+        CheckAdvantagesFinite(terms);
+    }
+
+    /// <summary>The structural checks of the inputs the options need (both paths).</summary>
+    private void RequireInputs(TokenBatch batch)
     {
         ArgumentNullException.ThrowIfNull(batch);
         Require(batch.Advantages, "batch.Advantages", "the advantages of the sampled completions (see Advantages.Grpo and the other estimators)");
@@ -136,7 +170,6 @@ public abstract class PolicyGradientLoss<TOptions> : TokenLoss<TOptions> where T
         if (Options.TopEntropyQuantile < 1)
             Require(batch.Entropy, "batch.Entropy", $"top_entropy_quantile {Options.TopEntropyQuantile} keeps the highest-entropy tokens, so it needs the per-token entropy " +
                 "(SequenceLogProbsOptions.StepStatistics gives it)");
-        CheckAdvantagesFinite(terms);
     }
 
     /// <summary>TRL's high-entropy mask: valid tokens with H &gt;= the (1 - q) quantile of the valid tokens' entropies (the

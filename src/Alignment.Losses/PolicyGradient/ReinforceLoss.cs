@@ -23,6 +23,10 @@ public sealed class ReinforceLoss : PolicyGradientLoss<ReinforceOptions>
     public override string Name => "reinforce";
 
     /// <inheritdoc />
+    private protected override (Alignment.Losses.Internal.TokenLink Link, ImportanceRatio Ratio)? Fused =>
+        (new Alignment.Losses.Internal.ReinforceLink(), ImportanceRatio.Token);
+
+    /// <inheritdoc />
     protected override (Tensor PerToken, bool SequenceLevel) PolicyTerm(TokenTerms terms, Tensor logRatio, List<(string Name, Tensor Value)> metrics)
     {
         ArgumentNullException.ThrowIfNull(terms);

@@ -40,6 +40,10 @@ public sealed class SapoLoss : PolicyGradientLoss<SapoOptions>
     public override string Name => "sapo";
 
     /// <inheritdoc />
+    private protected override (TokenLink Link, ImportanceRatio Ratio)? Fused =>
+        (new SapoLink(Options.TemperaturePositive, Options.TemperatureNegative), Options.Ratio);
+
+    /// <inheritdoc />
     protected override (Tensor PerToken, bool SequenceLevel) PolicyTerm(TokenTerms terms, Tensor logRatio, List<(string Name, Tensor Value)> metrics)
     {
         ArgumentNullException.ThrowIfNull(terms);

@@ -98,8 +98,14 @@ public abstract class TokenLoss<TOptions> : ITokenLoss where TOptions : TokenLos
         ArgumentNullException.ThrowIfNull(batch);
         var segments = ValidateCommon(batch);
         return Native.Run($"{GetType().Name}.Compute ({Name})", () => $"log-probs {Native.Describe(batch.LogProbs)}",
-            () => ComputeCore(batch, segments));
+            () => ComputeFused(batch) ?? ComputeCore(batch, segments));
     }
+
+    /// <summary>
+    /// The loss through a fused path when one applies (the policy-gradient losses' CPU pass), after the common checks; null
+    /// (the default) runs the op-by-op path, which is also the fallback of every failed check.
+    /// </summary>
+    private protected virtual TokenLossResult? ComputeFused(TokenBatch batch) => null;
 
     private TokenLossResult ComputeCore(TokenBatch batch, Segments segments)
     {
