@@ -18,7 +18,7 @@ public class FusedPolicyTests
     public static IEnumerable<object[]> Objectives() => new[]
     {
         "grpo", "dapo", "dr_grpo", "bnpo", "gspo_token", "dual_clip", "delta", "cispo", "cispo_clip", "cispo_sequence", "sapo", "reinforce",
-        "grpo_sequence_mean_token_sum",
+        "grpo_sequence_mean_token_sum", "gspo", "rloo", "sapo_sequence",
     }.Select(n => new object[] { n });
 
     /// <summary>The objective <paramref name="name"/> with the extras of <paramref name="extras"/> and the path chosen.</summary>
@@ -44,6 +44,12 @@ public class FusedPolicyTests
             "sapo" => new SapoLoss(With(new SapoOptions())),
             "reinforce" => new ReinforceLoss(With(new ReinforceOptions())),
             "grpo_sequence_mean_token_sum" => new ClippedPolicyLoss(With(new ClippedPolicyOptions { Reduction = TokenReduction.SequenceMeanTokenSum }), "g"),
+            "gspo" => new ClippedPolicyLoss(With(new ClippedPolicyOptions { EpsilonLow = 0.05, EpsilonHigh = 0.06, Ratio = ImportanceRatio.SequenceMean }), "gspo"),
+            "rloo" => new ClippedPolicyLoss(With(new ClippedPolicyOptions
+            {
+                Ratio = ImportanceRatio.SequenceSum, Reduction = new TokenReduction(TokenAggregation.SequenceMeanTokenMean, countEmptySequences: true),
+            }), "rloo"),
+            "sapo_sequence" => new SapoLoss(With(new SapoOptions { Ratio = ImportanceRatio.SequenceMean })),
             _ => throw new ArgumentException(name),
         };
     }
@@ -193,7 +199,7 @@ public class FusedPolicyTests
             int before = FusedPolicyPass.CompletedOnThisThread;
             fused = Run(FusedPolicyTests.Make(name, extras, fused: true), Make);
             Assert.True(FusedPolicyPass.CompletedOnThisThread == before + 1 || x.Valid.Cast<bool>().All(v => !v), $"{what}: the fused path did not run");
-            AssertClose(plain, fused, dtype == ScalarType.Float64 ? 1e-12 : 3e-6, what);
+            AssertClose(plain, fused, dtype == ScalarType.Float64 ? 1e-12 : 1e-5, what);
         }
     }
 
@@ -206,15 +212,13 @@ public class FusedPolicyTests
         (TokenBatch, Tensor, Tensor?) Make() { var b = Batch(x, ScalarType.BFloat16, false, true, extras, MaskKind.Bool, null, out var leaf, out var h); return (b, leaf, h); }
         var plain = Run(FusedPolicyTests.Make("grpo", extras, false), Make);      // both upcast to float32; the gradients are bfloat16
         var fused = Run(FusedPolicyTests.Make("grpo", extras, true), Make);
-        AssertClose(plain, fused, 3e-6, "grpo bfloat16");
+        AssertClose(plain, fused, 1e-5, "grpo bfloat16");
     }
 
-    [Theory]
-    [InlineData("gspo")]
-    [InlineData("rloo")]
-    [InlineData("gmpo")]
-    public void Sequence_level_ratios_and_packed_batches_run_op_by_op(string name)
+    [Fact]
+    public void Gmpo_and_packed_batches_run_op_by_op()
     {
+        const string name = "gmpo";
         using var scope = NewDisposeScope();
         var x = RandomCase(new Random(3), 4, 6);
         var loss = PolicyLosses.Create(name);

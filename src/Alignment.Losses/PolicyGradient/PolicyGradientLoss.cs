@@ -76,15 +76,18 @@ public abstract record PolicyGradientOptions : TokenLossOptions
     private double _topEntropyQuantile = 1.0;
 
     /// <summary>
-    /// When true (the default), GRPO, DAPO, Dr. GRPO, BNPO, GSPO-token, dual-clip, CISPO, SAPO and REINFORCE run on the CPU in
-    /// one managed pass over [N, T] (padded batches): the clamped log-ratio, the ratio, the policy term and its derivative,
+    /// When true (the default), GRPO, DAPO, Dr. GRPO, BNPO, GSPO, GSPO-token, RLOO, dual-clip, CISPO, SAPO and REINFORCE run on
+    /// the CPU in one managed pass over [N, T] (padded batches), in float32 lanes (float64 for float64 inputs), each sequence up
+    /// to its last valid token: the clamped log-ratio, the ratio, the policy term and its derivative,
     /// the top-entropy mask, the rollout weights, the KL term, the entropy bonus, every metric and every value check from
     /// one read of each input, returned through a surrogate (per-token loss L + (l - sg(l)) dL/dl) whose value is the
     /// per-token loss and whose gradient is the saved one; the per-sequence means and the reduction are native ops on it.
     /// It agrees with the op-by-op path to float64 rounding (float64 inputs) or float32 rounding (float32, bfloat16 and
-    /// float16, computed in float64 then rounded), errors included (a failed check reruns op by op, which names the input).
-    /// The surrogate has no second derivative: set false for double backward (or to compare the two paths). CUDA tensors,
-    /// packed batches and the sequence-level ratios (GSPO, RLOO, GMPO) always run op by op.
+    /// float16 inputs; its k3 KL is then more accurate than the op-by-op path's, whose e^u - u - 1 cancels for small u),
+    /// errors included (a failed check reruns op by op, which names the input).
+    /// A sequence-level ratio (GSPO, RLOO) adds its rank-one coupling of a sequence's tokens to the surrogate. The surrogate
+    /// has no second derivative: set false for double backward (or to compare the two paths). CUDA tensors, packed batches
+    /// and GMPO always run op by op.
     /// </summary>
     public bool FusedCpu { get; init; } = true;
 
