@@ -5,7 +5,8 @@
 #   benchmarks/compare-policy-with-pytorch.sh [LOSSES] [SIZES] [TOKENS] [DEVICE] [REPEATS]
 #   benchmarks/compare-policy-with-pytorch.sh grpo,dapo 64,512 256 cpu 100        # defaults: all 7, 64,512, 256, cpu, 100
 #
-# First the float64 cross-check (values and gradients must agree to 1e-9), then both timings and the ratio table.
+# First the float64 cross-check (values and gradients must agree to 1e-9), then the timings (ours on the fused CPU pass, the
+# peer, ours op by op with FusedCpu = false) and the ratio table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 losses=${1:-grpo,dapo,dr_grpo,bnpo,gspo,cispo,sapo}
@@ -22,4 +23,5 @@ app=(dotnet run -c Release --no-build --project benchmarks/Alignment.Losses.Benc
 "${app[@]}" --pg-crosscheck "$work/peer-values.json" | tail -1
 "${app[@]}" --pg-timing --device "$device" --losses "$losses" --sizes "$sizes" --tokens "$tokens" --repeats "$repeats" --out "$work/ours.json" >/dev/null
 "$python" benchmarks/pytorch/policy_losses.py --device "$device" --losses "$losses" --sizes "$sizes" --tokens "$tokens" --repeats "$repeats" --out "$work/peer.json" >/dev/null
-"$python" benchmarks/compare.py "$work/ours.json" "$work/peer.json" --device "$device"
+"${app[@]}" --pg-timing --op-by-op --device "$device" --losses "$losses" --sizes "$sizes" --tokens "$tokens" --repeats "$repeats" --out "$work/plain.json" >/dev/null
+"$python" benchmarks/compare.py "$work/ours.json" "$work/peer.json" --device "$device" --op-by-op "$work/plain.json"

@@ -51,6 +51,15 @@ internal sealed class PolicyInputs : IDisposable
 
     public ITokenLoss Create(string name) => PolicyLosses.Create(name, maxCompletionLength: T, kl: new KlPenalty(0.04));
 
+    /// <summary>The same objective on its op-by-op path (PolicyGradientOptions.FusedCpu = false).</summary>
+    public ITokenLoss CreateOpByOp(string name) => Create(name) switch
+    {
+        ClippedPolicyLoss c => new ClippedPolicyLoss(c.Options with { FusedCpu = false }, c.Name),
+        CispoLoss c => new CispoLoss(c.Options with { FusedCpu = false }),
+        SapoLoss c => new SapoLoss(c.Options with { FusedCpu = false }),
+        var other => other,
+    };
+
     public TokenBatch Batch() => new(LogProbs, Mask) { OldLogProbs = Old, ReferenceLogProbs = Reference, Advantages = Advantages };
 
     public double Forward(ITokenLoss loss, TokenBatch batch)
@@ -122,8 +131,8 @@ public class PolicyGradientBenchmarks
 
 /// <summary>
 /// <c>--pg-crosscheck FILE</c> (the peer's <c>policy_losses.py --dump FILE</c>: values and gradients must agree to 1e-9 in
-/// float64) and <c>--pg-timing --losses a,b --sizes 64,512 --tokens 256 --repeats 100 --device cpu --out FILE</c> (timed as
-/// the peer times, written as its records for <c>benchmarks/compare.py</c>).
+/// float64) and <c>--pg-timing --losses a,b --sizes 64,512 --tokens 256 --repeats 100 --device cpu --out FILE [--op-by-op]</c>
+/// (timed as the peer times, written as its records for <c>benchmarks/compare.py</c>; --op-by-op: FusedCpu = false).
 /// </summary>
 internal static class PolicyGradientBench
 {
@@ -167,6 +176,7 @@ internal static class PolicyGradientBench
         var sizes = Arg("--sizes", "64,512").Split(',').Select(int.Parse).ToArray();
         int tokens = int.Parse(Arg("--tokens", "256")), repeats = int.Parse(Arg("--repeats", "100"));
         var output = Arg("--out", "policy-timing.json");
+        bool opByOp = args.Contains("--op-by-op");               // FusedCpu = false: the op-by-op path the fused pass replaces
         var unknown = losses.Where(l => !PolicyInputs.Names.Contains(l)).ToList();
         if (unknown.Count > 0)
         {
@@ -178,7 +188,7 @@ internal static class PolicyGradientBench
             foreach (int n in sizes)
             {
                 using var x = new PolicyInputs(n, tokens, new Device(device));
-                var loss = x.Create(name);
+                var loss = opByOp ? x.CreateOpByOp(name) : x.Create(name);
                 var batch = x.Batch();
                 foreach (var (method, call) in new (string, Func<double>)[] { ("Forward", () => x.Forward(loss, batch)), ("ForwardBackward", () => x.ForwardBackward(loss, batch)) })
                 {

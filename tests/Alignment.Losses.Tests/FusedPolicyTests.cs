@@ -203,6 +203,52 @@ public class FusedPolicyTests
         }
     }
 
+    /// <summary>A user's loss: PPO's unclipped surrogate -rho A, with its term also given as a <see cref="TokenLink"/>.</summary>
+    sealed record UnclippedOptions : PolicyGradientOptions
+    {
+        protected override TokenReduction DefaultReduction => TokenReduction.SequenceMeanTokenMean;
+    }
+
+    sealed class UnclippedPolicyLoss(UnclippedOptions options, bool withLink) : PolicyGradientLoss<UnclippedOptions>(options)
+    {
+        public override string Name => "unclipped";
+
+        protected override (Tensor PerToken, bool SequenceLevel) PolicyTerm(TokenTerms terms, Tensor logRatio, List<(string Name, Tensor Value)> metrics) =>
+            (-(Ratio(terms, logRatio, ImportanceRatio.Token) * terms.Advantages!), false);
+
+        protected override TokenLink? Link => withLink
+            ? TokenLink.FromFunction((l, r, c, a) =>
+            {
+                double rho = Math.Exp(r);
+                return (-rho * a, -rho * a * c);
+            })
+            : null;
+    }
+
+    [Fact]
+    public void A_users_term_from_a_function_takes_the_fused_pass_and_equals_its_own_policy_term()
+    {
+        var rng = new Random(77);
+        for (int trial = 0; trial < 30; trial++)
+        {
+            var x = RandomCase(rng, 1 + rng.Next(6), 1 + rng.Next(11));
+            if (x.Valid.Cast<bool>().All(v => !v)) continue;
+            var extras = RandomExtras(rng) with { Quantile = 1 };
+            var dtype = trial % 2 == 0 ? ScalarType.Float64 : ScalarType.Float32;
+            var options = new UnclippedOptions { Kl = extras.Kl, RolloutCorrection = extras.Rollout, EntropyCoefficient = extras.EntropyCoefficient, LogRatioClamp = extras.Clamp };
+            (TokenBatch, Tensor, Tensor?) Make() { var b = Batch(x, dtype, false, true, extras, MaskKind.Bool, null, out var leaf, out var h); return (b, leaf, h); }
+            (TokenBatch, Tensor, Tensor?) Reference() { var b = Batch(x, dtype, false, true, extras, MaskKind.Bool, null, out var leaf, out var h, inFloat64: true); return (b, leaf, h); }
+            Outcome plain;
+            try { plain = Run(new UnclippedPolicyLoss(options, withLink: false), Reference); }
+            catch (Exception e) when (e is ArgumentException or ArithmeticException) { continue; }
+            int before = FusedPolicyPass.CompletedOnThisThread;
+            var fused = Run(new UnclippedPolicyLoss(options, withLink: true), Make);
+            Assert.Equal(before + 1, FusedPolicyPass.CompletedOnThisThread);
+            AssertClose(plain, fused, dtype == ScalarType.Float64 ? 1e-12 : 1e-5, $"user's term, trial {trial} {dtype}, {extras}");
+        }
+        Assert.Throws<ArgumentException>(() => TokenLink.FromFunction((l, r, c, a) => (0, 0), ImportanceRatio.SequenceMean));
+    }
+
     [Fact]
     public void Bfloat16_inputs_are_upcast_in_the_pass_as_op_by_op()
     {

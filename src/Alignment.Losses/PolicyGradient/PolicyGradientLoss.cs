@@ -132,10 +132,14 @@ public abstract class PolicyGradientLoss<TOptions> : TokenLoss<TOptions> where T
     protected abstract (Tensor PerToken, bool SequenceLevel) PolicyTerm(TokenTerms terms, Tensor logRatio, List<(string Name, Tensor Value)> metrics);
 
     /// <summary>
-    /// The policy term as a <see cref="TokenLink"/> for the fused CPU pass, with the ratio it reads, when it is one for
-    /// these options; null (the default) runs op by op. <see cref="PolicyTerm"/> stays the definition and the two agree.
+    /// The policy term as a <see cref="TokenLink"/> (<see cref="TokenLink.FromFunction"/>), when it is one for these options:
+    /// the loss then runs on the CPU in one fused pass (<see cref="PolicyGradientOptions.FusedCpu"/>). Null (the default):
+    /// op by op. <see cref="PolicyTerm"/> stays the definition, run everywhere else, and the two must agree.
     /// </summary>
-    private protected virtual (TokenLink Link, ImportanceRatio Ratio)? Fused => null;
+    protected virtual TokenLink? Link => null;
+
+    /// <summary>The term for the fused pass with the ratio it reads: the library's losses give their own; others, <see cref="Link"/>'s.</summary>
+    private protected virtual (TokenLink Link, ImportanceRatio Ratio)? Fused => Link is { Ratio: { } ratio } link ? (link, ratio) : null;
 
     /// <inheritdoc />
     private protected sealed override TokenLossResult? ComputeFused(TokenBatch batch)

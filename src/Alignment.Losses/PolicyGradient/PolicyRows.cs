@@ -198,12 +198,12 @@ internal sealed unsafe class PolicyRows
                         positive |= Vector256.GreaterThan(behaviour, tolerance);
                         var weight = tokenWeights ? Lane.Exp((old - behaviour) * mv) : sequenceW & valid;
                         weight = Correction.Mode == RolloutCorrectionMode.Truncate
-                            ? Vector256.Min(Vector256.Max(weight, wLo), wHi)
+                            ? Lane.Min(Lane.Max(weight, wLo), wHi)
                             : weight & ~(Vector256.LessThan(weight, wLo) | Vector256.GreaterThan(weight, wHi));
                         (p, g, gs) = (p * weight, g * weight, gs * weight);
                         vW += Wide(weight & valid);
-                        vWMin = Vector256.Min(vWMin, Vector256.ConditionalSelect(valid, weight, posInf));
-                        vWMax = Vector256.Max(vWMax, Vector256.ConditionalSelect(valid, weight, negInf));
+                        vWMin = Lane.Min(vWMin, Vector256.ConditionalSelect(valid, weight, posInf));
+                        vWMax = Lane.Max(vWMax, Vector256.ConditionalSelect(valid, weight, negInf));
                     }
                     if (kl)
                     {
@@ -241,7 +241,7 @@ internal sealed unsafe class PolicyRows
                     if (Flags > 0)
                     {
                         var (a0, a1) = (f0 & valid, f1 & valid);
-                        (vF0, vF1, vF2) = (vF0 + a0, vF1 + a1, vF2 + Vector256.Max(a0, a1));
+                        (vF0, vF1, vF2) = (vF0 + a0, vF1 + a1, vF2 + Lane.Max(a0, a1));
                     }
                 }
                 // no token counts past the row's end: zeros there, and a look for NaN/Inf (which the surrogate must zero)

@@ -23,7 +23,7 @@ public sealed class ReinforceLoss : PolicyGradientLoss<ReinforceOptions>
     public override string Name => "reinforce";
 
     /// <inheritdoc />
-    private protected override (Alignment.Losses.Internal.TokenLink Link, ImportanceRatio Ratio)? Fused =>
+    private protected override (TokenLink Link, ImportanceRatio Ratio)? Fused =>
         (new Alignment.Losses.Internal.ReinforceLink(), ImportanceRatio.Token);
 
     /// <inheritdoc />
