@@ -13,7 +13,7 @@ namespace Alignment.Losses.Internal;
 /// </summary>
 /// <remarks>
 /// <para>libtorch's log_softmax + gather (+ their backward) makes about four passes over [rows, V] forward and four
-/// backward; this makes one and one-plus-one. The arithmetic is eight float32 lanes at a time (<c>Vector256.Exp</c>, .NET 9
+/// backward; this makes one and one-plus-one. The arithmetic is eight float32 lanes at a time (<see cref="Lane.ExpFloat"/>, .NET 9
 /// or later); sums are accumulated in float32 over blocks of 512 values and then in float64, so they are at least as
 /// accurate as libtorch's. Rows run in parallel on up to <c>torch.get_num_threads()</c> threads; each row is computed by
 /// one thread in a fixed order, so the results are bitwise the same whatever the thread count.</para>
@@ -194,10 +194,16 @@ internal static unsafe class LogSoftmaxRows
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static float RowMax<TV>(nint row, int v) where TV : IValues
     {
-        var top = Vector256.Create(float.NegativeInfinity);
+        // one vmaxps per 8 values (.NET 9's IEEE Vector256.Max costs eight instructions), NaN tracked apart
+        var (top, nan) = (Vector256.Create(float.NegativeInfinity), Vector256<float>.Zero);
         int i = 0;
-        for (; i + 8 <= v; i += 8) top = Vector256.Max(top, TV.Load(row, i));
-        float m = HorizontalMax(top);
+        for (; i + 8 <= v; i += 8)
+        {
+            var x = TV.Load(row, i);
+            top = Lane.Max(top, x);
+            nan |= ~Vector256.Equals(x, x);
+        }
+        float m = nan == Vector256<float>.Zero ? HorizontalMax(top) : float.NaN;
         for (; i < v; i++) m = Math.Max(m, TV.LoadOne(row, i));
         return m;
     }
@@ -212,7 +218,7 @@ internal static unsafe class LogSoftmaxRows
         while (i + 8 <= v)
         {
             var partial = Vector256<float>.Zero;
-            for (int end = Math.Min(v - 7, i + Block); i < end; i += 8) partial += Vector256.Exp(TV.Load(row, i) - shift);
+            for (int end = Math.Min(v - 7, i + Block); i < end; i += 8) partial += Lane.ExpFloat(TV.Load(row, i) - shift);
             total += Widened(partial);
         }
         double s = Vector256.Sum(total);
@@ -265,7 +271,7 @@ internal static unsafe class LogSoftmaxRows
             {
                 var z = TV.Load(row, i);
                 var d = z - shift;
-                var e = Vector256.Exp(d);
+                var e = Lane.ExpFloat(d);
                 ps += e;
                 pw += Vector256.ConditionalSelect(Vector256.Equals(e, Vector256<float>.Zero), Vector256<float>.Zero, e * d);
                 pq += e * e;
@@ -325,7 +331,7 @@ internal static unsafe class LogSoftmaxRows
             int y = (int)targets[r];
             float atTarget = gr - gr * MathF.Exp(TX.LoadOne(row, y) - l);   // read before an in-place write overwrites it
             var (shift, scale) = (Vector256.Create(l), Vector256.Create(-gr));
-            for (; i + 8 <= v; i += 8) TD.Store(outRow, i, Vector256.Exp(TX.Load(row, i) - shift) * scale);
+            for (; i + 8 <= v; i += 8) TD.Store(outRow, i, Lane.ExpFloat(TX.Load(row, i) - shift) * scale);
             for (; i < v; i++) TD.StoreOne(outRow, i, MathF.Exp(TX.LoadOne(row, i) - l) * -gr);
             TD.StoreOne(outRow, y, atTarget);
         }

@@ -293,26 +293,29 @@ internal static class Lane
 
     /// <summary>
     /// e^x in eight float32 lanes, within 2 ulp of float32 rounding: the same reduction with float32's two-part ln 2 and
-    /// the minimax polynomial of degree 7 of Moshier's Cephes expf (by Estrin's scheme). Vectors with a lane beyond
-    /// |x| &gt; 87 or NaN take MathF.Exp.
+    /// the minimax polynomial of degree 7 of Moshier's Cephes expf (by Estrin's scheme). Below -87.33 the result is 0
+    /// (float32's subnormals, under 1.2e-38, flushed), -inf included; NaN stays NaN; vectors with a lane above 88.3
+    /// (near float32's overflow) take MathF.Exp. Shared with the log-softmax kernel, whose arguments are z - max &lt;= 0.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     internal static Vector256<float> ExpFloat(Vector256<float> x)
     {
-        if (Vector256.GreaterThanAny(Vector256.Abs(x), Vector256.Create(87f)) || !Vector256.EqualsAll(x, x)) return PerLane(x);
+        if (Vector256.GreaterThanAny(x, Vector256.Create(88.3f))) return PerLane(x);
+        var low = Vector256.LessThan(x, Vector256.Create(-87.33f));
+        x = Vector256.ConditionalSelect(low, Vector256<float>.Zero, x);                  // NaN passes through (and stays NaN)
         var k = Vector256.Floor(Fma(x, Vector256.Create(1.44269504088896341f), Vector256.Create(0.5f)));
         var r = Fma(-k, Vector256.Create(0.693359375f), x);
         r = Fma(-k, Vector256.Create(-2.12194440e-4f), r);
         var r2 = r * r;
         var r4 = r2 * r2;
         // p = p0 r^5 + p1 r^4 + ... + p5 (p0 = 1.98757e-4 ... p5 = 0.5) as (p0 r + p1) r^4 + (p2 r + p3) r^2 + (p4 r + p5)
-        var q0 = Fma(r, Vector256.Create(1.9875691500e-4f), Vector256.Create(1.3981999507e-3f));     // p0 r + p1
-        var q1 = Fma(r, Vector256.Create(8.3334519073e-3f), Vector256.Create(4.1665795894e-2f));     // (p2 r + p3)
-        var q2 = Fma(r, Vector256.Create(1.6666665459e-1f), Vector256.Create(5.0000001201e-1f));     // (p4 r + p5)
+        var q0 = Fma(r, Vector256.Create(1.9875691500e-4f), Vector256.Create(1.3981999507e-3f));
+        var q1 = Fma(r, Vector256.Create(8.3334519073e-3f), Vector256.Create(4.1665795894e-2f));
+        var q2 = Fma(r, Vector256.Create(1.6666665459e-1f), Vector256.Create(5.0000001201e-1f));
         var p = Fma(r4, q0, Fma(r2, q1, q2));
         var y = Fma(p, r2, r + Vector256<float>.One);
         var twoToK = Vector256.ShiftLeft(Vector256.ConvertToInt32(k) + Vector256.Create(127), 23).AsSingle();
-        return y * twoToK;
+        return Vector256.ConditionalSelect(low, Vector256<float>.Zero, y * twoToK);
     }
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
