@@ -56,19 +56,6 @@ internal static unsafe class FusedMarginPass
         }
     }
 
-    /// <summary>A new [n] CPU tensor of <paramref name="dtype"/> holding <paramref name="values"/>.</summary>
-    private static Tensor Write(ReadOnlySpan<double> values, ScalarType dtype)
-    {
-        var t = empty(values.Length, dtype: dtype);
-        if (dtype == ScalarType.Float64) values.CopyTo(new Span<double>(TensorMemory.Address(t), values.Length));
-        else
-        {
-            var f = new Span<float>(TensorMemory.Address(t), values.Length);
-            for (int i = 0; i < values.Length; i++) f[i] = (float)values[i];
-        }
-        return t;
-    }
-
     /// <summary>
     /// The loss through the fused pass, or null when a check fails (a NaN/Inf, a positive log-prob): the op-by-op path
     /// then runs and names the problem exactly as it always does.
@@ -175,12 +162,12 @@ internal static unsafe class FusedMarginPass
         if (checkFinite && !finite) return null;
 
         using var scope = NewDisposeScope();
-        var perPair = Write(losses, dtype);
+        var perPair = TensorMemory.FromValues(losses, dtype);
         Tensor perExample;
         bool grad = policy.Chosen.requires_grad || policy.Rejected.requires_grad;
         if (grad)
         {
-            var slopes = Write(slope, dtype);
+            var slopes = TensorMemory.FromValues(slope, dtype);
             Tensor In(Tensor x) => x.dtype == dtype ? x : x.to_type(dtype);          // no alias handle when the dtype matches
             var d = In(policy.Chosen) - In(policy.Rejected);
             perExample = perPair.addcmul_(d - d.detach(), slopes, 1);                  // in place: perPair is ours and constant

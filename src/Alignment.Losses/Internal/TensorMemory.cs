@@ -5,7 +5,7 @@ using static TorchSharp.torch;
 namespace Alignment.Losses.Internal;
 
 /// <summary>
-/// Direct access to a CPU tensor's memory for the library's managed kernels (<see cref="FusedMarginPass"/>,
+/// Direct access to a CPU tensor's memory for the library's managed kernels (<see cref="FusedMarginPass"/>, <see cref="FusedPolicyPass"/>,
 /// <see cref="LogSoftmaxRows"/>): the address of its first element, and a hint that a large fresh buffer be backed by huge
 /// pages.
 /// </summary>
@@ -21,6 +21,19 @@ internal static unsafe class TensorMemory
 
     /// <summary>The address of the first element of a CPU tensor (its storage plus its offset); no handle is created.</summary>
     internal static void* Address(Tensor t) => (void*)(StorageData(t.Handle) + (nint)(t.storage_offset() * t.ElementSize));
+
+    /// <summary>A new [n] CPU tensor of <paramref name="dtype"/> (float32 or float64) holding <paramref name="values"/>.</summary>
+    internal static Tensor FromValues(ReadOnlySpan<double> values, ScalarType dtype)
+    {
+        var t = empty(values.Length, dtype: dtype);
+        if (dtype == ScalarType.Float64) values.CopyTo(new Span<double>(Address(t), values.Length));
+        else
+        {
+            var f = new Span<float>(Address(t), values.Length);
+            for (int i = 0; i < values.Length; i++) f[i] = (float)values[i];
+        }
+        return t;
+    }
 
     private const int MadvHugePage = 14;        // MADV_HUGEPAGE (Linux)
     private const long HugePage = 2L << 20;

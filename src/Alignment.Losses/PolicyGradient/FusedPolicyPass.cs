@@ -1,5 +1,3 @@
-using System.Runtime.CompilerServices;
-using System.Runtime.Intrinsics;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -178,7 +176,7 @@ internal static unsafe class FusedPolicyPass
         }
         var counts = new double[n];
         for (int i = 0; i < n; i++) counts[i] = Math.Max(1, stats.Tokens[i]);
-        var perSequence = perTokenLoss.sum(1).div_(Write(counts, dtype));
+        var perSequence = perTokenLoss.sum(1).div_(TensorMemory.FromValues(counts, dtype));
         var loss = (reduction.Aggregation == TokenAggregation.SequenceMeanTokenMean ? perSequence.sum() : perTokenLoss.sum()).mul_(scale);
         if (bonus)
         {
@@ -188,7 +186,7 @@ internal static unsafe class FusedPolicyPass
                 loss = loss + Tangent(entropy!).mul_(outEntropySlope!).sum().mul_(bonusScale);
             }
         }
-        var metricValues = Write(metrics.Select(m => m.Value).ToArray(), dtype);
+        var metricValues = TensorMemory.FromValues(metrics.Select(m => m.Value).ToArray(), dtype);
         var result = new TokenLossResult(loss, perTokenLoss, perSequence, metricValues, metrics.Select(m => m.Name).ToArray(), setup.Name,
             tensor(tokens, dtype: dtype));
         result.MoveToOuter(scope);
@@ -204,18 +202,5 @@ internal static unsafe class FusedPolicyPass
         var values = Numerics.As(entropy.detach(), dtype).masked_select(batch.Mask != 0);
         if (values.shape[0] == 0) return null;
         return Numerics.QuantileThreshold(values, quantile).to_type(ScalarType.Float64).item<double>();
-    }
-
-    /// <summary>A new [n] CPU tensor of <paramref name="dtype"/> (float32 or float64) holding <paramref name="values"/>.</summary>
-    private static Tensor Write(double[] values, ScalarType dtype)
-    {
-        var x = empty(values.Length, dtype: dtype);
-        if (dtype == ScalarType.Float64) values.CopyTo(new Span<double>(TensorMemory.Address(x), values.Length));
-        else
-        {
-            var f = new Span<float>(TensorMemory.Address(x), values.Length);
-            for (int i = 0; i < values.Length; i++) f[i] = (float)values[i];
-        }
-        return x;
     }
 }
