@@ -250,6 +250,30 @@ public class FusedPolicyTests
     }
 
     [Fact]
+    public void A_mask_counts_where_it_is_nonzero_in_its_own_dtype()
+    {
+        // float64 mask values that float32 would round to 0, negative ones, and int32: valid exactly where mask != 0
+        var x = RandomCase(new Random(9), 4, 7);
+        var extras = new Extras(new KlPenalty(0.1));
+        foreach (var make in new Func<Tensor, Tensor>[]
+                 {
+                     v => v.to_type(ScalarType.Float64) * 1e-50, v => -v.to_type(ScalarType.Float64), v => v.to_type(ScalarType.Int32),
+                 })
+        {
+            (TokenBatch, Tensor, Tensor?) Make()
+            {
+                var b = Batch(x, ScalarType.Float32, false, true, extras, MaskKind.Bool, null, out var leaf, out var h);
+                return (new TokenBatch(b.LogProbs, make(b.Mask)) { OldLogProbs = b.OldLogProbs, ReferenceLogProbs = b.ReferenceLogProbs, Advantages = b.Advantages }, leaf, h);
+            }
+            var plain = Run(FusedPolicyTests.Make("grpo", extras, false), Make);
+            int before = FusedPolicyPass.CompletedOnThisThread;
+            var fused = Run(FusedPolicyTests.Make("grpo", extras, true), Make);
+            Assert.Equal(before + 1, FusedPolicyPass.CompletedOnThisThread);
+            AssertClose(plain, fused, 1e-5, "grpo with an unusual mask");
+        }
+    }
+
+    [Fact]
     public void Bfloat16_inputs_are_upcast_in_the_pass_as_op_by_op()
     {
         var rng = new Random(5);

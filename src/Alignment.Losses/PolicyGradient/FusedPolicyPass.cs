@@ -48,14 +48,13 @@ internal static unsafe class FusedPolicyPass
         bool bonus = options.EntropyCoefficient != 0 && entropy is not null;
         bool entropyGrad = bonus && entropy!.requires_grad;
 
-        // the inputs' memory, each a contiguous tensor of the compute dtype (converted once otherwise; a mask that is not
-        // bool or floating becomes bool)
+        // the inputs' memory, each a contiguous tensor of the compute dtype (converted once otherwise); the mask as bool,
+        // mask != 0 in its own dtype (a float64 mask of 1e-50 counts, as op by op), a floating one checked finite first
         nint Memory(Tensor x) => (nint)TensorMemory.Address(x.dtype == dtype && x.is_contiguous() ? x : x.detach().to_type(dtype).contiguous());
         nint Optional(Tensor? x) => x is null ? 0 : Memory(x);
         var mask = batch.Mask;
-        bool maskValues = mask.is_floating_point();
-        nint maskMemory = maskValues ? Memory(mask)
-            : (nint)TensorMemory.Address(mask.dtype == ScalarType.Bool && mask.is_contiguous() ? mask : mask.ne(0).contiguous());
+        if (mask.is_floating_point() && !isfinite(mask).all().item<bool>()) return null;     // op by op names it
+        nint maskMemory = (nint)TensorMemory.Address(mask.dtype == ScalarType.Bool && mask.is_contiguous() ? mask : mask.ne(0).contiguous());
 
         double? threshold = null;
         if (options.TopEntropyQuantile < 1 && entropy is not null)
@@ -77,7 +76,7 @@ internal static unsafe class FusedPolicyPass
         var stats = new PolicyRows.RowStats(n);
         var job = new PolicyRows
         {
-            Length = t, Double = asDouble, Mask = maskMemory, MaskValues = maskValues, LogProbs = Memory(l), Old = Optional(batch.OldLogProbs),
+            Length = t, Double = asDouble, Mask = maskMemory, LogProbs = Memory(l), Old = Optional(batch.OldLogProbs),
             Reference = kl is null ? 0 : Memory(batch.ReferenceLogProbs!), Behaviour = correction is null ? 0 : Memory(batch.BehaviourLogProbs!),
             Entropy = Optional(entropy), Advantages = Memory(batch.Advantages!), PerSequenceAdvantages = batch.Advantages!.dim() == 1,
             Ratio = setup.Ratio, UsesRatio = link.UsesRatio, Clamp = options.LogRatioClamp ?? double.PositiveInfinity, Kl = kl, Correction = correction,

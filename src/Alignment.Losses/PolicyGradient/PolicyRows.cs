@@ -23,8 +23,7 @@ internal sealed unsafe class PolicyRows
 
     internal required int Length { get; init; }
     internal required bool Double { get; init; }
-    internal required nint Mask { get; init; }                 // bool bytes, or lane-typed values when MaskValues
-    internal required bool MaskValues { get; init; }
+    internal required nint Mask { get; init; }                 // bool bytes, contiguous [N, T]
     internal required nint LogProbs { get; init; }
     internal required nint Old { get; init; }                  // 0: l_old = sg(l)
     internal nint Reference { get; init; }
@@ -108,19 +107,8 @@ internal sealed unsafe class PolicyRows
             {
                 long offset = i * t;
                 // the mask as 0/1 lanes, and the row's extent: its last valid token + 1
-                int end = 0;
                 bool bad = false;
-                if (MaskValues)
-                {
-                    T* values = (T*)Mask + offset;
-                    for (int j = 0; j < t; j++)
-                    {
-                        bad |= !T.IsFinite(values[j]);
-                        m[j] = values[j] != T.Zero ? T.One : T.Zero;
-                        if (values[j] != T.Zero) end = j + 1;
-                    }
-                }
-                else end = MaskLanes((byte*)Mask + offset, t, m);
+                int end = MaskLanes((byte*)Mask + offset, t, m);
                 for (int j = end; j < t + lanes; j++) m[j] = T.Zero;
                 T* lp = (T*)LogProbs + offset, lo = Old == 0 ? lp : (T*)Old + offset, lr = (T*)Reference + offset, lb = (T*)Behaviour + offset,
                     hv = (T*)Entropy + offset, av = (T*)Advantages + (PerSequenceAdvantages ? 0 : offset);
