@@ -5,8 +5,9 @@
 #   benchmarks/compare-policy-with-pytorch.sh [LOSSES] [SIZES] [TOKENS] [DEVICE] [REPEATS]
 #   benchmarks/compare-policy-with-pytorch.sh grpo,dapo 64,512 256 cpu 100        # defaults: all 7, 64,512, 256, cpu, 100
 #
-# First the float64 cross-check (values and gradients must agree to 1e-9), then the timings (ours on the fused CPU pass, the
-# peer, ours op by op with FusedCpu = false) and the ratio table.
+# First the float64 cross-check (values and gradients must agree to 1e-9; ours and the plain TorchSharp formulas), then
+# the timings (ours on the fused CPU pass, the peer, ours op by op with FusedCpu = false, the bare formula in TorchSharp
+# ops) and the ratio table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 losses=${1:-grpo,dapo,dr_grpo,bnpo,gspo,cispo,sapo}
@@ -23,5 +24,6 @@ app=(dotnet run -c Release --no-build --project benchmarks/Alignment.Losses.Benc
 "${app[@]}" --pg-crosscheck "$work/peer-values.json" | tail -1
 "${app[@]}" --pg-timing --device "$device" --losses "$losses" --sizes "$sizes" --tokens "$tokens" --repeats "$repeats" --out "$work/ours.json" >/dev/null
 "$python" benchmarks/pytorch/policy_losses.py --device "$device" --losses "$losses" --sizes "$sizes" --tokens "$tokens" --repeats "$repeats" --out "$work/peer.json" >/dev/null
-"${app[@]}" --pg-timing --op-by-op --device "$device" --losses "$losses" --sizes "$sizes" --tokens "$tokens" --repeats "$repeats" --out "$work/plain.json" >/dev/null
-"$python" benchmarks/compare.py "$work/ours.json" "$work/peer.json" --device "$device" --op-by-op "$work/plain.json"
+"${app[@]}" --pg-timing --op-by-op --device "$device" --losses "$losses" --sizes "$sizes" --tokens "$tokens" --repeats "$repeats" --out "$work/opbyop.json" >/dev/null
+"${app[@]}" --pg-timing --plain --device "$device" --losses "$losses" --sizes "$sizes" --tokens "$tokens" --repeats "$repeats" --out "$work/bare.json" >/dev/null
+"$python" benchmarks/compare.py "$work/ours.json" "$work/peer.json" --device "$device" --op-by-op "$work/opbyop.json" --plain "$work/bare.json"

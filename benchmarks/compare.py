@@ -1,9 +1,11 @@
 """Prints the ratio table ours / PyTorch eager from our timings and reference_losses.py's JSON.
 
 Usage: python3 benchmarks/compare.py <ours.json> <pytorch-results.json> [--device cuda] [--op-by-op <ours-op-by-op.json>]
+       [--plain <plain-torchsharp.json>]
 ours.json is a BenchmarkDotNet *-report-full.json export, or the app's --quick-timing output (the peer's record format).
 A ratio below 1.0 means Alignment.Losses is faster. Medians are compared. With --op-by-op, a second timing of ours
-(the same losses with FusedCpu = false) adds its column and its ratio to the peer.
+(the same losses with FusedCpu = false) adds its column and its ratio to the peer; with --plain, a timing of the bare
+formula in TorchSharp ops does the same.
 """
 import json
 import sys
@@ -26,19 +28,19 @@ def bdn_records(path):
 def main():
     argv = sys.argv[1:]
     device = argv[argv.index("--device") + 1] if "--device" in argv else None
-    plain = dict(bdn_records(argv[argv.index("--op-by-op") + 1])) if "--op-by-op" in argv else None
-    valued = {i + 1 for i, a in enumerate(argv) if a in ("--device", "--op-by-op")}
+    extra = [(label, dict(bdn_records(argv[argv.index(flag) + 1])))
+             for flag, label in (("--op-by-op", "ours op by op"), ("--plain", "plain TorchSharp")) if flag in argv]
+    valued = {i + 1 for i, a in enumerate(argv) if a in ("--device", "--op-by-op", "--plain")}
     args = [a for i, a in enumerate(argv) if not a.startswith("--") and i not in valued]
     ours = dict(bdn_records(args[0]))
     peer = json.load(open(args[1]))
     theirs = {(r["loss"], r["B"], r["dtype"], r["device"], r["method"]): r["median_us"] for r in peer["records"]}
     print(f"PyTorch {peer.get('torch')} on {peer.get('gpu') or peer.get('device')}")
-    if plain is None:
-        print("| loss | B | dtype | device | method | ours (us) | PyTorch eager (us) | ratio |")
-        print("|---|---|---|---|---|---|---|---|")
-    else:
-        print("| loss | B | dtype | device | method | ours (us) | PyTorch eager (us) | ratio | ours op by op (us) | op-by-op ratio |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+    header = "| loss | B | dtype | device | method | ours (us) | PyTorch eager (us) | ratio |"
+    for label, _ in extra:
+        header += f" {label} (us) | {label} ratio |"
+    print(header)
+    print("|---" * (8 + 2 * len(extra)) + "|")
     worst = 0.0
     for key in sorted(ours, key=lambda k: (k[0], k[4], k[2], k[3], k[1])):
         if device and key[3] != device or key not in theirs:
@@ -46,8 +48,8 @@ def main():
         ratio = ours[key] / theirs[key]
         worst = max(worst, ratio)
         row = f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {key[4]} | {ours[key]:.1f} | {theirs[key]:.1f} | {ratio:.2f} |"
-        if plain is not None and key in plain:
-            row += f" {plain[key]:.1f} | {plain[key] / theirs[key]:.2f} |"
+        for _, timing in extra:
+            row += f" {timing[key]:.1f} | {timing[key] / theirs[key]:.2f} |" if key in timing else " - | - |"
         print(row)
     print(f"\nworst ratio: {worst:.2f}")
 

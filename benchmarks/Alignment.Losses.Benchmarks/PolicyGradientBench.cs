@@ -62,6 +62,24 @@ internal sealed class PolicyInputs : IDisposable
 
     public TokenBatch Batch() => new(LogProbs, Mask) { OldLogProbs = Old, ReferenceLogProbs = Reference, Advantages = Advantages };
 
+    /// <summary>The plain TorchSharp formula's forward (<see cref="PlainPolicy"/>).</summary>
+    public double PlainForward(string name)
+    {
+        using var scope = NewDisposeScope();
+        return PlainPolicy.Loss(name, this).ToDouble();
+    }
+
+    /// <summary>The plain TorchSharp formula's forward and backward.</summary>
+    public double PlainForwardBackward(string name)
+    {
+        using var scope = NewDisposeScope();
+        PlainPolicy.Loss(name, this).backward();
+        using var grad = LogProbs.grad!;
+        double v = grad[0, 0].ToDouble();
+        LogProbs.grad = null;
+        return v;
+    }
+
     public double Forward(ITokenLoss loss, TokenBatch batch)
     {
         using var scope = NewDisposeScope();
@@ -132,7 +150,8 @@ public class PolicyGradientBenchmarks
 /// <summary>
 /// <c>--pg-crosscheck FILE</c> (the peer's <c>policy_losses.py --dump FILE</c>: values and gradients must agree to 1e-9 in
 /// float64) and <c>--pg-timing --losses a,b --sizes 64,512 --tokens 256 --repeats 100 --device cpu --out FILE [--op-by-op]</c>
-/// (timed as the peer times, written as its records for <c>benchmarks/compare.py</c>; --op-by-op: FusedCpu = false).
+/// (timed as the peer times, written as its records for <c>benchmarks/compare.py</c>; --op-by-op: FusedCpu = false;
+/// --plain: the bare formula in TorchSharp ops, <see cref="PlainPolicy"/>).
 /// </summary>
 internal static class PolicyGradientBench
 {
@@ -159,8 +178,18 @@ internal static class PolicyGradientBench
             bool ok = valueError < 1e-9 && gradError < 1e-9;
             if (!ok) failures++;
             Console.WriteLine($"{(ok ? "PASS" : "FAIL")} {name}: ours {value:R}, peer {want:R}, value rel err {valueError:G3}, grad rel err {gradError:G3}");
+            // the plain TorchSharp formula of the timing's third column must be the peer's formula too
+            x.LogProbs.grad = null;
+            var plain = PlainPolicy.Loss(name, x);
+            plain.backward();
+            double plainError = Math.Abs(plain.ToDouble() - want) / Math.Max(1, Math.Abs(want));
+            double plainGradError = x.LogProbs.grad!.data<double>().ToArray().Zip(wantGrad, (a, b) => Math.Abs(a - b)).Max() / scale;
+            bool plainOk = plainError < 1e-9 && plainGradError < 1e-9;
+            if (!plainOk) failures++;
+            Console.WriteLine($"{(plainOk ? "PASS" : "FAIL")} {name} (plain TorchSharp): value rel err {plainError:G3}, grad rel err {plainGradError:G3}");
         }
-        Console.WriteLine(failures == 0 ? $"all {PolicyInputs.Names.Length} policy losses agree with the peer" : $"{failures} policy losses differ from the peer");
+        Console.WriteLine(failures == 0 ? $"all {PolicyInputs.Names.Length} policy losses agree with the peer (ours, and the plain TorchSharp formulas)"
+            : $"{failures} policy losses differ from the peer");
         return failures == 0 ? 0 : 1;
     }
 
@@ -177,6 +206,7 @@ internal static class PolicyGradientBench
         int tokens = int.Parse(Arg("--tokens", "256")), repeats = int.Parse(Arg("--repeats", "100"));
         var output = Arg("--out", "policy-timing.json");
         bool opByOp = args.Contains("--op-by-op");               // FusedCpu = false: the op-by-op path the fused pass replaces
+        bool plain = args.Contains("--plain");                   // the bare formula in TorchSharp ops (PlainPolicy)
         var unknown = losses.Where(l => !PolicyInputs.Names.Contains(l)).ToList();
         if (unknown.Count > 0)
         {
@@ -190,7 +220,10 @@ internal static class PolicyGradientBench
                 using var x = new PolicyInputs(n, tokens, new Device(device));
                 var loss = opByOp ? x.CreateOpByOp(name) : x.Create(name);
                 var batch = x.Batch();
-                foreach (var (method, call) in new (string, Func<double>)[] { ("Forward", () => x.Forward(loss, batch)), ("ForwardBackward", () => x.ForwardBackward(loss, batch)) })
+                var calls = plain
+                    ? new (string, Func<double>)[] { ("Forward", () => x.PlainForward(name)), ("ForwardBackward", () => x.PlainForwardBackward(name)) }
+                    : new (string, Func<double>)[] { ("Forward", () => x.Forward(loss, batch)), ("ForwardBackward", () => x.ForwardBackward(loss, batch)) };
+                foreach (var (method, call) in calls)
                 {
                     var record = new Dictionary<string, object>
                     {
