@@ -83,9 +83,34 @@ internal sealed unsafe class PolicyRows
         }
     }
 
+    /// <summary>A compile-time switch: the kernel is compiled once without the extras (entropy, rollout correction,
+    /// sequence ratios), so that their vectors and branches cost nothing in the common case.</summary>
+    private interface ISwitch
+    {
+        static abstract bool Enabled { get; }
+    }
+
+    private struct On : ISwitch
+    {
+        public static bool Enabled => true;
+    }
+
+    private struct Off : ISwitch
+    {
+        public static bool Enabled => false;
+    }
+
     /// <summary>Rows [from, to) with the term <paramref name="link"/> in lanes of <typeparamref name="T"/>.</summary>
-    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     internal void Run<T, TL>(TL link, long from, long to) where T : unmanaged, IBinaryFloatingPointIeee754<T> where TL : struct, ILinkLanes<T>
+    {
+        bool extras = Entropy != 0 || Correction is not null || UsesRatio && Ratio != ImportanceRatio.Token || SequenceGradient || Bonus;
+        if (extras) Rows<T, TL, On>(link, from, to);
+        else Rows<T, TL, Off>(link, from, to);
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private void Rows<T, TL, TX>(TL link, long from, long to) where T : unmanaged, IBinaryFloatingPointIeee754<T> where TL : struct, ILinkLanes<T>
+        where TX : struct, ISwitch
     {
         int t = Length, lanes = Vector256<T>.Count;
         var scratch = new T[t + 2 * lanes];
@@ -99,7 +124,9 @@ internal sealed unsafe class PolicyRows
         var beta = Lane.Of<T>(Kl?.Beta ?? 0);
         var coefficient = Lane.Of<T>(-EntropyCoefficient);
         bool kl = Kl is not null, klTerm = kl && Kl!.Beta > 0, bias = kl && Kl!.BiasCorrected, tokenWeights = Correction is { Level: RolloutCorrectionLevel.Token };
-        bool sequenceRatio = UsesRatio && Ratio != ImportanceRatio.Token, topEntropy = Threshold is not null, entropy = Entropy != 0;
+        bool sequenceRatio = TX.Enabled && UsesRatio && Ratio != ImportanceRatio.Token, topEntropy = TX.Enabled && Threshold is not null;
+        bool entropy = TX.Enabled && Entropy != 0, correction = TX.Enabled && Correction is not null, sequenceGradient = TX.Enabled && SequenceGradient;
+        bool bonus = TX.Enabled && Bonus;
         fixed (T* m = scratch)
         {
             var io = new Reader<T>(m + t + lanes, lanes);
@@ -117,7 +144,7 @@ internal sealed unsafe class PolicyRows
 
                 // sequence-level quantities first: the mean (or sum) log-ratio, the sequence's rollout weight
                 T ratioValue = T.Zero, sequenceWeight = T.One, tokens = T.One;
-                if (sequenceRatio || Correction is { Level: RolloutCorrectionLevel.Sequence })
+                if (sequenceRatio || correction && Correction!.Level == RolloutCorrectionLevel.Sequence)
                 {
                     var (sum, delta, count) = (zero, zero, zero);
                     for (int j = 0; j < end; j += lanes)
@@ -126,13 +153,13 @@ internal sealed unsafe class PolicyRows
                         var valid = Vector256.Equals(Vector256.Load(m + j), one);
                         var (l, old) = (io.Load(lp + j, left) & valid, io.Load(lo + j, left) & valid);
                         sum += Lane.Clamp(l - old, clampLo, clampHi).Value;
-                        if (Correction is not null) delta += (old - (io.Load(lb + j, left) & valid)) * Vector256.Load(m + j);
+                        if (correction) delta += (old - (io.Load(lb + j, left) & valid)) * Vector256.Load(m + j);
                         count += Vector256.Load(m + j);
                     }
                     T total = Vector256.Sum(sum);
                     tokens = T.Max(T.One, Vector256.Sum(count));
                     ratioValue = Ratio == ImportanceRatio.SequenceSum ? total : total / tokens;
-                    if (Correction is not null) sequenceWeight = T.Exp(Vector256.Sum(delta));
+                    if (correction) sequenceWeight = T.Exp(Vector256.Sum(delta));
                 }
                 var sequenceLogRatio = Vector256.Create(ratioValue);
                 var sequenceW = Vector256.Create(sequenceWeight);
@@ -159,10 +186,10 @@ internal sealed unsafe class PolicyRows
                     var (r, c) = Lane.Clamp(l - old, clampLo, clampHi);
                     var (ratio, ratioSlope) = !sequenceRatio ? (r, c)
                         : Ratio == ImportanceRatio.SequenceMeanToken ? (((sequenceLogRatio & valid) + l) - l, one)
-                        : (sequenceLogRatio & valid, SequenceGradient ? one : zero);
+                        : (sequenceLogRatio & valid, sequenceGradient ? one : zero);
                     link.Evaluate(l, ratio, ratioSlope, a, out var p, out var g, out var f0, out var f1);
                     var gs = zero;                                       // with a sequence ratio: dL_t / d log s, kept apart
-                    if (SequenceGradient) (gs, g) = (g, zero);
+                    if (sequenceGradient) (gs, g) = (g, zero);
 
                     var keep = one;
                     Vector256<T> h = zero;
@@ -179,13 +206,13 @@ internal sealed unsafe class PolicyRows
                             (p, g, gs) = (p * keep, g * keep, gs * keep);
                         }
                     }
-                    if (Correction is not null)
+                    if (correction)
                     {
                         var behaviour = io.Load(lb + j, left) & valid;
                         nonFinite |= ~Vector256.Equals(behaviour - behaviour, zero);
                         positive |= Vector256.GreaterThan(behaviour, tolerance);
                         var weight = tokenWeights ? Lane.Exp((old - behaviour) * mv) : sequenceW & valid;
-                        weight = Correction.Mode == RolloutCorrectionMode.Truncate
+                        weight = Correction!.Mode == RolloutCorrectionMode.Truncate
                             ? Lane.Min(Lane.Max(weight, wLo), wHi)
                             : weight & ~(Vector256.LessThan(weight, wLo) | Vector256.GreaterThan(weight, wHi));
                         (p, g, gs) = (p * weight, g * weight, gs * weight);
@@ -213,14 +240,14 @@ internal sealed unsafe class PolicyRows
                     vMagnitude += Vector256.Abs(p) + Vector256.Abs(g);       // NaN or past the range: so is this sum
                     io.Store(p, (T*)OutLoss + offset + j, left);
                     if (OutSlope != 0) io.Store(g, (T*)OutSlope + offset + j, left);
-                    if (OutSequenceSlope != 0)
+                    if (sequenceGradient && OutSequenceSlope != 0)
                     {
                         gs &= valid;
                         vMagnitude += Vector256.Abs(gs);
                         io.Store(gs, (T*)OutSequenceSlope + offset + j, left);
                         io.Store((c * perRatioToken) & valid, (T*)OutSequenceWeight + offset + j, left);
                     }
-                    if (Bonus)
+                    if (bonus)
                     {
                         var ce = (keep * coefficient) & valid;
                         vBonus += Wide(h * ce);
