@@ -293,7 +293,7 @@ internal sealed unsafe class PolicyRows
 
     /// <summary>
     /// A bool row as 0/1 lanes up to its last true byte, whose index + 1 it returns (found from the end, 32 bytes at a time:
-    /// a padded row's padding costs one comparison per 32 tokens). Bool tensors hold exactly 0 or 1 per byte.
+    /// a padded row's padding costs one comparison per 32 tokens).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static int MaskLanes<T>(byte* bytes, int t, T* m) where T : unmanaged, IBinaryFloatingPointIeee754<T>
@@ -302,13 +302,14 @@ internal sealed unsafe class PolicyRows
         while (end >= 32 && Vector256.Load(bytes + end - 32) == Vector256<byte>.Zero) end -= 32;
         while (end > 0 && bytes[end - 1] == 0) end--;
         int j = 0;
+        // (a byte other than 0 and 1, which no libtorch op writes into a bool tensor, still counts once)
         if (typeof(T) == typeof(float) && Avx2.IsSupported)
             for (; j + 8 <= end; j += 8)
-                Avx.ConvertToVector256Single(Avx2.ConvertToVector256Int32(bytes + j)).Store((float*)m + j);
+                Avx.ConvertToVector256Single(Avx2.Min(Avx2.ConvertToVector256Int32(bytes + j), Vector256<int>.One)).Store((float*)m + j);
         else if (typeof(T) == typeof(double) && Avx.IsSupported)
             for (; j + 4 <= end; j += 4)
-                Avx.ConvertToVector256Double(Sse41.ConvertToVector128Int32(bytes + j)).Store((double*)m + j);
-        for (; j < end; j++) m[j] = T.CreateTruncating(bytes[j]);
+                Avx.ConvertToVector256Double(Sse41.Min(Sse41.ConvertToVector128Int32(bytes + j), Vector128<int>.One)).Store((double*)m + j);
+        for (; j < end; j++) m[j] = bytes[j] != 0 ? T.One : T.Zero;
         return end;
     }
 
