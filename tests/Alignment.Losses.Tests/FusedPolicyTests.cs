@@ -249,6 +249,38 @@ public class FusedPolicyTests
         Assert.Throws<ArgumentException>(() => TokenLink.FromFunction((l, r, c, a) => (0, 0), ImportanceRatio.SequenceMean));
     }
 
+    sealed class ThrowingTermLoss(UnclippedOptions options) : PolicyGradientLoss<UnclippedOptions>(options)
+    {
+        public override string Name => "throwing";
+
+        protected override (Tensor PerToken, bool SequenceLevel) PolicyTerm(TokenTerms terms, Tensor logRatio, List<(string Name, Tensor Value)> metrics) =>
+            (-(terms.Advantages! * terms.LogProbs), false);
+
+        protected override TokenLink? Link => TokenLink.FromFunction((l, r, c, a) => l < -2 ? throw new InvalidOperationException("the user's term refused") : (-a * l, -a));
+    }
+
+    [Fact]
+    public void A_users_term_that_throws_surfaces_its_own_exception_on_any_thread_count()
+    {
+        var x = RandomCase(new Random(4), 96, 300);                   // enough work for the rows to run in parallel
+        int threads = torch.get_num_threads();
+        try
+        {
+            foreach (int count in new[] { 1, Math.Max(2, threads) })
+            {
+                torch.set_num_threads(count);
+                using var scope = NewDisposeScope();
+                var batch = Batch(x, ScalarType.Float32, false, true, new Extras(), MaskKind.Bool, null, out _, out _);
+                var e = Assert.Throws<InvalidOperationException>(() => new ThrowingTermLoss(new UnclippedOptions()).Compute(batch));
+                Assert.Equal("the user's term refused", e.Message);
+            }
+        }
+        finally
+        {
+            torch.set_num_threads(threads);
+        }
+    }
+
     [Fact]
     public void A_mask_counts_where_it_is_nonzero_in_its_own_dtype()
     {

@@ -124,8 +124,16 @@ internal static unsafe class LogSoftmaxRows
             return;
         }
         int parts = (int)Math.Min(rows, threads * 4L);          // a few parts per thread: masked rows make parts uneven
-        System.Threading.Tasks.Parallel.For(0, parts, new ParallelOptions { MaxDegreeOfParallelism = threads },
-            k => body(rows * k / parts, rows * (k + 1) / parts));
+        try
+        {
+            System.Threading.Tasks.Parallel.For(0, parts, new ParallelOptions { MaxDegreeOfParallelism = threads },
+                k => body(rows * k / parts, rows * (k + 1) / parts));
+        }
+        catch (AggregateException e) when (e.InnerExceptions.Count > 0)
+        {
+            // the body's own exception (a user's policy term that throws, say), as on one thread
+            System.Runtime.ExceptionServices.ExceptionDispatchInfo.Capture(e.InnerExceptions[0]).Throw();
+        }
     }
 
     /// <summary>How a dtype's values are loaded as float32 lanes and stored back.</summary>
