@@ -9,8 +9,8 @@ namespace Alignment.Losses.Internal;
 /// ratio, the policy term and its derivative, the top-entropy mask, the rollout weights, the KL term, the entropy bonus,
 /// every metric of the op-by-op path and every value check. The per-token loss then leaves through a surrogate,
 /// L + (l - sg(l)) * dL/dl, whose value is the per-token loss and whose gradient is the saved derivative (no second
-/// derivative); the per-sequence means and the reduction are native ops on it, so the graph is a handful of nodes instead
-/// of the op-by-op path's hundred and sixty.
+/// derivative); the per-sequence means and the reduction are native ops on it: a GRPO call with a KL term creates 10
+/// tensor handles instead of the op-by-op path's 164.
 /// </summary>
 /// <remarks>
 /// Rows run in parallel (<see cref="LogSoftmaxRows.Parallel"/>); every row's sums are taken in a fixed order and the
@@ -23,8 +23,8 @@ internal static unsafe class FusedPolicyPass
     /// <summary>Counts the calls that returned a fused result on this thread (for tests that prove which path ran).</summary>
     [ThreadStatic] internal static int CompletedOnThisThread;
 
-    /// <summary>Whether the batch can take the fused path: CPU, padded [N, T], and a ratio the term can use.</summary>
-    internal static bool Applies(TokenBatch batch, TokenLink link, ImportanceRatio ratio)
+    /// <summary>Whether the batch can take the fused path: CPU, padded [N, T].</summary>
+    internal static bool Applies(TokenBatch batch)
     {
         if (batch.Boundaries is not null || batch.ScoredSegments is not null || batch.LogProbs.device.type != DeviceType.CPU) return false;
         return batch.LogProbs.numel() <= int.MaxValue / 2;
@@ -92,7 +92,7 @@ internal static unsafe class FusedPolicyPass
 
         // the rows combined in order
         bool padding = false;
-        double tokens = 0, nonEmpty = 0, lossSum = 0, klSum = 0, entropySum = 0, bonusSum = 0, wSum = 0;
+        double tokens = 0, nonEmpty = 0, lossSum = 0, sequenceMeans = 0, klSum = 0, entropySum = 0, bonusSum = 0, wSum = 0;
         double wMin = double.PositiveInfinity, wMax = double.NegativeInfinity;
         var count = new double[3];
         var minFraction = new[] { double.PositiveInfinity, double.PositiveInfinity, double.PositiveInfinity };
@@ -108,9 +108,10 @@ internal static unsafe class FusedPolicyPass
             entropySum += stats.Entropy[i];
             bonusSum += stats.Bonus[i];
             wSum += stats.WeightSum[i];
+            lossSum += stats.Loss[i];
             if (ni == 0) continue;
             nonEmpty++;
-            lossSum += stats.Loss[i] / ni;
+            sequenceMeans += stats.Loss[i] / ni;
             wMin = Math.Min(wMin, stats.WeightMin[i]);
             wMax = Math.Max(wMax, stats.WeightMax[i]);
             for (int f = 0; f < 3; f++)
@@ -135,23 +136,11 @@ internal static unsafe class FusedPolicyPass
         if (kl is not null) metrics.Add((MetricNames.Kl, klSum * perToken));
         if (entropy is not null) metrics.Add((MetricNames.Entropy, entropySum * perToken));
 
-        // the reduction's scale of sum(L) (or, for the sequence mean of token means, of the sum of sequence means)
-        var window = batch.Window;
+        // the reduction's factor on sum(L) (on the sum of the sequence means for the sequence mean of token means)
         var reduction = setup.Reduction;
-        double d = window?.DataParallelSize ?? 1;
-        double sequences = window?.Sequences ?? (reduction.CountEmptySequences ? Math.Max(1, n) : Math.Max(1, nonEmpty));
-        double windowTokens = window?.Tokens ?? Math.Max(1, tokens);
-        double scale = reduction.Aggregation switch
-        {
-            TokenAggregation.TokenMean => d / windowTokens,
-            TokenAggregation.SequenceMeanTokenMean or TokenAggregation.SequenceMeanTokenSum => d / sequences,
-            TokenAggregation.ConstantNormalizer => d / (sequences * reduction.MaxCompletionLength!.Value),
-            _ => 1 / (Math.Max(1, tokens) * (window?.MicroBatches ?? 1)),
-        };
-        double rowTotal = 0;
-        for (int i = 0; i < n; i++) rowTotal += stats.Loss[i];
-        double lossValue = (reduction.Aggregation == TokenAggregation.SequenceMeanTokenMean ? lossSum : rowTotal) * scale;
-        double bonusScale = d / windowTokens, bonusValue = bonusSum * bonusScale;
+        double scale = reduction.Scale(tokens, nonEmpty, n, batch.Window);
+        double lossValue = (reduction.Aggregation == TokenAggregation.SequenceMeanTokenMean ? sequenceMeans : lossSum) * scale;
+        double bonusScale = TokenReduction.TokenMean.Scale(tokens, nonEmpty, n, batch.Window), bonusValue = bonusSum * bonusScale;
         bool finite = Math.Abs(lossValue + bonusValue) <= limit;
         foreach (var (_, value) in metrics) finite &= Math.Abs(value) <= limit;
         if (!finite) return null;

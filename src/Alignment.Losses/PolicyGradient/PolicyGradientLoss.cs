@@ -144,7 +144,7 @@ public abstract class PolicyGradientLoss<TOptions> : TokenLoss<TOptions> where T
     /// <inheritdoc />
     private protected sealed override TokenLossResult? ComputeFused(TokenBatch batch)
     {
-        if (!Options.FusedCpu || Fused is not { } fused || !FusedPolicyPass.Applies(batch, fused.Link, fused.Ratio)) return null;
+        if (!Options.FusedCpu || Fused is not { } fused || !FusedPolicyPass.Applies(batch)) return null;
         RequireInputs(batch);
         return FusedPolicyPass.TryCompute(batch, new FusedPolicyPass.Setup(fused.Link, fused.Ratio, Options, Reduction, Name));
     }

@@ -114,6 +114,28 @@ public sealed record TokenReduction
         };
     }
 
+    /// <summary>
+    /// <see cref="Reduce"/>'s normaliser as one host factor, from host counts (the fused CPU pass has them): the loss is this
+    /// times sum(L) over the valid tokens, or, for <see cref="TokenAggregation.SequenceMeanTokenMean"/>, times the sum of the
+    /// sequences' token means. The window's counts when it has them, as in <see cref="Reduce"/>.
+    /// </summary>
+    /// <param name="validTokens">This micro-batch's valid tokens.</param>
+    /// <param name="nonEmptySequences">Its sequences with at least one valid token.</param>
+    /// <param name="sequenceCount">Its sequences (N).</param>
+    /// <param name="window">The window's counts, or null.</param>
+    internal double Scale(double validTokens, double nonEmptySequences, long sequenceCount, TokenWindow? window)
+    {
+        double d = window?.DataParallelSize ?? 1;
+        double sequences = window?.Sequences ?? (CountEmptySequences ? Math.Max(1, sequenceCount) : Math.Max(1, nonEmptySequences));
+        return Aggregation switch
+        {
+            TokenAggregation.TokenMean => d / (window?.Tokens ?? Math.Max(1, validTokens)),
+            TokenAggregation.SequenceMeanTokenMean or TokenAggregation.SequenceMeanTokenSum => d / sequences,
+            TokenAggregation.ConstantNormalizer => d / (sequences * MaxCompletionLength!.Value),
+            _ => 1 / (Math.Max(1, validTokens) * (window?.MicroBatches ?? 1)),
+        };
+    }
+
     /// <inheritdoc />
     public override string ToString() => Aggregation switch
     {
