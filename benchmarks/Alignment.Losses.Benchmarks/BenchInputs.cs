@@ -112,38 +112,38 @@ internal sealed class BenchInputs : IDisposable
 
     public static IPreferenceLoss Create(string name, bool fusedCpu = true) => name switch
     {
-        // the margin-link losses take the fused CPU pass unless fusedCpu is false (--op-by-op)
+        // the pair-link losses take the fused CPU pass unless fusedCpu is false (--op-by-op); the others ignore the flag
         "dpo" => new DpoLoss(new DpoOptions { FusedCpu = fusedCpu }),
         "cdpo" => new ConservativeDpoLoss(new ConservativeDpoOptions { FusedCpu = fusedCpu }),
         "robust_dpo" => new RobustDpoLoss(new RobustDpoOptions { FusedCpu = fusedCpu }),
         "ipo" => new IpoLoss(new IpoOptions { FusedCpu = fusedCpu }),
         "hinge" => new HingeLoss(new HingeOptions { FusedCpu = fusedCpu }),
-        "dpo_nll" => new DpoNllLoss(),
-        "rpo" => new RpoLoss(),
-        "spo" => new SpoLoss(new SpoOptions { KlWeight = 0 }),   // the peer times the preference term (no KL estimate in the batch)
-        "odpo" => new OdpoLoss(),
-        "sppo" => new SppoLoss(),
+        "dpo_nll" => new DpoNllLoss(new DpoNllOptions { FusedCpu = fusedCpu }),
+        "rpo" => new RpoLoss(new RpoOptions { FusedCpu = fusedCpu }),
+        "spo" => new SpoLoss(new SpoOptions { KlWeight = 0, FusedCpu = fusedCpu }),   // the peer times the preference term (no KL estimate in the batch)
+        "odpo" => new OdpoLoss(new OdpoOptions { FusedCpu = fusedCpu }),
+        "sppo" => new SppoLoss(new SppoOptions { FusedCpu = fusedCpu }),
         // the field's objectives, with the peer's settings (TRL's formulas, reverse KL unless named)
-        "exo_pair" => new ExoPairLoss(),
-        "nca_pair" => new NcaPairLoss(),
-        "bco_pair" => new BcoPairLoss(),
-        "apo_zero" => new ApoLoss(),
-        "apo_down" => new ApoLoss(new ApoOptions { Anchor = ApoAnchor.Down }),
-        "aot" => new AotLoss(),
-        "discopop" => new DiscoPopLoss(),
-        "sigmoid_norm" => new SigmoidNormLoss(),
-        "sft" => new SftLoss(),
-        "mpo" => new WeightedLoss((new DpoLoss(), 0.8), (new BcoPairLoss(), 0.2), (new SftLoss(), 1.0)),
-        "dpo_js" => new DpoLoss(new DpoOptions { ScoreMap = ScoreMap.JensenShannon }),
+        "exo_pair" => new ExoPairLoss(new ExoPairOptions { FusedCpu = fusedCpu }),
+        "nca_pair" => new NcaPairLoss(new NcaPairOptions { FusedCpu = fusedCpu }),
+        "bco_pair" => new BcoPairLoss(new BcoPairOptions { FusedCpu = fusedCpu }),
+        "apo_zero" => new ApoLoss(new ApoOptions { FusedCpu = fusedCpu }),
+        "apo_down" => new ApoLoss(new ApoOptions { Anchor = ApoAnchor.Down, FusedCpu = fusedCpu }),
+        "aot" => new AotLoss(new AotOptions { FusedCpu = fusedCpu }),
+        "discopop" => new DiscoPopLoss(new DiscoPopOptions { FusedCpu = fusedCpu }),
+        "sigmoid_norm" => new SigmoidNormLoss(new SigmoidNormOptions { FusedCpu = fusedCpu }),
+        "sft" => new SftLoss(new SftOptions { FusedCpu = fusedCpu }),
+        "mpo" => new WeightedLoss((new DpoLoss(new DpoOptions { FusedCpu = fusedCpu }), 0.8), (new BcoPairLoss(new BcoPairOptions { FusedCpu = fusedCpu }), 0.2), (new SftLoss(new SftOptions { FusedCpu = fusedCpu }), 1.0)),
+        "dpo_js" => new DpoLoss(new DpoOptions { ScoreMap = ScoreMap.JensenShannon, FusedCpu = fusedCpu }),
         // reference-free, unpaired and reward-model objectives, with TRL's defaults (CPOConfig, KTOConfig, BCOConfig, RewardConfig)
-        "cpo" => new CpoLoss(),
-        "simpo" => new SimPoLoss(),
-        "alphapo" => new AlphaPoLoss(),
-        "orpo" => new OrpoLoss(),
-        "kto" => new KtoLoss(),
-        "apo_zero_unpaired" => new ApoZeroUnpairedLoss(),
+        "cpo" => new CpoLoss(new CpoOptions { FusedCpu = fusedCpu }),
+        "simpo" => new SimPoLoss(new SimPoOptions { FusedCpu = fusedCpu }),
+        "alphapo" => new AlphaPoLoss(new AlphaPoOptions { FusedCpu = fusedCpu }),
+        "orpo" => new OrpoLoss(new OrpoOptions { FusedCpu = fusedCpu }),
+        "kto" => new KtoLoss(new KtoOptions { FusedCpu = fusedCpu }),
+        "apo_zero_unpaired" => new ApoZeroUnpairedLoss(new KtoOptions { FusedCpu = fusedCpu }),
         "bco" => new BcoLoss(new BcoRewardBaseline()),    // the running mean is updated by every call, as in TRL's training step
-        "bradley_terry" => new BradleyTerryLoss(),
+        "bradley_terry" => new BradleyTerryLoss(new BradleyTerryOptions { FusedCpu = fusedCpu }),
         _ => throw new ArgumentException($"unknown loss {name}", nameof(name)),
     };
 

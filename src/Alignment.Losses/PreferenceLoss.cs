@@ -72,11 +72,13 @@ public abstract class PreferenceLoss<TOptions> : IPreferenceLoss, IDeferredState
     private const double LogProbTolerance = 1e-3;
 
     /// <summary>
-    /// The loss as a link of the margin, when it is one for these options (null, the default: not one). A loss that
-    /// returns one is computed on the CPU in one fused managed pass (<see cref="PreferenceLossOptions.FusedCpu"/>); its
-    /// <see cref="Evaluate"/> remains the definition, run everywhere else, and the two must agree.
+    /// The loss as a function of the pair's two scores (<see cref="PairLink"/>) or of their margin (<see cref="MarginLink"/>),
+    /// when it is one for these options (null, the default: not one). A loss that returns one is computed on the CPU in one
+    /// fused managed pass (<see cref="PreferenceLossOptions.FusedCpu"/>); its <see cref="Evaluate"/> remains the definition,
+    /// run everywhere else, and the two must agree. A loss with a <see cref="ScoreMap"/> option returns its link
+    /// <see cref="PairLink.OnScores"/> that map. An override may declare the narrower return type <c>MarginLink?</c>.
     /// </summary>
-    protected virtual MarginLink? Link => null;
+    protected virtual PairLink? Link => null;
 
     /// <inheritdoc />
     public PreferenceLossResult Compute(PreferenceBatch batch)

@@ -5,11 +5,12 @@ using static TorchSharp.torch;
 namespace Alignment.Losses.Internal;
 
 /// <summary>
-/// The fused CPU path of a paired loss with a <see cref="MarginLink"/>: one managed pass over the inputs' memory computes
-/// the margins, the link's values and slopes, the standard metrics and the finite and log-prob checks; the loss is then
-/// returned through a surrogate, pe = sg(L_i) + (d - sg(d)) * slope_i with d = l_pol(y_w) - l_pol(y_l), whose value is the
-/// per-pair loss and whose gradient is the saved slope (no second derivative). A handful of native operations instead
-/// of the op-by-op graph's thirty.
+/// The fused CPU path of a paired loss with a <see cref="PairLink"/>: one managed pass over the inputs' memory computes
+/// the log ratios, the link's values and slopes (a <see cref="MarginLink"/> of the log ratios: of their margin), the
+/// standard metrics and the finite and log-prob checks; the loss is then returned through a surrogate whose value is the
+/// per-pair loss and whose gradient is the saved slopes (no second derivative): pe = sg(L_i) + (d - sg(d)) * slope_i with
+/// d = l_pol(y_w) - l_pol(y_l) for a margin link, sg(L_i) + (x_w - sg(x_w)) g_w,i + (x_l - sg(x_l)) g_l,i otherwise. A
+/// handful of native operations instead of the op-by-op graph's thirty.
 /// </summary>
 internal static unsafe class FusedMarginPass
 {
@@ -60,11 +61,11 @@ internal static unsafe class FusedMarginPass
     /// The loss through the fused pass, or null when a check fails (a NaN/Inf, a positive log-prob): the op-by-op path
     /// then runs and names the problem exactly as it always does.
     /// </summary>
-    internal static PreferenceLossResult? TryCompute(PreferenceBatch batch, MarginLink link, double rewardScale, bool checkFinite, bool checkLogProbs,
+    internal static PreferenceLossResult? TryCompute(PreferenceBatch batch, PairLink link, double rewardScale, bool checkFinite, bool checkLogProbs,
         string name, ScalarType dtype)
     {
         int n = (int)batch.Policy.ChosenCount;
-        var buffer = System.Buffers.ArrayPool<double>.Shared.Rent(6 * n);        // no large-object-heap allocation per call
+        var buffer = System.Buffers.ArrayPool<double>.Shared.Rent(7 * n);        // no large-object-heap allocation per call
         try
         {
             return Pass(batch, link, rewardScale, checkFinite, checkLogProbs, name, dtype, n, buffer);
@@ -75,13 +76,14 @@ internal static unsafe class FusedMarginPass
         }
     }
 
-    private static PreferenceLossResult? Pass(PreferenceBatch batch, MarginLink link, double rewardScale, bool checkFinite, bool checkLogProbs,
+    private static PreferenceLossResult? Pass(PreferenceBatch batch, PairLink link, double rewardScale, bool checkFinite, bool checkLogProbs,
         string name, ScalarType dtype, int n, double[] buffer)
     {
         var policy = batch.Policy;
         var reference = batch.Reference;
         Span<double> xw = buffer.AsSpan(0, n), xl = buffer.AsSpan(n, n), rw = buffer.AsSpan(2 * n, n), rl = buffer.AsSpan(3 * n, n),
-            h = buffer.AsSpan(4 * n, n), slope = buffer.AsSpan(5 * n, n);
+            h = buffer.AsSpan(4 * n, n), slope = buffer.AsSpan(5 * n, n), other = buffer.AsSpan(6 * n, n);
+        var margin = link as MarginLink;                      // one slope (dL/dh), or a slope per side
         Read(policy.Chosen, xw);
         Read(policy.Rejected, xl);
         if (reference is not null)
@@ -109,6 +111,8 @@ internal static unsafe class FusedMarginPass
                 var (uw, ul) = (a - c, b - d);
                 var m = uw - ul;
                 m.CopyTo(h.Slice(i, 4));
+                uw.CopyTo(rw.Slice(i, 4));                      // the log ratios over the reference's copy (read above)
+                ul.CopyTo(rl.Slice(i, 4));
                 (vu, vv, vh, vxw, vxl) = (vu + uw, vv + ul, vh + m, vxw + a, vxl + b);
                 vwins += Vector256.GreaterThan(m, Vector256<double>.Zero) & Vector256<double>.One;
                 vtop = Vector256.Max(vtop, Vector256.Max(Vector256.Max(a, b), Vector256.Max(c, d)));
@@ -129,11 +133,13 @@ internal static unsafe class FusedMarginPass
             sxl += xl[i];
             largest = Math.Max(largest, Math.Max(Math.Max(xw[i], xl[i]), Math.Max(rw[i], rl[i])));
             finite &= double.IsFinite(uw) && double.IsFinite(ul);
+            (rw[i], rl[i]) = (uw, ul);
         }
         if (checkFinite && (!finite || checkLogProbs && largest > 1e-3)) return null;
-        // the link writes its values over the chosen inputs' copy (no longer needed)
+        // the link writes its values over the chosen inputs' copy (no longer needed); rw and rl now hold u_w and u_l
         var losses = xw;
-        link.Evaluate(h, losses, slope);
+        if (margin is not null) margin.Evaluate(h, losses, slope);
+        else link.Evaluate(rw, rl, losses, slope, other);
         // the mean loss, and every value within the compute dtype's range (what the op-by-op path computes in float32 must
         // fit float32 too: past its range that path reports the overflow)
         double limit = dtype == ScalarType.Float64 ? double.MaxValue : float.MaxValue;
@@ -146,6 +152,12 @@ internal static unsafe class FusedMarginPass
                 vsl += l;
                 vbig = Vector256.Max(vbig, Vector256.Max(Vector256.Abs(l), Vector256.Abs(g)));
                 vnan |= ~Vector256.Equals(l, l) | ~Vector256.Equals(g, g);   // Max need not propagate NaN: flag it apart
+                if (margin is null)
+                {
+                    var o = Vector256.Create(other.Slice(k, 4));
+                    vbig = Vector256.Max(vbig, Vector256.Abs(o));
+                    vnan |= ~Vector256.Equals(o, o);
+                }
             }
         double sl = Vector256.Sum(vsl), biggest = Math.Max(Math.Max(vbig[0], vbig[1]), Math.Max(vbig[2], vbig[3]));
         bool nan = vnan != Vector256<double>.Zero;
@@ -153,6 +165,7 @@ internal static unsafe class FusedMarginPass
         {
             sl += losses[k];
             biggest = Math.Max(biggest, Math.Max(Math.Abs(losses[k]), Math.Abs(slope[k])));
+            if (margin is null) biggest = Math.Max(biggest, Math.Abs(other[k]));
         }
         finite &= !nan && biggest <= limit;                    // false for NaN too
         double scale = rewardScale / n;
@@ -169,8 +182,16 @@ internal static unsafe class FusedMarginPass
         {
             var slopes = TensorMemory.FromValues(slope, dtype);
             Tensor In(Tensor x) => x.dtype == dtype ? x : x.to_type(dtype);          // no alias handle when the dtype matches
-            var d = In(policy.Chosen) - In(policy.Rejected);
-            perExample = perPair.addcmul_(d - d.detach(), slopes, 1);                  // in place: perPair is ours and constant
+            if (margin is not null)
+            {
+                var d = In(policy.Chosen) - In(policy.Rejected);
+                perExample = perPair.addcmul_(d - d.detach(), slopes, 1);              // in place: perPair is ours and constant
+            }
+            else
+            {
+                var (c, r) = (In(policy.Chosen), In(policy.Rejected));
+                perExample = perPair.addcmul_(c - c.detach(), slopes, 1).addcmul_(r - r.detach(), TensorMemory.FromValues(other, dtype), 1);
+            }
         }
         else perExample = perPair;
         var loss = perExample.mean();

@@ -4,7 +4,8 @@ namespace Alignment.Losses;
 
 /// <summary>
 /// A pairwise loss written as a link of the pair's margin: L_i = link(h_i), h = u_w - u_l = (l_pol(y_w) - l_ref(y_w)) -
-/// (l_pol(y_l) - l_ref(y_l)). Most of the DPO family is one (DPO, cDPO, robust DPO, hinge, IPO on sums, EXO, DiscoPOP), and a loss that
+/// (l_pol(y_l) - l_ref(y_l)) (or h = phi(u_w) - phi(u_l) through <see cref="PairLink.OnScores"/>): the
+/// <see cref="PairLink"/> whose partial derivatives are +link'(h) and -link'(h). Most of the DPO family is one (DPO, cDPO, robust DPO, hinge, IPO on sums, EXO, DiscoPOP), and a loss that
 /// says so (<see cref="PreferenceLoss{TOptions}.Link"/>) is computed on the CPU in one managed pass: the link's value and
 /// slope, the standard metrics and the finite checks over contiguous memory, returned through a surrogate whose gradient
 /// is the saved one (see <see cref="PreferenceLossOptions.FusedCpu"/>). Everywhere else (CUDA, example weights, a loss
@@ -14,8 +15,26 @@ namespace Alignment.Losses;
 /// Evaluate in float64 and stably (softplus as max(x, 0) + log1p(e^-|x|), never log(sigmoid)). The slope is dL/dh; the
 /// pass turns it into the gradients of l_pol(y_w) (+slope) and l_pol(y_l) (-slope).
 /// </remarks>
-public abstract class MarginLink
+public abstract class MarginLink : PairLink
 {
+    /// <summary>The pair form: h = s_w - s_l, then <see cref="Evaluate(ReadOnlySpan{double}, Span{double}, Span{double})"/>; slopes +link'(h) and -link'(h).</summary>
+    public sealed override void Evaluate(ReadOnlySpan<double> chosen, ReadOnlySpan<double> rejected, Span<double> losses,
+        Span<double> chosenSlopes, Span<double> rejectedSlopes)
+    {
+        int n = chosen.Length;
+        var margins = System.Buffers.ArrayPool<double>.Shared.Rent(n);
+        try
+        {
+            for (int i = 0; i < n; i++) margins[i] = chosen[i] - rejected[i];
+            Evaluate(margins.AsSpan(0, n), losses, chosenSlopes);
+            for (int i = 0; i < n; i++) rejectedSlopes[i] = -chosenSlopes[i];
+        }
+        finally
+        {
+            System.Buffers.ArrayPool<double>.Shared.Return(margins);
+        }
+    }
+
     /// <summary>For every margin h_i, the per-pair loss link(h_i) and its derivative d link / dh at h_i.</summary>
     /// <param name="margins">h [B], float64.</param>
     /// <param name="losses">Written: link(h_i).</param>

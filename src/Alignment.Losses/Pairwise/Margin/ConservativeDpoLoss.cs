@@ -30,7 +30,7 @@ public sealed class ConservativeDpoLoss : PreferenceLoss<ConservativeDpoOptions>
     protected override double RewardScale => Options.Beta;
 
     /// <inheritdoc />
-    protected override MarginLink? Link => Options.ScoreMap.Kind == ScoreMapKind.ReverseKl ? MarginLink.Logistic(Options.Beta, Options.LabelSmoothing) : null;
+    protected override PairLink? Link => MarginLink.Logistic(Options.Beta, Options.LabelSmoothing).OnScores(Options.ScoreMap);
 
     /// <inheritdoc />
     protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch)

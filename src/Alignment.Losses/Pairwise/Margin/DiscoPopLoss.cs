@@ -34,7 +34,7 @@ public sealed class DiscoPopLoss : PreferenceLoss<DiscoPopOptions>
     protected override double RewardScale => Options.Beta;
 
     /// <inheritdoc />
-    protected override MarginLink? Link => Options.ScoreMap.Kind == ScoreMapKind.ReverseKl ? MarginLink.DiscoPop(Options.Beta, Options.Tau) : null;
+    protected override PairLink? Link => MarginLink.DiscoPop(Options.Beta, Options.Tau).OnScores(Options.ScoreMap);
 
     /// <inheritdoc />
     protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch)

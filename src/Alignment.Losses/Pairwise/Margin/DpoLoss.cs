@@ -26,7 +26,7 @@ public sealed class DpoLoss : PreferenceLoss<DpoOptions>
     protected override double RewardScale => Options.Beta;
 
     /// <inheritdoc />
-    protected override MarginLink? Link => Options.ScoreMap.Kind == ScoreMapKind.ReverseKl ? MarginLink.Logistic(Options.Beta) : null;
+    protected override PairLink? Link => MarginLink.Logistic(Options.Beta).OnScores(Options.ScoreMap);
 
     /// <inheritdoc />
     protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch) =>

@@ -36,7 +36,7 @@ public sealed class ExoPairLoss : PreferenceLoss<ExoPairOptions>
     protected override double RewardScale => Options.Beta;
 
     /// <inheritdoc />
-    protected override MarginLink? Link => Options.ScoreMap.Kind == ScoreMapKind.ReverseKl ? MarginLink.Exo(Options.Beta, Options.LabelSmoothing) : null;
+    protected override PairLink? Link => MarginLink.Exo(Options.Beta, Options.LabelSmoothing).OnScores(Options.ScoreMap);
 
     /// <summary>z* = ln((1 - eps) / eps), the value of beta * Delta at which the loss is 0 and stationary.</summary>
     public double StationaryLogit => Math.Log((1 - Options.LabelSmoothing) / Options.LabelSmoothing);

@@ -25,7 +25,7 @@ public sealed class HingeLoss : PreferenceLoss<HingeOptions>
     protected override double RewardScale => Options.Beta;
 
     /// <inheritdoc />
-    protected override MarginLink? Link => Options.ScoreMap.Kind == ScoreMapKind.ReverseKl ? MarginLink.Hinge(Options.Beta) : null;
+    protected override PairLink? Link => MarginLink.Hinge(Options.Beta).OnScores(Options.ScoreMap);
 
     /// <inheritdoc />
     protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch) =>

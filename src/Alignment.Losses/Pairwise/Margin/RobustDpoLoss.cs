@@ -30,8 +30,8 @@ public sealed class RobustDpoLoss : PreferenceLoss<RobustDpoOptions>
     protected override double RewardScale => Options.Beta;
 
     /// <inheritdoc />
-    protected override MarginLink? Link => Options.ScoreMap.Kind == ScoreMapKind.ReverseKl
-        ? MarginLink.Logistic(Options.Beta, -Options.LabelSmoothing / (1 - 2 * Options.LabelSmoothing)) : null;
+    protected override PairLink? Link =>
+        MarginLink.Logistic(Options.Beta, -Options.LabelSmoothing / (1 - 2 * Options.LabelSmoothing)).OnScores(Options.ScoreMap);
 
     /// <inheritdoc />
     protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch)

@@ -46,6 +46,10 @@ public sealed class ApoLoss : PreferenceLoss<ApoOptions>
     protected override double RewardScale => Options.Beta;
 
     /// <inheritdoc />
+    protected override PairLink? Link => Options.Anchor == ApoAnchor.Zero ? PairLink.ApoZero(Options.Beta)
+        : Options.ScoreMap.Kind == ScoreMapKind.ReverseKl ? PairLink.ApoDown(Options.Beta) : null;   // APO-down maps only its margin's scores
+
+    /// <inheritdoc />
     protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch)
     {
         double beta = Options.Beta;

@@ -24,6 +24,9 @@ public sealed class BcoPairLoss : PreferenceLoss<BcoPairOptions>
     protected override double RewardScale => Options.Beta;
 
     /// <inheritdoc />
+    protected override PairLink? Link => PairLink.BcoPair(Options.Beta).OnScores(Options.ScoreMap);
+
+    /// <inheritdoc />
     protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch)
     {
         var (sw, sl) = terms.Scores(Options.ScoreMap);

@@ -28,6 +28,9 @@ public sealed class NcaPairLoss : PreferenceLoss<NcaPairOptions>
     public static double ChosenStationaryReward => Math.Log(2);
 
     /// <inheritdoc />
+    protected override PairLink? Link => PairLink.Nca(Options.Beta).OnScores(Options.ScoreMap);
+
+    /// <inheritdoc />
     protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch)
     {
         var (sw, sl) = terms.Scores(Options.ScoreMap);
