@@ -39,8 +39,21 @@ internal static class PeerCrossCheck
             bool ok = valueError < 1e-9 && gradError < 1e-9;
             if (!ok) failures++;
             Console.WriteLine($"{(ok ? "PASS" : "FAIL")} {name}: ours {value:R}, peer {want:R}, value rel err {valueError:G3}, grad rel err {gradError:G3}");
+
+            // the plain TorchSharp formula of the timings' third column must be the peer's formula too
+            x.PolicyChosen.grad = null;
+            x.PolicyRejected.grad = null;
+            PlainPreference.ResetState();
+            var plain = PlainPreference.Loss(name, x);
+            plain.backward();
+            double plainError = Math.Abs(plain.ToDouble() - want) / Math.Max(1, Math.Abs(want));
+            double plainGradError = Math.Max(GradError(x.PolicyChosen, peer.GetProperty("grad_chosen")), GradError(x.PolicyRejected, peer.GetProperty("grad_rejected")));
+            bool plainOk = plainError < 1e-9 && plainGradError < 1e-9;
+            if (!plainOk) failures++;
+            Console.WriteLine($"{(plainOk ? "PASS" : "FAIL")} {name} (plain TorchSharp): value rel err {plainError:G3}, grad rel err {plainGradError:G3}");
         }
-        Console.WriteLine(failures == 0 ? $"all {BenchInputs.LossNames.Length} losses agree with the peer" : $"{failures} of {BenchInputs.LossNames.Length} losses differ from the peer");
+        Console.WriteLine(failures == 0 ? $"all {BenchInputs.LossNames.Length} losses agree with the peer (ours, and the plain TorchSharp formulas)"
+            : $"{failures} of {2 * BenchInputs.LossNames.Length} checks differ from the peer");
         return failures == 0 ? 0 : 1;
     }
 

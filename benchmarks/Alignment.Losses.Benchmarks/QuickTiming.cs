@@ -14,7 +14,9 @@ namespace Alignment.Losses.Benchmarks;
 /// </summary>
 /// <remarks>
 /// Arguments: <c>--device cpu|cuda --losses dpo,rpo --sizes 64,4096 --dtypes float32 --repeats 100 --out FILE</c>
-/// (defaults: cuda when present, dpo and rpo, 64 and 4096, float32, 100, quick-timing.json).
+/// (defaults: cuda when present, dpo and rpo (all: every loss of the suites), 64 and 4096, float32, 100, quick-timing.json); <c>--op-by-op</c> turns the
+/// fused CPU pass off, <c>--plain</c> times the peer's formulas in bare TorchSharp ops (<see cref="PlainPreference"/>)
+/// instead of the library; <c>--skip rpo@4096,...</c> leaves cases out, as the peer's flag does.
 /// </remarks>
 internal static class QuickTiming
 {
@@ -27,11 +29,14 @@ internal static class QuickTiming
         }
         var device = Arg("--device", cuda.is_available() ? "cuda" : "cpu");
         var losses = Arg("--losses", "dpo,rpo").Split(',', StringSplitOptions.RemoveEmptyEntries);
+        if (losses is ["all"]) losses = BenchInputs.LossNames;
         var sizes = Arg("--sizes", "64,4096").Split(',').Select(int.Parse).ToArray();
         var dtypes = Arg("--dtypes", "float32").Split(',');
         int repeats = int.Parse(Arg("--repeats", "100"));
         var output = Arg("--out", "quick-timing.json");
-        bool fused = !args.Contains("--op-by-op");               // the margin-link losses' fused CPU pass (default) or their op-by-op path
+        var skip = Arg("--skip", "").Split(',', StringSplitOptions.RemoveEmptyEntries).ToHashSet();
+        bool fused = !args.Contains("--op-by-op");               // the pair-link losses' fused CPU pass (default) or their op-by-op path
+        bool plain = args.Contains("--plain");                   // the peer's formula in bare TorchSharp ops (PlainPreference)
         var unknown = losses.Where(l => !BenchInputs.LossNames.Contains(l)).ToList();
         if (unknown.Count > 0)
         {
@@ -41,7 +46,7 @@ internal static class QuickTiming
 
         var records = new List<Dictionary<string, object>>();
         foreach (var name in losses)
-            foreach (int b in sizes)
+            foreach (int b in sizes.Where(b => !skip.Contains($"{name}@{b}")))
                 foreach (var dt in dtypes)
                 {
                     using var inputs = new BenchInputs(b, dt == "bfloat16" ? ScalarType.BFloat16 : ScalarType.Float32, new Device(device));
@@ -53,12 +58,29 @@ internal static class QuickTiming
                         using var r = loss.Compute(batch);
                         return r.Loss.ToDouble();
                     }
-                    foreach (var (method, call) in new (string, Func<double>)[] { ("Forward", Forward), ("ForwardBackward", () => inputs.ForwardBackward(loss, batch)) })
+                    double PlainForward()
+                    {
+                        using var scope = NewDisposeScope();
+                        return PlainPreference.Loss(name, inputs).ToDouble();
+                    }
+                    double PlainForwardBackward()
+                    {
+                        using var scope = NewDisposeScope();
+                        PlainPreference.Loss(name, inputs).backward();
+                        double v = inputs.PolicyChosen.grad![0].ToDouble();
+                        inputs.PolicyChosen.grad = null;
+                        inputs.PolicyRejected.grad = null;
+                        return v;
+                    }
+                    var calls = plain
+                        ? new (string, Func<double>)[] { ("Forward", PlainForward), ("ForwardBackward", PlainForwardBackward) }
+                        : new (string, Func<double>)[] { ("Forward", Forward), ("ForwardBackward", () => inputs.ForwardBackward(loss, batch)) };
+                    foreach (var (method, call) in calls)
                     {
                         var record = new Dictionary<string, object>
                         {
                             ["suite"] = "LossBenchmarks", ["loss"] = name, ["B"] = b, ["dtype"] = dt, ["device"] = device,
-                            ["method"] = method, ["median_us"] = Median(call, repeats), ["path"] = fused ? "default" : "op-by-op",
+                            ["method"] = method, ["median_us"] = Median(call, repeats), ["path"] = plain ? "plain" : fused ? "default" : "op-by-op",
                         };
                         records.Add(record);
                         Console.WriteLine(JsonSerializer.Serialize(record));

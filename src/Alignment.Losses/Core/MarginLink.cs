@@ -1,4 +1,5 @@
 using System.Runtime.Intrinsics;
+using Alignment.Losses.Internal;
 
 namespace Alignment.Losses;
 
@@ -86,63 +87,61 @@ public abstract class MarginLink : PairLink
 
     private sealed class ExoLink(double beta, double eps) : MarginLink
     {
-        public override void Evaluate(ReadOnlySpan<double> margins, Span<double> losses, Span<double> slopes)
+        public override void Evaluate(ReadOnlySpan<double> margins, Span<double> losses, Span<double> slopes) =>
+            PairLink.Lanes.Run(new Kernel(beta, Math.Log(1 - eps), Math.Log(eps)), margins, margins, losses, slopes, slopes);
+
+        /// <summary>With c = z + ln eps - ln(1 - eps): z &gt;= 0: -softplus(-z) - sigmoid(-z) c - ln(1 - eps), below -softplus(z) + sigmoid(z) c - ln eps; slope beta q (1 - q) c.</summary>
+        private readonly struct Kernel(double beta, double a, double b) : PairLink.ILanes
         {
-            double a = Math.Log(1 - eps), b = Math.Log(eps);
-            for (int i = 0; i < margins.Length; i++)
+            public (Vector256<double>, Vector256<double>, Vector256<double>) At(Vector256<double> h, Vector256<double> _)
             {
-                double z = beta * margins[i], c = z + (b - a);
-                double e = Math.Exp(-Math.Abs(z)), u = 1 + e;
-                losses[i] = z >= 0 ? -Softplus(-z) - Sigmoid(-z) * c - a : -Softplus(z) + Sigmoid(z) * c - b;
-                slopes[i] = beta * (e / (u * u)) * c;                           // q (1 - q) = e / (1 + e)^2, e = exp(-|z|)
+                var z = Vector256.Create(beta) * h;
+                var c = z + Vector256.Create(b - a);
+                var g = Lane.Logistic(z);
+                var positive = -g.SoftplusOfNegative - g.SigmoidOfNegative * c - Vector256.Create(a);
+                var negative = -g.Softplus + g.Sigmoid * c - Vector256.Create(b);
+                var slope = Vector256.Create(beta) * g.SigmoidSlope * c;
+                return (Vector256.ConditionalSelect(Vector256.GreaterThanOrEqual(z, Vector256<double>.Zero), positive, negative), slope, slope);
             }
         }
     }
 
     private sealed class DiscoPopLink(double beta, double tau) : MarginLink
     {
-        public override void Evaluate(ReadOnlySpan<double> margins, Span<double> losses, Span<double> slopes)
+        public override void Evaluate(ReadOnlySpan<double> margins, Span<double> losses, Span<double> slopes) =>
+            PairLink.Lanes.Run(new Kernel(beta, tau), margins, margins, losses, slopes, slopes);
+
+        /// <summary>With z = beta h, t = z / tau, m = sigmoid(t), E = exp(-softplus(-t) - z): (1 - m) softplus(-z) + E and its slope.</summary>
+        private readonly struct Kernel(double beta, double tau) : PairLink.ILanes
         {
-            for (int i = 0; i < margins.Length; i++)
+            public (Vector256<double>, Vector256<double>, Vector256<double>) At(Vector256<double> h, Vector256<double> _)
             {
-                double z = beta * margins[i], t = z / tau;
-                double m = Sigmoid(t), rest = Sigmoid(-t), spz = Softplus(-z);
-                double exponential = Math.Exp(-Softplus(-t) - z);
-                losses[i] = rest * spz + exponential;
-                slopes[i] = beta * (-(m * rest / tau) * spz - rest * Sigmoid(-z) + (rest / tau - 1) * exponential);
+                var z = Vector256.Create(beta) * h;
+                var (gz, gt) = (Lane.Logistic(z), Lane.Logistic(z / Vector256.Create(tau)));
+                var (m, rest, spz) = (gt.Sigmoid, gt.SigmoidOfNegative, gz.SoftplusOfNegative);
+                var exponential = Lane.ExpDouble(-gt.SoftplusOfNegative - z);
+                var inverseTau = Vector256.Create(1 / tau);
+                var slope = Vector256.Create(beta) * (-(m * rest * inverseTau) * spz - rest * gz.SigmoidOfNegative + (rest * inverseTau - Vector256<double>.One) * exponential);
+                return (rest * spz + exponential, slope, slope);
             }
         }
     }
 
     private sealed class LogisticLink(double beta, double linear) : MarginLink
     {
-        // with e = exp(-|z|), shared: softplus(-z) = max(-z, 0) + log1p(e), sigmoid(-z) = e / (1 + e) for z >= 0, 1 / (1 + e) below
-        public override void Evaluate(ReadOnlySpan<double> margins, Span<double> losses, Span<double> slopes)
+        public override void Evaluate(ReadOnlySpan<double> margins, Span<double> losses, Span<double> slopes) =>
+            PairLink.Lanes.Run(new Kernel(beta, linear), margins, margins, losses, slopes, slopes);
+
+        /// <summary>softplus(-z) + c z with z = beta h; slope beta (c - sigmoid(-z)).</summary>
+        private readonly struct Kernel(double beta, double linear) : PairLink.ILanes
         {
-            int i = 0;
-#if NET9_0_OR_GREATER
-            if (Vector256.IsHardwareAccelerated)
+            public (Vector256<double>, Vector256<double>, Vector256<double>) At(Vector256<double> h, Vector256<double> _)
             {
-                var (vb, vc, one, zero) = (Vector256.Create(beta), Vector256.Create(linear), Vector256<double>.One, Vector256<double>.Zero);
-                for (; i + 4 <= margins.Length; i += 4)
-                {
-                    var z = vb * Vector256.Create(margins.Slice(i, 4));
-                    var e = Vector256.Exp(-Vector256.Abs(z));
-                    var u = one + e;
-                    // log1p(e) = log(u) e / (u - 1), exact where u rounds to 1 (Goldberg's correction)
-                    var log1p = Vector256.ConditionalSelect(Vector256.Equals(u, one), e, Vector256.Log(u) * e / (u - one));
-                    (Vector256.Max(-z, zero) + log1p + vc * z).CopyTo(losses.Slice(i, 4));
-                    var sigmoid = Vector256.ConditionalSelect(Vector256.GreaterThanOrEqual(z, zero), e, one) / u;
-                    (vb * (vc - sigmoid)).CopyTo(slopes.Slice(i, 4));
-                }
-            }
-#endif
-            for (; i < margins.Length; i++)
-            {
-                double z = beta * margins[i];
-                double e = Math.Exp(-Math.Abs(z)), u = 1 + e;
-                losses[i] = Math.Max(-z, 0) + Log1pOf(e, u) + linear * z;
-                slopes[i] = beta * (linear - (z >= 0 ? e : 1) / u);
+                var (b, c) = (Vector256.Create(beta), Vector256.Create(linear));
+                var z = b * h;
+                var g = Lane.Logistic(z);
+                var slope = b * (c - g.SigmoidOfNegative);
+                return (g.SoftplusOfNegative + c * z, slope, slope);
             }
         }
     }

@@ -1,3 +1,6 @@
+using System.Runtime.Intrinsics;
+using Alignment.Losses.Internal;
+
 namespace Alignment.Losses;
 
 /// <summary>
@@ -88,33 +91,11 @@ public abstract class PairLink
     /// <summary>phi(u) and phi'(u) of a score map, in float64, as <see cref="ScoreMap.Apply"/> computes phi.</summary>
     internal static void ApplyMap(ScoreMap map, ReadOnlySpan<double> u, Span<double> scores, Span<double> slopes)
     {
-        double clamp = ScoreMap.ExponentClamp;
         switch (map.Kind)
         {
-            case ScoreMapKind.ForwardKl:                            // -exp(min(-u, c)), slope exp(-u) below the clamp
-                for (int i = 0; i < u.Length; i++)
-                {
-                    double a = -u[i], e = Math.Exp(Math.Min(a, clamp));
-                    scores[i] = -e;
-                    slopes[i] = a <= clamp ? e : 0;
-                }
-                break;
-            case ScoreMapKind.JensenShannon:                        // log sigmoid(u) = -softplus(-u), slope sigmoid(-u)
-                for (int i = 0; i < u.Length; i++)
-                {
-                    scores[i] = -MarginLink.Softplus(-u[i]);
-                    slopes[i] = MarginLink.Sigmoid(-u[i]);
-                }
-                break;
-            case ScoreMapKind.AlphaDivergence:                      // exp(min((alpha - 1) u, c)) / (alpha - 1), slope exp((alpha - 1) u) below the clamp
-                double k = map.Alpha - 1;
-                for (int i = 0; i < u.Length; i++)
-                {
-                    double a = k * u[i], e = Math.Exp(Math.Min(a, clamp));
-                    scores[i] = e / k;
-                    slopes[i] = a <= clamp ? e : 0;
-                }
-                break;
+            case ScoreMapKind.ForwardKl: Lanes.Run(new ExponentialMap(-1, -1), u, u, scores, slopes, slopes); break;
+            case ScoreMapKind.AlphaDivergence: Lanes.Run(new ExponentialMap(map.Alpha - 1, 1 / (map.Alpha - 1)), u, u, scores, slopes, slopes); break;
+            case ScoreMapKind.JensenShannon: Lanes.Run(new JensenShannonMap(), u, u, scores, slopes, slopes); break;
             default:
                 u.CopyTo(scores);
                 slopes.Fill(1);
@@ -122,17 +103,87 @@ public abstract class PairLink
         }
     }
 
+    /// <summary>
+    /// A per-pair function of four float64 lanes: (value, df/ds_w, df/ds_l) at (s_w, s_l). The score maps use it with one
+    /// argument (both the same) and write their slope twice.
+    /// </summary>
+    internal interface ILanes
+    {
+        (Vector256<double> Value, Vector256<double> Chosen, Vector256<double> Rejected) At(Vector256<double> w, Vector256<double> l);
+    }
+
+    internal static class Lanes
+    {
+        /// <summary>
+        /// <paramref name="kernel"/> over every pair, four at a time; the last 1-3 pairs padded with zeros (so there is one
+        /// formula, not a vector and a scalar twin). The outputs may alias each other's spans only when the kernel writes
+        /// the same value to both (the score maps' slopes).
+        /// </summary>
+        public static void Run<TK>(TK kernel, ReadOnlySpan<double> chosen, ReadOnlySpan<double> rejected, Span<double> losses,
+            Span<double> chosenSlopes, Span<double> rejectedSlopes) where TK : struct, ILanes
+        {
+            int n = chosen.Length, i = 0;
+            for (; i + 4 <= n; i += 4)
+            {
+                var (v, gw, gl) = kernel.At(Vector256.Create(chosen.Slice(i, 4)), Vector256.Create(rejected.Slice(i, 4)));
+                v.CopyTo(losses.Slice(i, 4));
+                gl.CopyTo(rejectedSlopes.Slice(i, 4));
+                gw.CopyTo(chosenSlopes.Slice(i, 4));
+            }
+            if (i == n) return;
+            Span<double> w = stackalloc double[4], l = stackalloc double[4], a = stackalloc double[4], b = stackalloc double[4], c = stackalloc double[4];
+            w.Clear();
+            l.Clear();
+            chosen.Slice(i).CopyTo(w);
+            rejected.Slice(i).CopyTo(l);
+            var (tv, tw, tl) = kernel.At(Vector256.Create<double>(w), Vector256.Create<double>(l));
+            tv.CopyTo(a);
+            tw.CopyTo(b);
+            tl.CopyTo(c);
+            a.Slice(0, n - i).CopyTo(losses.Slice(i));
+            c.Slice(0, n - i).CopyTo(rejectedSlopes.Slice(i));
+            b.Slice(0, n - i).CopyTo(chosenSlopes.Slice(i));
+        }
+    }
+
+    /// <summary>phi(u) = scale exp(min(k u, c)), slope exp(k u) below the clamp: forward KL (k = -1, scale -1) and alpha (k = alpha - 1, scale 1 / k).</summary>
+    private readonly struct ExponentialMap(double k, double scale) : ILanes
+    {
+        public (Vector256<double>, Vector256<double>, Vector256<double>) At(Vector256<double> u, Vector256<double> _)
+        {
+            var clamp = Vector256.Create(ScoreMap.ExponentClamp);
+            var a = Vector256.Create(k) * u;
+            var e = Lane.ExpDouble(Vector256.Min(a, clamp));
+            var slope = Vector256.ConditionalSelect(Vector256.LessThanOrEqual(a, clamp), e, Vector256<double>.Zero);
+            return (Vector256.Create(scale) * e, slope, slope);
+        }
+    }
+
+    /// <summary>phi(u) = log sigmoid(u) = -softplus(-u), slope sigmoid(-u).</summary>
+    private readonly struct JensenShannonMap : ILanes
+    {
+        public (Vector256<double>, Vector256<double>, Vector256<double>) At(Vector256<double> u, Vector256<double> _)
+        {
+            var g = Lane.Logistic(u);
+            var slope = g.SigmoidOfNegative;
+            return (-g.SoftplusOfNegative, slope, slope);
+        }
+    }
+
     private sealed class NcaLink(double beta) : PairLink
     {
         public override void Evaluate(ReadOnlySpan<double> chosen, ReadOnlySpan<double> rejected, Span<double> losses,
-            Span<double> chosenSlopes, Span<double> rejectedSlopes)
+            Span<double> chosenSlopes, Span<double> rejectedSlopes) =>
+            Lanes.Run(new Kernel(beta), chosen, rejected, losses, chosenSlopes, rejectedSlopes);
+
+        private readonly struct Kernel(double beta) : ILanes
         {
-            for (int i = 0; i < chosen.Length; i++)
+            public (Vector256<double>, Vector256<double>, Vector256<double>) At(Vector256<double> w, Vector256<double> l)
             {
-                double rw = beta * chosen[i], rl = beta * rejected[i];
-                losses[i] = MarginLink.Softplus(-rw) + (MarginLink.Softplus(rw) + MarginLink.Softplus(rl)) / 2;
-                chosenSlopes[i] = beta * (MarginLink.Sigmoid(rw) / 2 - MarginLink.Sigmoid(-rw));
-                rejectedSlopes[i] = beta * MarginLink.Sigmoid(rl) / 2;
+                var b = Vector256.Create(beta);
+                var (gw, gl) = (Lane.Logistic(b * w), Lane.Logistic(b * l));
+                var half = Vector256.Create(0.5);
+                return (gw.SoftplusOfNegative + half * (gw.Softplus + gl.Softplus), b * (half * gw.Sigmoid - gw.SigmoidOfNegative), b * half * gl.Sigmoid);
             }
         }
     }
@@ -140,36 +191,33 @@ public abstract class PairLink
     private sealed class BcoPairLink(double beta) : PairLink
     {
         public override void Evaluate(ReadOnlySpan<double> chosen, ReadOnlySpan<double> rejected, Span<double> losses,
-            Span<double> chosenSlopes, Span<double> rejectedSlopes)
+            Span<double> chosenSlopes, Span<double> rejectedSlopes) =>
+            Lanes.Run(new Kernel(beta), chosen, rejected, losses, chosenSlopes, rejectedSlopes);
+
+        private readonly struct Kernel(double beta) : ILanes
         {
-            for (int i = 0; i < chosen.Length; i++)
+            public (Vector256<double>, Vector256<double>, Vector256<double>) At(Vector256<double> w, Vector256<double> l)
             {
-                double rw = beta * chosen[i], rl = beta * rejected[i];
-                losses[i] = MarginLink.Softplus(-rw) + MarginLink.Softplus(rl);
-                chosenSlopes[i] = -beta * MarginLink.Sigmoid(-rw);
-                rejectedSlopes[i] = beta * MarginLink.Sigmoid(rl);
+                var b = Vector256.Create(beta);
+                var (gw, gl) = (Lane.Logistic(b * w), Lane.Logistic(b * l));
+                return (gw.SoftplusOfNegative + gl.Softplus, -b * gw.SigmoidOfNegative, b * gl.Sigmoid);
             }
         }
-    }
-
-    /// <summary>sigmoid(x) (1 - sigmoid(x)) = e / (1 + e)^2 with e = exp(-|x|): no cancellation in either tail.</summary>
-    private static double SigmoidSlope(double x)
-    {
-        double e = Math.Exp(-Math.Abs(x)), u = 1 + e;
-        return e / (u * u);
     }
 
     private sealed class ApoZeroLink(double beta) : PairLink
     {
         public override void Evaluate(ReadOnlySpan<double> chosen, ReadOnlySpan<double> rejected, Span<double> losses,
-            Span<double> chosenSlopes, Span<double> rejectedSlopes)
+            Span<double> chosenSlopes, Span<double> rejectedSlopes) =>
+            Lanes.Run(new Kernel(beta), chosen, rejected, losses, chosenSlopes, rejectedSlopes);
+
+        private readonly struct Kernel(double beta) : ILanes
         {
-            for (int i = 0; i < chosen.Length; i++)
+            public (Vector256<double>, Vector256<double>, Vector256<double>) At(Vector256<double> w, Vector256<double> l)
             {
-                double rw = beta * chosen[i], rl = beta * rejected[i];
-                losses[i] = MarginLink.Sigmoid(-rw) + MarginLink.Sigmoid(rl);
-                chosenSlopes[i] = -beta * SigmoidSlope(rw);
-                rejectedSlopes[i] = beta * SigmoidSlope(rl);
+                var b = Vector256.Create(beta);
+                var (gw, gl) = (Lane.Logistic(b * w, withLog: false), Lane.Logistic(b * l, withLog: false));
+                return (gw.SigmoidOfNegative + gl.Sigmoid, -b * gw.SigmoidSlope, b * gl.SigmoidSlope);
             }
         }
     }
@@ -177,15 +225,17 @@ public abstract class PairLink
     private sealed class ApoDownLink(double beta) : PairLink
     {
         public override void Evaluate(ReadOnlySpan<double> chosen, ReadOnlySpan<double> rejected, Span<double> losses,
-            Span<double> chosenSlopes, Span<double> rejectedSlopes)
+            Span<double> chosenSlopes, Span<double> rejectedSlopes) =>
+            Lanes.Run(new Kernel(beta), chosen, rejected, losses, chosenSlopes, rejectedSlopes);
+
+        private readonly struct Kernel(double beta) : ILanes
         {
-            for (int i = 0; i < chosen.Length; i++)
+            public (Vector256<double>, Vector256<double>, Vector256<double>) At(Vector256<double> w, Vector256<double> l)
             {
-                double rw = beta * chosen[i], z = beta * (chosen[i] - rejected[i]);
-                double m = beta * SigmoidSlope(z);
-                losses[i] = MarginLink.Sigmoid(rw) + MarginLink.Sigmoid(-z);
-                chosenSlopes[i] = beta * SigmoidSlope(rw) - m;
-                rejectedSlopes[i] = m;
+                var b = Vector256.Create(beta);
+                var (gw, gz) = (Lane.Logistic(b * w, withLog: false), Lane.Logistic(b * (w - l), withLog: false));
+                var m = b * gz.SigmoidSlope;
+                return (gw.Sigmoid + gz.SigmoidOfNegative, b * gw.SigmoidSlope - m, m);
             }
         }
     }

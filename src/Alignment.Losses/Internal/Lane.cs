@@ -118,6 +118,60 @@ internal static class Lane
         return Vector256.ConditionalSelect(low, Vector256<float>.Zero, y * twoToK);
     }
 
+    /// <summary>
+    /// log(1 + e) for e in [0, 1] in four float64 lanes, within 4 ulp (LaneFunctionTests, 4,000 points): 2 atanh(s) with s = e / (2 + e) in [0, 1/3], by the
+    /// series 2 s sum_k s^2k / (2k + 1) to k = 15 (the first term left out is below 2e-17 of the sum), evaluated by
+    /// Estrin's scheme. No cancellation for tiny e (the result is 2s = e to rounding), no call out, on .NET 8 too.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static Vector256<double> Log1pUnit(Vector256<double> e)
+    {
+        var s = e / (Vector256.Create(2.0) + e);
+        var w = s * s;
+        var w2 = w * w;
+        var w4 = w2 * w2;
+        var w8 = w4 * w4;
+        static Vector256<double> C(int k) => Vector256.Create(1.0 / (2 * k + 1));
+        var r0 = Fma(w2, Fma(w, C(3), C(2)), Fma(w, C(1), C(0)));
+        var r1 = Fma(w2, Fma(w, C(7), C(6)), Fma(w, C(5), C(4)));
+        var r2 = Fma(w2, Fma(w, C(11), C(10)), Fma(w, C(9), C(8)));
+        var r3 = Fma(w2, Fma(w, C(15), C(14)), Fma(w, C(13), C(12)));
+        var p = Fma(w8, Fma(w4, r3, r2), Fma(w4, r1, r0));
+        return (s + s) * p;
+    }
+
+    /// <summary>
+    /// The shared parts of the logistic functions at x, in four float64 lanes: e = exp(-|x|), u = 1 + e and, when
+    /// <paramref name="withLog"/> (a constant at every call: the branch compiles away), log1p(e). From them, without
+    /// cancellation in either tail: softplus(+-x) = max(+-x, 0) + log1p(e), sigmoid(x) = (x &gt;= 0 ? 1 : e) / u,
+    /// sigmoid(-x) = (x &gt;= 0 ? e : 1) / u and sigmoid'(x) = e / u^2 (see <see cref="Logistic4"/>).
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static Logistic4 Logistic(Vector256<double> x, bool withLog = true)
+    {
+        var e = ExpDouble(-Vector256.Abs(x));
+        return new Logistic4(x, e, Vector256<double>.One + e, withLog ? Log1pUnit(e) : Vector256.Create(double.NaN));
+    }
+
+    /// <summary>The logistic functions of four float64 lanes from their shared parts (<see cref="Logistic"/>).</summary>
+    internal readonly struct Logistic4(Vector256<double> x, Vector256<double> e, Vector256<double> u, Vector256<double> log1p)
+    {
+        /// <summary>softplus(x) = log(1 + e^x) (needs the log: NaN without it).</summary>
+        public Vector256<double> Softplus => Vector256.Max(x, Vector256<double>.Zero) + log1p;
+
+        /// <summary>softplus(-x) = -log sigmoid(x) (needs the log).</summary>
+        public Vector256<double> SoftplusOfNegative => Vector256.Max(-x, Vector256<double>.Zero) + log1p;
+
+        /// <summary>sigmoid(x).</summary>
+        public Vector256<double> Sigmoid => Vector256.ConditionalSelect(Vector256.GreaterThanOrEqual(x, Vector256<double>.Zero), Vector256<double>.One, e) / u;
+
+        /// <summary>sigmoid(-x) = 1 - sigmoid(x).</summary>
+        public Vector256<double> SigmoidOfNegative => Vector256.ConditionalSelect(Vector256.GreaterThanOrEqual(x, Vector256<double>.Zero), e, Vector256<double>.One) / u;
+
+        /// <summary>sigmoid(x) sigmoid(-x), the slope of sigmoid.</summary>
+        public Vector256<double> SigmoidSlope => e / (u * u);
+    }
+
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static Vector256<double> Fma(Vector256<double> a, Vector256<double> b, Vector256<double> c)
     {
