@@ -145,8 +145,11 @@ public class SpecOracleTests
         var policy = P(new[] { -3.0, -9, -1 }, new[] { -4.0, -7, -2 });
         var reference = P(new[] { -3.5, -8, -1.5 }, new[] { -3.0, -7.5, -2.5 });
         using var odpo = OdpoLoss.Compute(policy, reference, new ResponseScores(T(1.5, 0.9, 3), T(0.2, 0.8, 1)), new OdpoOptions { Beta = 0.3, Alpha = 0 });
-        using var dpo = DpoLoss.Compute(policy, reference, new DpoOptions { Beta = 0.3 });
+        // bit for bit against DPO's op-by-op path, the same libtorch formula (its fused CPU pass agrees to float64 rounding)
+        using var dpo = DpoLoss.Compute(policy, reference, new DpoOptions { Beta = 0.3, FusedCpu = false });
         Assert.Equal(dpo.Loss.ToDouble(), odpo.Loss.ToDouble());
+        using var fused = DpoLoss.Compute(policy, reference, new DpoOptions { Beta = 0.3 });
+        Assert.Equal(fused.Loss.ToDouble(), odpo.Loss.ToDouble(), 15);
     }
 
     [Theory]
