@@ -16,8 +16,8 @@ public abstract record PreferenceLossOptions
 
     /// <summary>
     /// When true (the default), a loss written as a function of the pair's scores (<see cref="PairLink"/>, or
-    /// <see cref="MarginLink"/> of their margin: DPO, cDPO, robust DPO, hinge, IPO on sums, EXO, DiscoPOP, NCA, BCO paired,
-    /// APO-zero and APO-down, with any score map but APO-down's) runs on the CPU in one managed pass: log ratios, scores,
+    /// <see cref="MarginLink"/> of their margin: DPO, cDPO, robust DPO, hinge, IPO, EXO, DiscoPOP, NCA, BCO paired,
+    /// APO-zero, APO-down and sigmoid_norm, with any score map but APO-down's) runs on the CPU in one managed pass: log ratios, scores,
     /// the link's value and slopes, the standard metrics and the checks over the inputs' memory, returned through a
     /// surrogate whose value is the loss and whose gradient is the saved one. It agrees with the op-by-op path to float64 rounding (float64
     /// inputs) or float32 rounding (float32, bfloat16 and float16 inputs, computed in float64 then rounded), errors

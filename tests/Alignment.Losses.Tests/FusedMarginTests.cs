@@ -14,6 +14,7 @@ public class FusedMarginTests
         "dpo", "dpo_beta2", "cdpo", "robust", "hinge", "ipo", "exo_pair", "discopop",
         "dpo_js", "dpo_forward_kl", "cdpo_alpha", "hinge_js", "ipo_forward_kl", "exo_js", "discopop_alpha",
         "nca_pair", "nca_js", "bco_pair", "bco_forward_kl", "bco_alpha", "apo_zero", "apo_down",
+        "sigmoid_norm", "sigmoid_norm_js", "ipo_mean", "ipo_mean_alpha",
     }.Select(n => new object[] { n });
 
     static IPreferenceLoss Make(string name, bool fused) => name switch
@@ -40,15 +41,20 @@ public class FusedMarginTests
         "bco_alpha" => new BcoPairLoss(new BcoPairOptions { ScoreMap = ScoreMap.AlphaDivergence(3), FusedCpu = fused }),
         "apo_zero" => new ApoLoss(new ApoOptions { Beta = 0.2, FusedCpu = fused }),
         "apo_down" => new ApoLoss(new ApoOptions { Anchor = ApoAnchor.Down, FusedCpu = fused }),
+        "sigmoid_norm" => new SigmoidNormLoss(new SigmoidNormOptions { Beta = 2, FusedCpu = fused }),
+        "sigmoid_norm_js" => new SigmoidNormLoss(new SigmoidNormOptions { ScoreMap = ScoreMap.JensenShannon, FusedCpu = fused }),
+        "ipo_mean" => new IpoLoss(new IpoOptions { LogRatio = IpoLogRatio.PerTokenMean, FusedCpu = fused }),
+        "ipo_mean_alpha" => new IpoLoss(new IpoOptions { LogRatio = IpoLogRatio.PerTokenMean, ScoreMap = ScoreMap.AlphaDivergence(0.5), FusedCpu = fused }),
         _ => throw new ArgumentException(name),
     };
 
     static (Tensor Loss, Tensor PerExample, Tensor GradChosen, Tensor GradRejected, IReadOnlyDictionary<string, double> Metrics) Run(
-        IPreferenceLoss loss, Tensor chosen, Tensor rejected, Tensor? refChosen, Tensor? refRejected)
+        IPreferenceLoss loss, Tensor chosen, Tensor rejected, Tensor? refChosen, Tensor? refRejected, (Tensor Chosen, Tensor Rejected)? counts = null)
     {
         var c = chosen.detach().clone().requires_grad_(true);
         var r = rejected.detach().clone().requires_grad_(true);
-        using var result = loss.Compute(new PreferenceBatch(new PreferenceLogps(c, r), refChosen is null ? null : new PreferenceLogps(refChosen, refRejected!)));
+        using var result = loss.Compute(new PreferenceBatch(new PreferenceLogps(c, r, counts?.Chosen, counts?.Rejected),
+            refChosen is null ? null : new PreferenceLogps(refChosen, refRejected!)));
         result.Backward();
         return (result.Loss.detach().to_type(ScalarType.Float64).clone(), result.PerExample.detach().to_type(ScalarType.Float64).clone(),
             c.grad!.to_type(ScalarType.Float64).clone(), r.grad!.to_type(ScalarType.Float64).clone(), result.Metrics);
@@ -69,8 +75,10 @@ public class FusedMarginTests
                 Tensor L(long n) => (-(0.5 + spread * rand(new[] { n }, generator: g, dtype: ScalarType.Float64).pow(3))).to_type(dtype);
                 var (c, r) = (L(41), L(41));
                 var (rc, rr) = withReference ? (L(41), L(41)) : ((Tensor?)null, (Tensor?)null);
-                var fused = Run(Make(name, true), c, r, rc, rr);
-                var plain = Run(Make(name, false), c, r, rc, rr);
+                // token counts for the per-token losses (integers, as a collator gives them; the others ignore them)
+                var counts = (randint(1, 300, new long[] { 41 }, generator: g), randint(1, 300, new long[] { 41 }, generator: g));
+                var fused = Run(Make(name, true), c, r, rc, rr, counts);
+                var plain = Run(Make(name, false), c, r, rc, rr, counts);
                 double tol = dtype == ScalarType.Float64 ? 1e-12 : 2e-6;
                 void Close(Tensor a, Tensor b, string what)
                 {
@@ -97,10 +105,25 @@ public class FusedMarginTests
             (tensor(new[] { -1.0, -2.0, 0.5 }), tensor(new[] { -1.5, -1.0, -3.0 })),             // a positive log-prob
             (tensor(new[] { -1.0, -2.0, -1.0 }), tensor(new[] { double.NegativeInfinity, -1.0, -3.0 })),
         };
+        var good = tensor(new[] { 3.0, 5, 7 });
         foreach (var (c, r) in cases)
         {
-            var a = Assert.ThrowsAny<Exception>(() => Make(name, true).Compute(new PreferenceBatch(new PreferenceLogps(c, r))));
-            var b = Assert.ThrowsAny<Exception>(() => Make(name, false).Compute(new PreferenceBatch(new PreferenceLogps(c, r))));
+            var a = Assert.ThrowsAny<Exception>(() => Make(name, true).Compute(new PreferenceBatch(new PreferenceLogps(c, r, good, good))));
+            var b = Assert.ThrowsAny<Exception>(() => Make(name, false).Compute(new PreferenceBatch(new PreferenceLogps(c, r, good, good))));
+            Assert.Equal(b.GetType(), a.GetType());
+            Assert.Equal(b.Message, a.Message);
+        }
+        if (!name.StartsWith("sigmoid_norm") && !name.StartsWith("ipo_mean")) return;
+        // the per-token losses: counts missing, zero, NaN or infinite
+        var (pc, pr) = (tensor(new[] { -1.0, -2.0, -1.0 }), tensor(new[] { -1.5, -1.0, -3.0 }));
+        foreach (var (nw, nl) in new (Tensor?, Tensor?)[]
+        {
+            (null, null), (good, null), (tensor(new[] { 3.0, 0, 7 }), good), (good, tensor(new[] { 3.0, double.NaN, 7 })),
+            (good, tensor(new[] { double.PositiveInfinity, 2, 7 })), (tensor(new long[] { 3, -1, 7 }), good),
+        })
+        {
+            var a = Assert.ThrowsAny<Exception>(() => Make(name, true).Compute(new PreferenceBatch(new PreferenceLogps(pc, pr, nw, nl))));
+            var b = Assert.ThrowsAny<Exception>(() => Make(name, false).Compute(new PreferenceBatch(new PreferenceLogps(pc, pr, nw, nl))));
             Assert.Equal(b.GetType(), a.GetType());
             Assert.Equal(b.Message, a.Message);
         }
@@ -115,7 +138,8 @@ public class FusedMarginTests
             var c = (-rand(64) - 1).requires_grad_(true);
             var r = (-rand(64) - 1).requires_grad_(true);
             var (pc, pr) = (-rand(64) - 1, -rand(64) - 1);
-            var batch = new PreferenceBatch(new PreferenceLogps(c, r), new PreferenceLogps(pc, pr));
+            var n = randint(1, 300, new long[] { 64 });
+            var batch = new PreferenceBatch(new PreferenceLogps(c, r, n, n), new PreferenceLogps(pc, pr));
             var stats = DisposeScopeManager.Statistics;
             long before = stats.CreatedInScopeCount;
             using (var result = Make(name, fused).Compute(batch)) { }
@@ -219,6 +243,12 @@ public class FusedMarginTests
         once.Evaluate(w, l, b, ha, hb);
         Assert.Equal(b, a);
         Assert.Equal(ha, ga);
+        // a per-token link needs the batch's counts: evaluated alone it says so
+        var perToken = link.OnScores(ScoreMap.ReverseKl, perTokenMeans: true);
+        Assert.NotSame(link, perToken);
+        var error = Assert.Throws<InvalidOperationException>(() => perToken.Evaluate(w, l, a, ga, gb));
+        Assert.Contains("token counts", error.Message);
+        Assert.Same(link, perToken.OnScores(ScoreMap.ReverseKl));          // and a second call replaces the averaging too
     }
 
     [Fact]

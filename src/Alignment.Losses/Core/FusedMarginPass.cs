@@ -65,7 +65,7 @@ internal static unsafe class FusedMarginPass
         string name, ScalarType dtype)
     {
         int n = (int)batch.Policy.ChosenCount;
-        var buffer = System.Buffers.ArrayPool<double>.Shared.Rent(7 * n);        // no large-object-heap allocation per call
+        var buffer = System.Buffers.ArrayPool<double>.Shared.Rent(9 * n);        // no large-object-heap allocation per call
         try
         {
             return Pass(batch, link, rewardScale, checkFinite, checkLogProbs, name, dtype, n, buffer);
@@ -139,6 +139,18 @@ internal static unsafe class FusedMarginPass
         // the link writes its values over the chosen inputs' copy (no longer needed); rw and rl now hold u_w and u_l
         var losses = xw;
         if (margin is not null) margin.Evaluate(h, losses, slope);
+        else if (link is PairLink.ScoredLink { PerTokenMeans: true } perToken)
+        {
+            // the per-token means' counts: missing, or not finite and > 0, and the op-by-op path names the problem
+            var (countsW, countsL) = (policy.ChosenTokenCounts, policy.RejectedTokenCounts);
+            if (countsW is null || countsL is null) return null;
+            Span<double> nw = buffer.AsSpan(7 * n, n), nl = buffer.AsSpan(8 * n, n);
+            Read(countsW, nw);
+            Read(countsL, nl);
+            for (int j = 0; j < n; j++)
+                if (!(nw[j] > 0 && nw[j] < double.PositiveInfinity && nl[j] > 0 && nl[j] < double.PositiveInfinity)) return null;
+            perToken.Evaluate(rw, rl, nw, nl, losses, slope, other);
+        }
         else link.Evaluate(rw, rl, losses, slope, other);
         // the mean loss, and every value within the compute dtype's range (what the op-by-op path computes in float32 must
         // fit float32 too: past its range that path reports the overflow)

@@ -30,14 +30,18 @@ public abstract class PairLink
     /// The same link of the scores phi(u) of <paramref name="map"/> instead of the log ratios u (this link itself for
     /// <see cref="ScoreMap.ReverseKl"/>, whose phi is the identity): what a loss with a <c>ScoreMap</c> option returns.
     /// The pass computes phi and phi' as <see cref="ScoreMap.Apply"/> does, in float64 (the exponent clamped at
-    /// <see cref="ScoreMap.ExponentClamp"/>, with slope 0 past it).
+    /// <see cref="ScoreMap.ExponentClamp"/>, with slope 0 past it). With <paramref name="perTokenMeans"/>, of the scores'
+    /// per-token means phi(u) / n instead, n being the batch's completion-token counts
+    /// (<see cref="PreferenceLogps.ChosenTokenCounts"/>, <see cref="PreferenceLogps.RejectedTokenCounts"/>), as TRL maps
+    /// the scores and then averages them (a batch without counts runs op by op, whose error names what is missing).
+    /// A second call replaces the first one's map and averaging.
     /// </summary>
     /// <exception cref="ArgumentNullException"><paramref name="map"/> is null.</exception>
-    public PairLink OnScores(ScoreMap map)
+    public PairLink OnScores(ScoreMap map, bool perTokenMeans = false)
     {
         ArgumentNullException.ThrowIfNull(map);
-        if (map.Kind == ScoreMapKind.ReverseKl) return this;
-        return new ScoredLink(this is ScoredLink s ? s.Inner : this, map);
+        var inner = this is ScoredLink s ? s.Inner : this;
+        return map.Kind == ScoreMapKind.ReverseKl && !perTokenMeans ? inner : new ScoredLink(inner, map, perTokenMeans);
     }
 
     /// <summary>A link from a function returning (value, df/ds_w, df/ds_l) at one pair of scores (one delegate call per pair).</summary>
@@ -57,15 +61,28 @@ public abstract class PairLink
     /// <summary>APO-down: sigmoid(r_w) + sigmoid(-beta (u_w - u_l)) with r = beta u.</summary>
     internal static PairLink ApoDown(double beta) => new ApoDownLink(beta);
 
-    /// <summary>The link and the score map it reads (see <see cref="OnScores"/>).</summary>
-    internal sealed class ScoredLink(PairLink inner, ScoreMap map) : PairLink
+    /// <summary>The link, the score map it reads and whether of per-token means (see <see cref="OnScores"/>).</summary>
+    internal sealed class ScoredLink(PairLink inner, ScoreMap map, bool perTokenMeans) : PairLink
     {
         internal PairLink Inner { get; } = inner;
 
         internal ScoreMap Map { get; } = map;
 
+        internal bool PerTokenMeans { get; } = perTokenMeans;
+
+        /// <inheritdoc />
+        /// <exception cref="InvalidOperationException">The link reads per-token means, whose token counts these spans lack.</exception>
         public override void Evaluate(ReadOnlySpan<double> chosen, ReadOnlySpan<double> rejected, Span<double> losses,
             Span<double> chosenSlopes, Span<double> rejectedSlopes)
+        {
+            if (PerTokenMeans)
+                throw new InvalidOperationException("This link reads the per-token means of the scores, so it needs the batch's token counts: the loss's fused pass evaluates it. Evaluate the inner link on phi(u) / n yourself.");
+            Evaluate(chosen, rejected, default, default, losses, chosenSlopes, rejectedSlopes);
+        }
+
+        /// <summary>With the token counts of both sides when <see cref="PerTokenMeans"/> (finite and &gt; 0: the pass has checked).</summary>
+        internal void Evaluate(ReadOnlySpan<double> chosen, ReadOnlySpan<double> rejected, ReadOnlySpan<double> chosenCounts, ReadOnlySpan<double> rejectedCounts,
+            Span<double> losses, Span<double> chosenSlopes, Span<double> rejectedSlopes)
         {
             int n = chosen.Length;
             var buffer = System.Buffers.ArrayPool<double>.Shared.Rent(4 * n);
@@ -74,6 +91,12 @@ public abstract class PairLink
                 Span<double> sw = buffer.AsSpan(0, n), sl = buffer.AsSpan(n, n), dw = buffer.AsSpan(2 * n, n), dl = buffer.AsSpan(3 * n, n);
                 ApplyMap(Map, chosen, sw, dw);
                 ApplyMap(Map, rejected, sl, dl);
+                if (PerTokenMeans)
+                    for (int i = 0; i < n; i++)
+                    {
+                        (sw[i], dw[i]) = (sw[i] / chosenCounts[i], dw[i] / chosenCounts[i]);
+                        (sl[i], dl[i]) = (sl[i] / rejectedCounts[i], dl[i] / rejectedCounts[i]);
+                    }
                 Inner.Evaluate(sw, sl, losses, chosenSlopes, rejectedSlopes);
                 for (int i = 0; i < n; i++)
                 {

@@ -41,7 +41,7 @@ public sealed class IpoLoss : PreferenceLoss<IpoOptions>
     protected override double RewardScale => Options.Beta;
 
     /// <inheritdoc />
-    protected override PairLink? Link => Options.LogRatio == IpoLogRatio.Sum ? MarginLink.Square(TargetMargin).OnScores(Options.ScoreMap) : null;
+    protected override PairLink? Link => MarginLink.Square(TargetMargin).OnScores(Options.ScoreMap, perTokenMeans: Options.LogRatio == IpoLogRatio.PerTokenMean);
 
     /// <summary>The margin 1 / (2 beta) that IPO regresses h~ onto.</summary>
     public double TargetMargin => 1 / (2 * Options.Beta);

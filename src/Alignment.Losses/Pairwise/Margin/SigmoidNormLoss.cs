@@ -24,6 +24,9 @@ public sealed class SigmoidNormLoss : PreferenceLoss<SigmoidNormOptions>
     protected override double RewardScale => Options.Beta;
 
     /// <inheritdoc />
+    protected override PairLink? Link => MarginLink.Logistic(Options.Beta).OnScores(Options.ScoreMap, perTokenMeans: true);
+
+    /// <inheritdoc />
     protected override LossOutput Evaluate(PreferenceTerms terms, PreferenceBatch batch)
     {
         var (nw, nl) = terms.TokenCounts(Name);
