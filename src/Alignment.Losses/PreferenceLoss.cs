@@ -187,6 +187,21 @@ public abstract class PreferenceLoss<TOptions> : IPreferenceLoss, IDeferredState
             (batch.Policy.Chosen, "policy.Chosen"), (batch.Policy.Rejected, "policy.Rejected"),
             (batch.Reference?.Chosen!, "reference.Chosen"), (batch.Reference?.Rejected!, "reference.Rejected"),
         }.Where(i => i.Tensor is not null).ToArray();
+        Exception Error()
+        {
+            using var noGrad = no_grad();
+            var (tensor, name) = inputs.First(i => (i.Tensor.detach() > LogProbTolerance).any().item<bool>());
+            double largest = tensor.detach().max().to_type(ScalarType.Float64).item<double>();
+            return new ArgumentException(
+                $"{name} holds positive values (the largest is {largest:G4}), but a sequence log-prob is a sum of log-probabilities, " +
+                $"so it is at most 0. Were logits, rewards or scores passed instead of log-probs? (The {Name} loss reads log-probs.)", name);
+        }
+        if (TensorMemory.HostVectors(inputs.Select(i => i.Tensor).ToArray()))
+        {
+            // on the CPU the memory is read directly: no tensor ops, the verdict in order with the others
+            checks.AddVerdict(!inputs.Any(i => TensorMemory.AnyAbove(i.Tensor, LogProbTolerance)), Error);
+            return;
+        }
         using (no_grad())
         {
             Tensor? any = null;
@@ -195,15 +210,7 @@ public abstract class PreferenceLoss<TOptions> : IPreferenceLoss, IDeferredState
                 var positive = (t.detach() > LogProbTolerance).any();
                 any = any is null ? positive : any | positive;
             }
-            checks.Add(any!.logical_not(), () =>
-            {
-                using var noGrad = no_grad();
-                var (tensor, name) = inputs.First(i => (i.Tensor.detach() > LogProbTolerance).any().item<bool>());
-                double largest = tensor.detach().max().to_type(ScalarType.Float64).item<double>();
-                return new ArgumentException(
-                    $"{name} holds positive values (the largest is {largest:G4}), but a sequence log-prob is a sum of log-probabilities, " +
-                    $"so it is at most 0. Were logits, rewards or scores passed instead of log-probs? (The {Name} loss reads log-probs.)", name);
-            });
+            checks.Add(any!.logical_not(), Error);
         }
     }
 

@@ -22,8 +22,8 @@ public abstract record PreferenceLossOptions
     /// surrogate whose value is the loss and whose gradient is the saved one. It agrees with the op-by-op path to float64 rounding (float64
     /// inputs) or float32 rounding (float32, bfloat16 and float16 inputs, computed in float64 then rounded), errors
     /// included (a failed check reruns op by op, which names the input). The surrogate has no second derivative: set
-    /// false for double backward (or to compare the two paths). CUDA tensors, unpaired batches and example weights
-    /// always run op by op.
+    /// false for double backward (or to compare the two paths). CUDA tensors, unpaired batches, example weights and
+    /// batches of more than 16.7 million pairs always run op by op.
     /// </summary>
     public bool FusedCpu { get; init; } = true;
 }

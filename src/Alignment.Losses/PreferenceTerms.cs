@@ -143,6 +143,12 @@ public sealed class PreferenceTerms
         (Tensor Chosen, Tensor Rejected)? logps = null)
     {
         using var _ = no_grad();
+        {
+            // on the CPU straight from the memory: no detached views, no stacked copy
+            var (hc, hr, hlc, hlr) = (rewards?.Chosen ?? ChosenLogRatio, rewards?.Rejected ?? RejectedLogRatio, logps?.Chosen ?? PolicyChosen, logps?.Rejected ?? PolicyRejected);
+            if (TensorMemory.HostVectors(perExample, hc, hr, hlc, hlr))
+                return HostMetrics(perExample, hc, hr, hlc, hlr, rewards is null ? rewardScale : 1);
+        }
         var chosen = rewards is { } r ? Numerics.As(r.Chosen.detach(), DType) : ChosenLogRatio.detach();
         var rejected = rewards is { } r2 ? Numerics.As(r2.Rejected.detach(), DType) : RejectedLogRatio.detach();
         var logpChosen = logps is { } l ? Numerics.As(l.Chosen.detach(), DType) : PolicyChosen.detach();
@@ -171,6 +177,56 @@ public sealed class PreferenceTerms
         packed.narrow(0, 1, 3).mul_(rewardScale);                             // beta * [u_w, u_l, h] = rewards and margin
         return packed;
     }
+
+    /// <summary>
+    /// <see cref="LossAndStandardMetrics"/> on the CPU: the same seven values from the tensors' memory, summed in float64
+    /// in one managed pass (no tensor ops but the result's and the unpaired accuracy's sort).
+    /// </summary>
+    private Tensor HostMetrics(Tensor perExample, Tensor chosen, Tensor rejected, Tensor logpChosen, Tensor logpRejected, double rewardScale)
+    {
+        var pool = System.Buffers.ArrayPool<double>.Shared;
+        var arrays = new[] { perExample, chosen, rejected, logpChosen, logpRejected }.Select(TensorMemory.RentDoubles).ToArray();
+        try
+        {
+            int np = (int)perExample.shape[0], nc = (int)chosen.shape[0], nr = (int)rejected.shape[0];
+            ReadOnlySpan<double> pe = arrays[0].AsSpan(0, np), c = arrays[1].AsSpan(0, nc), r = arrays[2].AsSpan(0, nr),
+                lc = arrays[3].AsSpan(0, (int)logpChosen.shape[0]), lr = arrays[4].AsSpan(0, (int)logpRejected.shape[0]);
+            static double Sum(ReadOnlySpan<double> x)
+            {
+                double total = 0;
+                foreach (var v in x) total += v;
+                return total;
+            }
+            static double Mean(ReadOnlySpan<double> x) => x.Length == 0 ? 0 : Sum(x) / x.Length;   // an empty unpaired side: 0, never NaN
+            double meanChosen = Mean(c), meanRejected = Mean(r), meanMargin, accuracy;
+            if (IsPaired)
+            {
+                // margin and wins per pair (the sign of c - r in float64 is that of the float32 difference, so the same wins)
+                double margins = 0, wins = 0;
+                for (int i = 0; i < nc; i++)
+                {
+                    double m = c[i] - r[i];
+                    margins += m;
+                    if (m > 0) wins++;
+                }
+                meanMargin = np == nc ? margins / nc : meanChosen - meanRejected;
+                accuracy = wins / nc;
+            }
+            else
+            {
+                meanMargin = meanChosen - meanRejected;
+                using var all = AllPairsAccuracy(chosen, rejected);    // libtorch's sort and binary search: faster than Array.Sort here
+                accuracy = all.to_type(ScalarType.Float64).item<double>();
+            }
+            double[] values = { Sum(pe) / np, meanChosen * rewardScale, meanRejected * rewardScale, meanMargin * rewardScale, accuracy, Mean(lc), Mean(lr) };
+            return TensorMemory.FromValues(values, DType);
+        }
+        finally
+        {
+            foreach (var a in arrays) pool.Return(a);
+        }
+    }
+
 }
 
 /// <summary>What a loss's formula produces: per-example losses (with grad) and its own metrics.</summary>

@@ -19,7 +19,7 @@ namespace Alignment.Losses;
 /// </remarks>
 public sealed class ValueChecks
 {
-    private readonly List<(Tensor Ok, Func<Exception> Error)> _checks = new();
+    private readonly List<(Tensor? Ok, bool Verdict, Func<Exception> Error)> _checks = new();
 
     internal ValueChecks() { }
 
@@ -38,28 +38,34 @@ public sealed class ValueChecks
         Guard.Usable(ok, nameof(ok));
         if (ok.dtype != ScalarType.Bool || ok.numel() != 1)
             throw new ArgumentException($"ok must be a one-element bool tensor such as (x >= 0).all(); got {ok.dtype} {Guard.Shape(ok)}.", nameof(ok));
-        _checks.Add((ok.detach().reshape(Array.Empty<long>()), error));
+        _checks.Add((ok.detach().reshape(Array.Empty<long>()), false, error));
     }
+
+    /// <summary>
+    /// Registers a check whose verdict is already known on the host (the library's CPU paths read the memory directly),
+    /// reported in the same order as the tensor checks around it.
+    /// </summary>
+    internal void AddVerdict(bool ok, Func<Exception> error) => _checks.Add((null, ok, error));
 
     /// <summary>Reads every verdict with one synchronisation and throws the first failing check's error. A no-op without checks.</summary>
     internal void Verify()
     {
         if (_checks.Count == 0) return;
-        bool[] verdicts;
+        var tensors = _checks.Where(c => c.Ok is not null).Select(c => c.Ok!).ToArray();
+        bool[] read = Array.Empty<bool>();
         using (no_grad())
         {
-            if (_checks.Count == 1)
+            if (tensors.Length == 1)
+                read = new[] { tensors[0].item<bool>() };
+            else if (tensors.Length > 1)
             {
-                verdicts = new[] { _checks[0].Ok.item<bool>() };
-            }
-            else
-            {
-                using var all = stack(_checks.Select(c => c.Ok).ToArray());
+                using var all = stack(tensors);
                 using var host = all.cpu();
-                verdicts = host.data<bool>().ToArray();
+                read = host.data<bool>().ToArray();
             }
         }
-        for (int i = 0; i < verdicts.Length; i++)
-            if (!verdicts[i]) throw _checks[i].Error();
+        int next = 0;
+        foreach (var (ok, verdict, error) in _checks)
+            if (!(ok is null ? verdict : read[next++])) throw error();
     }
 }

@@ -14,47 +14,19 @@ namespace Alignment.Losses.Internal;
 /// </summary>
 internal static unsafe class FusedMarginPass
 {
-    /// <summary>Whether the batch can take the fused path: CPU, paired, floating inputs, no example weights.</summary>
+    /// <summary>
+    /// The largest batch the pass takes: its float64 scratch is 9 values a pair (1.2 GB at this size); a larger batch
+    /// runs op by op, in the inputs' own dtype.
+    /// </summary>
+    internal const long MaxPairs = 1 << 24;
+
+    /// <summary>Whether the batch can take the fused path: CPU, paired, floating inputs, no example weights, at most <see cref="MaxPairs"/> pairs.</summary>
     internal static bool Applies(PreferenceBatch batch)
     {
         var p = batch.Policy;
         if (!p.IsPaired || batch.ExampleWeights is not null || p.Device.type != DeviceType.CPU) return false;
-        if (p.ChosenCount > int.MaxValue / 2) return false;
+        if (p.ChosenCount > MaxPairs) return false;
         return batch.Reference is null || batch.Reference.Device.type == DeviceType.CPU;
-    }
-
-    /// <summary>The values of a 1-D CPU tensor as float64 into <paramref name="into"/> (a copy: the pass reads each once).</summary>
-    private static void Read(Tensor t, Span<double> into)
-    {
-        var dtype = t.dtype;
-        if (dtype is ScalarType.Float32 or ScalarType.Float64 && t.is_contiguous())
-        {
-            Copy(t, dtype, into);                                // the memory as it is: no handle, no copy in libtorch
-            return;
-        }
-        using var scope = NewDisposeScope();
-        var x = t.detach().to_type(dtype == ScalarType.Float64 ? ScalarType.Float64 : ScalarType.Float32).contiguous();
-        Copy(x, x.dtype, into);
-    }
-
-    private static void Copy(Tensor x, ScalarType dtype, Span<double> into)
-    {
-        int n = into.Length;
-        if (dtype == ScalarType.Float64)
-            new ReadOnlySpan<double>(TensorMemory.Address(x), n).CopyTo(into);
-        else
-        {
-            var f = (float*)TensorMemory.Address(x);
-            int i = 0;
-            if (Vector256.IsHardwareAccelerated)
-                for (; i + 8 <= n; i += 8)                       // eight floats widened to two vectors of four doubles (exact)
-                {
-                    var v = Vector256.Load(f + i);
-                    Vector256.WidenLower(v).CopyTo(into.Slice(i, 4));
-                    Vector256.WidenUpper(v).CopyTo(into.Slice(i + 4, 4));
-                }
-            for (; i < n; i++) into[i] = f[i];
-        }
     }
 
     /// <summary>
@@ -84,12 +56,12 @@ internal static unsafe class FusedMarginPass
         Span<double> xw = buffer.AsSpan(0, n), xl = buffer.AsSpan(n, n), rw = buffer.AsSpan(2 * n, n), rl = buffer.AsSpan(3 * n, n),
             h = buffer.AsSpan(4 * n, n), slope = buffer.AsSpan(5 * n, n), other = buffer.AsSpan(6 * n, n);
         var margin = link as MarginLink;                      // one slope (dL/dh), or a slope per side
-        Read(policy.Chosen, xw);
-        Read(policy.Rejected, xl);
+        TensorMemory.ReadDoubles(policy.Chosen, xw);
+        TensorMemory.ReadDoubles(policy.Rejected, xl);
         if (reference is not null)
         {
-            Read(reference.Chosen, rw);
-            Read(reference.Rejected, rl);
+            TensorMemory.ReadDoubles(reference.Chosen, rw);
+            TensorMemory.ReadDoubles(reference.Rejected, rl);
         }
         else
         {
@@ -145,8 +117,8 @@ internal static unsafe class FusedMarginPass
             var (countsW, countsL) = (policy.ChosenTokenCounts, policy.RejectedTokenCounts);
             if (countsW is null || countsL is null) return null;
             Span<double> nw = buffer.AsSpan(7 * n, n), nl = buffer.AsSpan(8 * n, n);
-            Read(countsW, nw);
-            Read(countsL, nl);
+            TensorMemory.ReadDoubles(countsW, nw);
+            TensorMemory.ReadDoubles(countsL, nl);
             for (int j = 0; j < n; j++)
                 if (!(nw[j] > 0 && nw[j] < double.PositiveInfinity && nl[j] > 0 && nl[j] < double.PositiveInfinity)) return null;
             perToken.Evaluate(rw, rl, nw, nl, losses, slope, other);

@@ -33,6 +33,29 @@ internal static class LossEngine
         IReadOnlyList<(string Name, Tensor Value)>? metrics, ScalarType dtype)
     {
         using var noGrad = no_grad();
+        if (TensorMemory.HostVectors(head) && (metrics ?? Array.Empty<(string, Tensor)>()).All(m => m.Value.device_type == DeviceType.CPU))
+        {
+            // the CPU: one tensor built from the values (each metric read with item, no views or copies)
+            var values = TensorMemory.RentDoubles(head);
+            int count = (int)head.shape[0];
+            try
+            {
+                var all = new double[count + (metrics?.Count ?? 0)];
+                values.AsSpan(0, count).CopyTo(all);
+                for (int i = 0; i < (metrics?.Count ?? 0); i++)
+                    all[count + i] = metrics![i].Value.dtype switch
+                    {
+                        ScalarType.Float32 => metrics[i].Value.item<float>(),
+                        ScalarType.Float64 => metrics[i].Value.item<double>(),
+                        _ => metrics[i].Value.to_type(ScalarType.Float64).item<double>(),
+                    };
+                return (TensorMemory.FromValues(all, dtype), headNames.Concat(metrics?.Select(m => m.Name) ?? Array.Empty<string>()).ToArray());
+            }
+            finally
+            {
+                System.Buffers.ArrayPool<double>.Shared.Return(values);
+            }
+        }
         var packed = Numerics.As(head.detach(), dtype).reshape(-1);
         var names = headNames.ToList();
         if (metrics is { Count: > 0 })
@@ -51,7 +74,15 @@ internal static class LossEngine
     /// </summary>
     internal static void Verify(ValueChecks checks, Tensor packed, bool checkFinite, Func<Exception> notFinite)
     {
-        if (checkFinite)
+        if (checkFinite && TensorMemory.HostVectors(packed))
+        {
+            var values = TensorMemory.RentDoubles(packed);                // the CPU: read in place, no tensor ops
+            bool finite = true;
+            for (int i = 0; i < packed.shape[0]; i++) finite &= double.IsFinite(values[i]);
+            System.Buffers.ArrayPool<double>.Shared.Return(values);
+            checks.AddVerdict(finite, notFinite);
+        }
+        else if (checkFinite)
         {
             using (no_grad())
                 checks.Add(isfinite(packed).all(), notFinite);

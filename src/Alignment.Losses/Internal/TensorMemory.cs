@@ -1,3 +1,4 @@
+using System.Runtime.Intrinsics;
 using System.Runtime.InteropServices;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -33,6 +34,90 @@ internal static unsafe class TensorMemory
             for (int i = 0; i < values.Length; i++) f[i] = (float)values[i];
         }
         return t;
+    }
+
+    /// <summary>
+    /// The values of a 1-D CPU tensor as float64 into <paramref name="into"/> (its length): contiguous float32, float64,
+    /// int64 and int32 memory is read in place (no handle); another dtype or layout through one converted copy.
+    /// </summary>
+    internal static void ReadDoubles(Tensor t, Span<double> into)
+    {
+        var dtype = t.dtype;
+        if (dtype is ScalarType.Float32 or ScalarType.Float64 or ScalarType.Int64 or ScalarType.Int32 && t.is_contiguous())
+        {
+            Copy(t, dtype, into);                                // the memory as it is: no handle, no copy in libtorch
+            return;
+        }
+        using var scope = NewDisposeScope();
+        var x = t.detach().to_type(dtype == ScalarType.Float64 ? ScalarType.Float64 : ScalarType.Float32).contiguous();
+        Copy(x, x.dtype, into);
+    }
+
+    private static void Copy(Tensor x, ScalarType dtype, Span<double> into)
+    {
+        int n = into.Length;
+        if (dtype == ScalarType.Float64)
+            new ReadOnlySpan<double>(Address(x), n).CopyTo(into);
+        else if (dtype == ScalarType.Int64)                      // token counts, as a collator gives them
+        {
+            var v = new ReadOnlySpan<long>(Address(x), n);
+            for (int i = 0; i < n; i++) into[i] = v[i];
+        }
+        else if (dtype == ScalarType.Int32)
+        {
+            var v = new ReadOnlySpan<int>(Address(x), n);
+            for (int i = 0; i < n; i++) into[i] = v[i];
+        }
+        else
+        {
+            var f = (float*)Address(x);
+            int i = 0;
+            if (Vector256.IsHardwareAccelerated)
+                for (; i + 8 <= n; i += 8)                       // eight floats widened to two vectors of four doubles (exact)
+                {
+                    var v = Vector256.Load(f + i);
+                    Vector256.WidenLower(v).CopyTo(into.Slice(i, 4));
+                    Vector256.WidenUpper(v).CopyTo(into.Slice(i + 4, 4));
+                }
+            for (; i < n; i++) into[i] = f[i];
+        }
+    }
+
+    /// <summary>Whether every given tensor (nulls aside) is a 1-D CPU tensor: what <see cref="ReadDoubles"/> reads.</summary>
+    internal static bool HostVectors(params Tensor?[] tensors)
+    {
+        foreach (var t in tensors)
+            if (t is not null && (t.device_type != DeviceType.CPU || t.dim() != 1)) return false;
+        return true;
+    }
+
+    /// <summary>The values of a 1-D CPU tensor as float64, in a pooled array of at least its length (return it to the pool).</summary>
+    internal static double[] RentDoubles(Tensor t)
+    {
+        var values = System.Buffers.ArrayPool<double>.Shared.Rent((int)t.shape[0]);
+        ReadDoubles(t, values.AsSpan(0, (int)t.shape[0]));
+        return values;
+    }
+
+    /// <summary>Whether a 1-D CPU tensor holds a value above <paramref name="limit"/> (NaN is not above anything).</summary>
+    internal static bool AnyAbove(Tensor t, double limit)
+    {
+        int n = (int)t.shape[0];
+        var values = RentDoubles(t);
+        try
+        {
+            var span = values.AsSpan(0, n);
+            var (v, above) = (Vector256.Create(limit), Vector256<double>.Zero);
+            int i = 0;
+            for (; i + 4 <= n; i += 4) above |= Vector256.GreaterThan(Vector256.Create(span.Slice(i, 4)), v);
+            bool any = above != Vector256<double>.Zero;
+            for (; i < n; i++) any |= span[i] > limit;
+            return any;
+        }
+        finally
+        {
+            System.Buffers.ArrayPool<double>.Shared.Return(values);
+        }
     }
 
     private const int MadvHugePage = 14;        // MADV_HUGEPAGE (Linux)
