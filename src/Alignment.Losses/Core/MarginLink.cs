@@ -65,7 +65,7 @@ public abstract class MarginLink : PairLink
     /// The smoothed logistic link of DPO, cDPO and robust DPO: softplus(-z) + c z with z = beta h, slope
     /// beta (c - sigmoid(-z)). c = 0: DPO; c = eps: cDPO; c = -eps / (1 - 2 eps): robust DPO.
     /// </summary>
-    internal static MarginLink Logistic(double beta, double linear = 0) => new LogisticLink(beta, linear);
+    internal static MarginLink Logistic(double beta, double linear = 0) => new LaneLink<LogisticKernel>(new LogisticKernel(beta, linear));
 
     /// <summary>Hinge: relu(1 - beta h), slope -beta where 1 - beta h &gt; 0 (0 at the kink, as libtorch's relu).</summary>
     internal static MarginLink Hinge(double beta) => new HingeLink(beta);
@@ -77,72 +77,61 @@ public abstract class MarginLink : PairLink
     /// EXO: with z = beta h, q = sigmoid(z), c = z + ln eps - ln(1 - eps): L = -softplus(-z) - sigmoid(-z) c - ln(1 - eps)
     /// for z &gt;= 0 and -softplus(z) + sigmoid(z) c - ln eps below; dL/dz = q (1 - q) c.
     /// </summary>
-    internal static MarginLink Exo(double beta, double eps) => new ExoLink(beta, eps);
+    internal static MarginLink Exo(double beta, double eps) => new LaneLink<ExoKernel>(new ExoKernel(beta, Math.Log(1 - eps), Math.Log(eps)));
 
     /// <summary>
     /// DiscoPOP: with z = beta h, t = z / tau, m = sigmoid(t), E = m e^-z = exp(-softplus(-t) - z):
     /// L = (1 - m) softplus(-z) + E; dL/dz = -(m (1 - m) / tau) softplus(-z) - (1 - m) sigmoid(-z) + ((1 - m) / tau - 1) E.
     /// </summary>
-    internal static MarginLink DiscoPop(double beta, double tau) => new DiscoPopLink(beta, tau);
+    internal static MarginLink DiscoPop(double beta, double tau) => new LaneLink<DiscoPopKernel>(new DiscoPopKernel(beta, tau));
 
-    private sealed class ExoLink(double beta, double eps) : MarginLink
+    /// <summary>A margin link whose formula is a lane kernel (the built-in smooth links); the kernel writes its slope to both outputs.</summary>
+    private sealed class LaneLink<TK>(TK kernel) : MarginLink where TK : struct, PairLink.ILanes
     {
         public override void Evaluate(ReadOnlySpan<double> margins, Span<double> losses, Span<double> slopes) =>
-            PairLink.Lanes.Run(new Kernel(beta, Math.Log(1 - eps), Math.Log(eps)), margins, margins, losses, slopes, slopes);
+            PairLink.Lanes.Run(kernel, margins, margins, losses, slopes, slopes);
+    }
 
-        /// <summary>With c = z + ln eps - ln(1 - eps): z &gt;= 0: -softplus(-z) - sigmoid(-z) c - ln(1 - eps), below -softplus(z) + sigmoid(z) c - ln eps; slope beta q (1 - q) c.</summary>
-        private readonly struct Kernel(double beta, double a, double b) : PairLink.ILanes
+    /// <summary>With c = z + ln eps - ln(1 - eps): z &gt;= 0: -softplus(-z) - sigmoid(-z) c - ln(1 - eps), below -softplus(z) + sigmoid(z) c - ln eps; slope beta q (1 - q) c.</summary>
+    private readonly struct ExoKernel(double beta, double a, double b) : PairLink.ILanes
+    {
+        public (Vector256<double>, Vector256<double>, Vector256<double>) At(Vector256<double> h, Vector256<double> _)
         {
-            public (Vector256<double>, Vector256<double>, Vector256<double>) At(Vector256<double> h, Vector256<double> _)
-            {
-                var z = Vector256.Create(beta) * h;
-                var c = z + Vector256.Create(b - a);
-                var g = Lane.Logistic(z);
-                var positive = -g.SoftplusOfNegative - g.SigmoidOfNegative * c - Vector256.Create(a);
-                var negative = -g.Softplus + g.Sigmoid * c - Vector256.Create(b);
-                var slope = Vector256.Create(beta) * g.SigmoidSlope * c;
-                return (Vector256.ConditionalSelect(Vector256.GreaterThanOrEqual(z, Vector256<double>.Zero), positive, negative), slope, slope);
-            }
+            var z = Vector256.Create(beta) * h;
+            var c = z + Vector256.Create(b - a);
+            var g = Lane.Logistic(z);
+            var positive = -g.SoftplusOfNegative - g.SigmoidOfNegative * c - Vector256.Create(a);
+            var negative = -g.Softplus + g.Sigmoid * c - Vector256.Create(b);
+            var slope = Vector256.Create(beta) * g.SigmoidSlope * c;
+            return (Vector256.ConditionalSelect(Vector256.GreaterThanOrEqual(z, Vector256<double>.Zero), positive, negative), slope, slope);
         }
     }
 
-    private sealed class DiscoPopLink(double beta, double tau) : MarginLink
+    /// <summary>With z = beta h, t = z / tau, m = sigmoid(t), E = exp(-softplus(-t) - z): (1 - m) softplus(-z) + E and its slope.</summary>
+    private readonly struct DiscoPopKernel(double beta, double tau) : PairLink.ILanes
     {
-        public override void Evaluate(ReadOnlySpan<double> margins, Span<double> losses, Span<double> slopes) =>
-            PairLink.Lanes.Run(new Kernel(beta, tau), margins, margins, losses, slopes, slopes);
-
-        /// <summary>With z = beta h, t = z / tau, m = sigmoid(t), E = exp(-softplus(-t) - z): (1 - m) softplus(-z) + E and its slope.</summary>
-        private readonly struct Kernel(double beta, double tau) : PairLink.ILanes
+        public (Vector256<double>, Vector256<double>, Vector256<double>) At(Vector256<double> h, Vector256<double> _)
         {
-            public (Vector256<double>, Vector256<double>, Vector256<double>) At(Vector256<double> h, Vector256<double> _)
-            {
-                var z = Vector256.Create(beta) * h;
-                var (gz, gt) = (Lane.Logistic(z), Lane.Logistic(z / Vector256.Create(tau)));
-                var (m, rest, spz) = (gt.Sigmoid, gt.SigmoidOfNegative, gz.SoftplusOfNegative);
-                var exponential = Lane.ExpDouble(-gt.SoftplusOfNegative - z);
-                var inverseTau = Vector256.Create(1 / tau);
-                var slope = Vector256.Create(beta) * (-(m * rest * inverseTau) * spz - rest * gz.SigmoidOfNegative + (rest * inverseTau - Vector256<double>.One) * exponential);
-                return (rest * spz + exponential, slope, slope);
-            }
+            var z = Vector256.Create(beta) * h;
+            var (gz, gt) = (Lane.Logistic(z), Lane.Logistic(z / Vector256.Create(tau)));
+            var (m, rest, spz) = (gt.Sigmoid, gt.SigmoidOfNegative, gz.SoftplusOfNegative);
+            var exponential = Lane.ExpDouble(-gt.SoftplusOfNegative - z);
+            var inverseTau = Vector256.Create(1 / tau);
+            var slope = Vector256.Create(beta) * (-(m * rest * inverseTau) * spz - rest * gz.SigmoidOfNegative + (rest * inverseTau - Vector256<double>.One) * exponential);
+            return (rest * spz + exponential, slope, slope);
         }
     }
 
-    private sealed class LogisticLink(double beta, double linear) : MarginLink
+    /// <summary>softplus(-z) + c z with z = beta h; slope beta (c - sigmoid(-z)).</summary>
+    private readonly struct LogisticKernel(double beta, double linear) : PairLink.ILanes
     {
-        public override void Evaluate(ReadOnlySpan<double> margins, Span<double> losses, Span<double> slopes) =>
-            PairLink.Lanes.Run(new Kernel(beta, linear), margins, margins, losses, slopes, slopes);
-
-        /// <summary>softplus(-z) + c z with z = beta h; slope beta (c - sigmoid(-z)).</summary>
-        private readonly struct Kernel(double beta, double linear) : PairLink.ILanes
+        public (Vector256<double>, Vector256<double>, Vector256<double>) At(Vector256<double> h, Vector256<double> _)
         {
-            public (Vector256<double>, Vector256<double>, Vector256<double>) At(Vector256<double> h, Vector256<double> _)
-            {
-                var (b, c) = (Vector256.Create(beta), Vector256.Create(linear));
-                var z = b * h;
-                var g = Lane.Logistic(z);
-                var slope = b * (c - g.SigmoidOfNegative);
-                return (g.SoftplusOfNegative + c * z, slope, slope);
-            }
+            var (b, c) = (Vector256.Create(beta), Vector256.Create(linear));
+            var z = b * h;
+            var g = Lane.Logistic(z);
+            var slope = b * (c - g.SigmoidOfNegative);
+            return (g.SoftplusOfNegative + c * z, slope, slope);
         }
     }
 

@@ -50,16 +50,16 @@ public abstract class PairLink
         new FunctionPairLink(link ?? throw new ArgumentNullException(nameof(link)));
 
     /// <summary>NCA: softplus(-r_w) + (softplus(r_w) + softplus(r_l)) / 2 with r = beta s.</summary>
-    internal static PairLink Nca(double beta) => new NcaLink(beta);
+    internal static PairLink Nca(double beta) => new LaneLink<NcaKernel>(new NcaKernel(beta));
 
     /// <summary>BCO paired: softplus(-r_w) + softplus(r_l) with r = beta s.</summary>
-    internal static PairLink BcoPair(double beta) => new BcoPairLink(beta);
+    internal static PairLink BcoPair(double beta) => new LaneLink<BcoPairKernel>(new BcoPairKernel(beta));
 
     /// <summary>APO-zero: sigmoid(-r_w) + sigmoid(r_l) with r = beta u.</summary>
-    internal static PairLink ApoZero(double beta) => new ApoZeroLink(beta);
+    internal static PairLink ApoZero(double beta) => new LaneLink<ApoZeroKernel>(new ApoZeroKernel(beta));
 
     /// <summary>APO-down: sigmoid(r_w) + sigmoid(-beta (u_w - u_l)) with r = beta u.</summary>
-    internal static PairLink ApoDown(double beta) => new ApoDownLink(beta);
+    internal static PairLink ApoDown(double beta) => new LaneLink<ApoDownKernel>(new ApoDownKernel(beta));
 
     /// <summary>The link, the score map it reads and whether of per-token means (see <see cref="OnScores"/>).</summary>
     internal sealed class ScoredLink(PairLink inner, ScoreMap map, bool perTokenMeans) : PairLink
@@ -193,73 +193,53 @@ public abstract class PairLink
         }
     }
 
-    private sealed class NcaLink(double beta) : PairLink
+    /// <summary>A pair link whose formula is a lane kernel (the built-in links).</summary>
+    private sealed class LaneLink<TK>(TK kernel) : PairLink where TK : struct, ILanes
     {
         public override void Evaluate(ReadOnlySpan<double> chosen, ReadOnlySpan<double> rejected, Span<double> losses,
             Span<double> chosenSlopes, Span<double> rejectedSlopes) =>
-            Lanes.Run(new Kernel(beta), chosen, rejected, losses, chosenSlopes, rejectedSlopes);
+            Lanes.Run(kernel, chosen, rejected, losses, chosenSlopes, rejectedSlopes);
+    }
 
-        private readonly struct Kernel(double beta) : ILanes
+    private readonly struct NcaKernel(double beta) : ILanes
+    {
+        public (Vector256<double>, Vector256<double>, Vector256<double>) At(Vector256<double> w, Vector256<double> l)
         {
-            public (Vector256<double>, Vector256<double>, Vector256<double>) At(Vector256<double> w, Vector256<double> l)
-            {
-                var b = Vector256.Create(beta);
-                var (gw, gl) = (Lane.Logistic(b * w), Lane.Logistic(b * l));
-                var half = Vector256.Create(0.5);
-                return (gw.SoftplusOfNegative + half * (gw.Softplus + gl.Softplus), b * (half * gw.Sigmoid - gw.SigmoidOfNegative), b * half * gl.Sigmoid);
-            }
+            var b = Vector256.Create(beta);
+            var (gw, gl) = (Lane.Logistic(b * w), Lane.Logistic(b * l));
+            var half = Vector256.Create(0.5);
+            return (gw.SoftplusOfNegative + half * (gw.Softplus + gl.Softplus), b * (half * gw.Sigmoid - gw.SigmoidOfNegative), b * half * gl.Sigmoid);
         }
     }
 
-    private sealed class BcoPairLink(double beta) : PairLink
+    private readonly struct BcoPairKernel(double beta) : ILanes
     {
-        public override void Evaluate(ReadOnlySpan<double> chosen, ReadOnlySpan<double> rejected, Span<double> losses,
-            Span<double> chosenSlopes, Span<double> rejectedSlopes) =>
-            Lanes.Run(new Kernel(beta), chosen, rejected, losses, chosenSlopes, rejectedSlopes);
-
-        private readonly struct Kernel(double beta) : ILanes
+        public (Vector256<double>, Vector256<double>, Vector256<double>) At(Vector256<double> w, Vector256<double> l)
         {
-            public (Vector256<double>, Vector256<double>, Vector256<double>) At(Vector256<double> w, Vector256<double> l)
-            {
-                var b = Vector256.Create(beta);
-                var (gw, gl) = (Lane.Logistic(b * w), Lane.Logistic(b * l));
-                return (gw.SoftplusOfNegative + gl.Softplus, -b * gw.SigmoidOfNegative, b * gl.Sigmoid);
-            }
+            var b = Vector256.Create(beta);
+            var (gw, gl) = (Lane.Logistic(b * w), Lane.Logistic(b * l));
+            return (gw.SoftplusOfNegative + gl.Softplus, -b * gw.SigmoidOfNegative, b * gl.Sigmoid);
         }
     }
 
-    private sealed class ApoZeroLink(double beta) : PairLink
+    private readonly struct ApoZeroKernel(double beta) : ILanes
     {
-        public override void Evaluate(ReadOnlySpan<double> chosen, ReadOnlySpan<double> rejected, Span<double> losses,
-            Span<double> chosenSlopes, Span<double> rejectedSlopes) =>
-            Lanes.Run(new Kernel(beta), chosen, rejected, losses, chosenSlopes, rejectedSlopes);
-
-        private readonly struct Kernel(double beta) : ILanes
+        public (Vector256<double>, Vector256<double>, Vector256<double>) At(Vector256<double> w, Vector256<double> l)
         {
-            public (Vector256<double>, Vector256<double>, Vector256<double>) At(Vector256<double> w, Vector256<double> l)
-            {
-                var b = Vector256.Create(beta);
-                var (gw, gl) = (Lane.Logistic(b * w, withLog: false), Lane.Logistic(b * l, withLog: false));
-                return (gw.SigmoidOfNegative + gl.Sigmoid, -b * gw.SigmoidSlope, b * gl.SigmoidSlope);
-            }
+            var b = Vector256.Create(beta);
+            var (gw, gl) = (Lane.Logistic(b * w, withLog: false), Lane.Logistic(b * l, withLog: false));
+            return (gw.SigmoidOfNegative + gl.Sigmoid, -b * gw.SigmoidSlope, b * gl.SigmoidSlope);
         }
     }
 
-    private sealed class ApoDownLink(double beta) : PairLink
+    private readonly struct ApoDownKernel(double beta) : ILanes
     {
-        public override void Evaluate(ReadOnlySpan<double> chosen, ReadOnlySpan<double> rejected, Span<double> losses,
-            Span<double> chosenSlopes, Span<double> rejectedSlopes) =>
-            Lanes.Run(new Kernel(beta), chosen, rejected, losses, chosenSlopes, rejectedSlopes);
-
-        private readonly struct Kernel(double beta) : ILanes
+        public (Vector256<double>, Vector256<double>, Vector256<double>) At(Vector256<double> w, Vector256<double> l)
         {
-            public (Vector256<double>, Vector256<double>, Vector256<double>) At(Vector256<double> w, Vector256<double> l)
-            {
-                var b = Vector256.Create(beta);
-                var (gw, gz) = (Lane.Logistic(b * w, withLog: false), Lane.Logistic(b * (w - l), withLog: false));
-                var m = b * gz.SigmoidSlope;
-                return (gw.Sigmoid + gz.SigmoidOfNegative, b * gw.SigmoidSlope - m, m);
-            }
+            var b = Vector256.Create(beta);
+            var (gw, gz) = (Lane.Logistic(b * w, withLog: false), Lane.Logistic(b * (w - l), withLog: false));
+            var m = b * gz.SigmoidSlope;
+            return (gw.Sigmoid + gz.SigmoidOfNegative, b * gw.SigmoidSlope - m, m);
         }
     }
 
