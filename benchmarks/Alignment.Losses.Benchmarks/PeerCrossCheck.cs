@@ -53,7 +53,7 @@ internal static class PeerCrossCheck
             Console.WriteLine($"{(plainOk ? "PASS" : "FAIL")} {name} (plain TorchSharp): value rel err {plainError:G3}, grad rel err {plainGradError:G3}");
         }
         Console.WriteLine(failures == 0 ? $"all {BenchInputs.LossNames.Length} losses agree with the peer (ours, and the plain TorchSharp formulas)"
-            : $"{failures} of {2 * BenchInputs.LossNames.Length} checks differ from the peer");
+            : $"{failures} of {2 * BenchInputs.LossNames.Length} checks (ours and the plain TorchSharp formulas) fail: losses differ from the peer");
         return failures == 0 ? 0 : 1;
     }
 
