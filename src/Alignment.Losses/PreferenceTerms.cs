@@ -180,7 +180,7 @@ public sealed class PreferenceTerms
 
     /// <summary>
     /// <see cref="LossAndStandardMetrics"/> on the CPU: the same seven values from the tensors' memory, summed in float64
-    /// in one managed pass (no tensor ops but the result's and the unpaired accuracy's sort).
+    /// in one managed pass, the unpaired accuracy by sorting both sides (<see cref="PairCount"/>): no tensor ops but the result's.
     /// </summary>
     private Tensor HostMetrics(Tensor perExample, Tensor chosen, Tensor rejected, Tensor logpChosen, Tensor logpRejected, double rewardScale)
     {
@@ -215,8 +215,7 @@ public sealed class PreferenceTerms
             else
             {
                 meanMargin = meanChosen - meanRejected;
-                using var all = AllPairsAccuracy(chosen, rejected);    // libtorch's sort and binary search: faster than Array.Sort here
-                accuracy = all.to_type(ScalarType.Float64).item<double>();
+                accuracy = nc == 0 || nr == 0 ? 0 : PairCount.Above(c, r) / ((double)nc * nr);
             }
             double[] values = { Sum(pe) / np, meanChosen * rewardScale, meanRejected * rewardScale, meanMargin * rewardScale, accuracy, Mean(lc), Mean(lr) };
             return TensorMemory.FromValues(values, DType);

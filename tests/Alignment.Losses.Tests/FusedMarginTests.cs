@@ -332,3 +332,34 @@ public class LaneFunctionTests
         }
     }
 }
+
+/// <summary>The host's unpaired accuracy count: the radix sort against Array.Sort, the merge count against all pairs.</summary>
+public class PairCountTests
+{
+    [Theory]
+    [InlineData(1)]
+    [InlineData(511)]
+    [InlineData(512)]
+    [InlineData(4096)]
+    [InlineData(20000)]
+    public void The_sort_and_the_count_equal_the_plain_ones(int n)
+    {
+        var rng = new Random(n);
+        double Draw() => rng.Next(6) switch
+        {
+            0 => 0.0, 1 => -0.0, 2 => Math.Round(rng.NextDouble() * 10 - 5),              // ties, signed zeros
+            3 => -Math.Pow(10, rng.NextDouble() * 600 - 300),                             // every exponent, both signs
+            4 => Math.Pow(10, rng.NextDouble() * 600 - 300),
+            _ => rng.NextDouble() * 400 - 200,
+        };
+        double[] c = Enumerable.Range(0, n).Select(_ => Draw()).ToArray(), r = Enumerable.Range(0, n / 2 + 1).Select(_ => Draw()).ToArray();
+        var sorted = new double[n];
+        Alignment.Losses.Internal.PairCount.Sort(c, sorted);
+        var expected = (double[])c.Clone();
+        Array.Sort(expected);
+        for (int i = 0; i < n; i++) Assert.True(sorted[i] == expected[i], $"position {i}: {sorted[i]:R} vs {expected[i]:R}");
+        if (n > 4096) return;                                                             // the brute force below is n^2
+        double pairs = c.Sum(w => (double)r.Count(l => w > l));
+        Assert.Equal(pairs, Alignment.Losses.Internal.PairCount.Above(c, r));
+    }
+}
