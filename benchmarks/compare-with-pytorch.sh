@@ -4,7 +4,7 @@
 #
 #   benchmarks/compare-with-pytorch.sh [LOSSES] [SIZES] [DEVICE] [REPEATS] [SKIP]
 #   benchmarks/compare-with-pytorch.sh dpo,kto 64,1024 cpu 100          # defaults: dpo, 64, cpu, 100, rpo@1024,rpo@4096
-#   benchmarks/compare-with-pytorch.sh all 8,64,1024,4096 cpu 200        # every loss (about 25 minutes on a 2-core VM)
+#   benchmarks/compare-with-pytorch.sh all 8,64,1024,4096 cpu 200        # every loss (6.5 minutes on a 2-core VM)
 #
 # First the cross-check (both sides compute every loss in float64 on the peer's inputs: values and gradients must agree
 # to 1e-9, ours and the plain TorchSharp formulas, or the timings mean nothing), then four timings, float32, one after
